@@ -1,0 +1,325 @@
+"""Frozen CLIP feature extractor shared by every detector.
+
+Built on open_clip's ``CLIP`` modules, with a forward of our own so that we get, in one pass:
+
+* ``global_embedding`` g: LN_post(CLS after the last block) @ W_proj, **not** L2-normalised, ``[N, D]``
+* ``patch_tokens`` F_l: the raw residual stream after each block in ``feature_layers`` (1-indexed),
+  CLS removed, no LN_post and no projection, each ``[N, G*G, W]``
+
+and a text tower that takes token *embeddings* (so detectors can insert learned prompt vectors) and
+reads each sequence at its own last position under the causal mask.
+
+Symbols: N images, W vision width, E text width, D joint embedding width, G grid side (image_size //
+patch), L sequence length.
+
+Weights come from an open_clip pretrained tag (downloaded where there is internet), a local OpenAI
+checkpoint (TorchScript archive or plain state dict; architecture read from the tensors, heads = width
+// 64, and the fp16 rounding that OpenAI's own loader applies), an open_clip checkpoint file, or
+``random`` (tests only: loud warning, recorded with every score).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+EOT_TOKEN = 49407
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+class BackboneError(RuntimeError):
+    """The backbone could not be built from what the user gave (bad path, unknown name, bad file)."""
+
+
+def register_model_configs() -> None:
+    """Make our extra open_clip architectures (``test-tiny``) known to open_clip, once."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where the weights come from; stored in model manifests and with every score."""
+
+    arch: str = "ViT-L-14-336"
+    pretrained: str = "openai"
+    clip_format: str = "auto"
+    activation: str = "gelu"
+    image_size: int = 518
+    feature_layers: tuple[int, ...] = (6, 12, 18, 24)
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained == "random"
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def _openai_fp16_keys(key: str) -> bool:
+    """Tensors that OpenAI's loader (and the official Bayes-PFL loader) round through fp16 before use."""
+    return (
+        key == "visual.conv1.weight"
+        or key in ("text_projection", "visual.proj")
+        or key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias"))
+        or key.endswith((".attn.out_proj.weight", ".attn.out_proj.bias"))
+        or key.endswith((".mlp.c_fc.weight", ".mlp.c_fc.bias", ".mlp.c_proj.weight", ".mlp.c_proj.bias"))
+    )
+
+
+def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an OpenAI CLIP checkpoint: a TorchScript archive or a plain state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"CLIP checkpoint not found: {path}")
+    try:
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except (RuntimeError, ValueError):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+            raise BackboneError(f"{path}: neither a TorchScript archive nor a state dict ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "visual.proj" not in state:
+        raise BackboneError(f"{path}: not an OpenAI ViT CLIP state dict (no 'visual.proj')")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def build_openai_clip(state: dict[str, torch.Tensor], activation: str = "gelu") -> nn.Module:
+    """Build an open_clip ``CLIP`` from an OpenAI-layout state dict, architecture read from the tensors.
+
+    Mirrors OpenAI's loader: heads = width // 64 in both towers, and the linear/attention/projection
+    weights are rounded through fp16 (a no-op for the fp16 files OpenAI ships) before the model is used
+    in fp32.
+    """
+    from open_clip.model import build_model_from_openai_state_dict
+
+    state = {k: (v.half().float() if _openai_fp16_keys(k) else v.float()) if v.is_floating_point() else v
+             for k, v in state.items()}
+    model = build_model_from_openai_state_dict(dict(state), quick_gelu=activation == "quick_gelu", cast_dtype=None)
+    return model.float().eval()
+
+
+def _is_open_clip_file(path: Path) -> bool:
+    try:
+        torch.jit.load(str(path), map_location="cpu")
+        return False
+    except (RuntimeError, ValueError):
+        pass
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        return True
+    return isinstance(state, dict) and any(k.startswith("module.") for k in state)
+
+
+def create_clip(spec: BackboneSpec) -> nn.Module:
+    """The open_clip ``CLIP`` named by ``spec`` (weights not yet adapted to ``spec.image_size``)."""
+    import open_clip
+
+    register_model_configs()
+    source = spec.pretrained
+    if source == "random":
+        if spec.arch not in open_clip.list_models():
+            raise BackboneError(f"unknown backbone architecture '{spec.arch}'")
+        warnings.warn(
+            f"RANDOM WEIGHTS: backbone '{spec.arch}' is randomly initialised. Scores mean nothing; "
+            "use this for tests only.",
+            stacklevel=2,
+        )
+        log.warning("RANDOM WEIGHTS: backbone %s is randomly initialised; scores mean nothing", spec.arch)
+        torch.manual_seed(0)  # the same "random" backbone every time, so tests and demos are repeatable
+        return open_clip.create_model(spec.arch, pretrained=None).float().eval()
+    path = Path(source).expanduser()
+    if path.suffix or path.exists() or "/" in source:
+        if not path.is_file():
+            raise BackboneError(f"CLIP checkpoint not found: {path}")
+        fmt = spec.clip_format
+        if fmt == "auto":
+            fmt = "open_clip" if _is_open_clip_file(path) else "openai"
+        if fmt == "openai":
+            return build_openai_clip(read_openai_state_dict(path), spec.activation)
+        if fmt != "open_clip":
+            raise BackboneError(f"unknown clip_format '{spec.clip_format}' (auto, openai, open_clip)")
+        return open_clip.create_model(spec.arch, pretrained=str(path)).float().eval()
+    if spec.arch not in open_clip.list_models():
+        raise BackboneError(f"unknown backbone architecture '{spec.arch}'")
+    tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+    if source not in tags:
+        raise BackboneError(f"'{source}' is not a file nor a pretrained tag of {spec.arch} ({', '.join(tags)})")
+    try:
+        return open_clip.create_model(spec.arch, pretrained=source).float().eval()
+    except Exception as exc:  # noqa: BLE001 - network failures surface in many types
+        raise BackboneError(
+            f"could not get pretrained weights {spec.arch}/{source} ({type(exc).__name__}: {exc}). "
+            "Without internet, pass a local checkpoint file with --pretrained PATH."
+        ) from None
+
+
+def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[1 + g*g, W] -> [1 + grid*grid, W]``: bicubic, antialias, align_corners=False, CLS kept.
+
+    The antialiased bicubic kernel (a = -0.5) is what the official code uses, also when upsampling.
+    """
+    old = int(round(math.sqrt(pos.shape[0] - 1)))
+    if old == grid:
+        return pos
+    cls, img = pos[:1], pos[1:]
+    img = img.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    img = img.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    return torch.cat([cls.float(), img], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+
+
+def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """x: [N, L, C] -> [N, L, C]; the weights of ``nn.MultiheadAttention`` with fused SDPA."""
+    n, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x), causal))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+class ClipBackbone(nn.Module):
+    """Frozen CLIP: ``encode_image`` -> (g, [F_l]); ``encode_text`` on token embeddings."""
+
+    def __init__(self, clip: nn.Module, spec: BackboneSpec):
+        super().__init__()
+        visual = clip.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise BackboneError(f"{spec.arch}: only ViT backbones pooled on the CLS token are supported")
+        self.spec = spec
+        self.clip = clip
+        self.patch_size = visual.conv1.kernel_size[0]
+        if spec.image_size % self.patch_size:
+            raise BackboneError(f"image_size {spec.image_size} is not a multiple of the patch size {self.patch_size}")
+        self.grid = spec.image_size // self.patch_size
+        with torch.no_grad():
+            visual.positional_embedding = nn.Parameter(
+                resize_position_embedding(visual.positional_embedding.data, self.grid), requires_grad=False
+            )
+        self.vision_layers = len(visual.transformer.resblocks)
+        bad = [layer for layer in spec.feature_layers if not 1 <= layer <= self.vision_layers]
+        if bad:
+            raise BackboneError(f"feature_layers {bad} outside 1..{self.vision_layers} for {spec.arch}")
+        self.set_activation(spec.activation)
+        self.requires_grad_(False)
+        self.eval()
+
+    # sizes ---------------------------------------------------------------------------------------
+    @property
+    def vision_width(self) -> int:
+        return self.clip.visual.conv1.out_channels
+
+    @property
+    def text_width(self) -> int:
+        return self.clip.token_embedding.embedding_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.text_projection.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        return self.clip.positional_embedding.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    def set_activation(self, activation: str) -> None:
+        if activation not in ("gelu", "quick_gelu"):
+            raise BackboneError(f"activation must be 'gelu' or 'quick_gelu', not '{activation}'")
+        from open_clip.transformer import QuickGELU
+
+        act = nn.GELU if activation == "gelu" else QuickGELU
+        for tower in (self.clip.visual.transformer, self.clip.transformer):
+            for block in tower.resblocks:
+                block.mlp.gelu = act()
+
+    def train(self, mode: bool = True) -> "ClipBackbone":  # frozen: never in training mode
+        return super().train(False)
+
+    # vision --------------------------------------------------------------------------------------
+    def encode_image(
+        self, pixels: torch.Tensor, layers: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """pixels: [N, 3, S, S] normalised -> (g: [N, D], [F_l: [N, G*G, W] for l in layers])."""
+        visual = self.clip.visual
+        layers = tuple(self.spec.feature_layers if layers is None else layers)
+        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))  # [N, W, G, G]
+        x = x.flatten(2).transpose(1, 2)  # [N, G*G, W]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        x = visual.ln_pre(x)
+        patch_tokens = []
+        for index, block in enumerate(visual.transformer.resblocks, start=1):
+            x = _run_block(block, x, causal=False)
+            if index in layers:
+                patch_tokens.append(x[:, 1:, :])
+        g = visual.ln_post(x[:, 0, :]) @ visual.proj  # [N, D]
+        return g, patch_tokens
+
+    def encode_image_floor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The plain backbone forward (the benchmark's floor): g only."""
+        return self.encode_image(pixels, layers=())[0]
+
+    # text ----------------------------------------------------------------------------------------
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token ids [..., L] -> embeddings [..., L, E]."""
+        return self.clip.token_embedding(token_ids)
+
+    def encode_text(self, embeddings: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        """embeddings: [S, L, E] (positional embedding not yet added); last_index: [S] -> [S, D].
+
+        Each sequence is read at its own ``last_index`` after LN_final and the text projection. Under the
+        causal mask anything after that position cannot change it, so callers may cut sequences right
+        after their EOT and pad shorter ones.
+        """
+        length = embeddings.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"text sequence of {length} tokens exceeds the context length {self.context_length}")
+        x = embeddings + self.clip.positional_embedding[:length].to(embeddings.dtype)
+        for block in self.clip.transformer.resblocks:
+            x = _run_block(block, x, causal=True)
+        x = x[torch.arange(x.shape[0], device=x.device), last_index]  # [S, E]
+        return self.clip.ln_final(x) @ self.clip.text_projection
+
+
+def load_backbone(spec: BackboneSpec) -> ClipBackbone:
+    return ClipBackbone(create_clip(spec), spec)
+
+
+def tokenize(texts: Sequence[str]) -> torch.Tensor:
+    """CLIP BPE token ids, [len(texts), 77], SOS ... EOT then zeros."""
+    import open_clip
+
+    return open_clip.tokenize(list(texts))

@@ -1,0 +1,193 @@
+"""One typed settings object.
+
+Precedence, lowest first: the defaults below < ``config.toml`` (or ``--config PATH``) <
+environment variables ``INSPECTOR_<SECTION>__<KEY>`` < command-line flags.
+
+Every key that a user may set lives in a dataclass here, with its type; ``config.toml`` at the repository
+root documents each one. Unknown sections or keys are an error, not silently ignored: a typo in a
+threshold or a database URL must not go unnoticed on a production line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "INSPECTOR_"
+
+
+class ConfigError(ValueError):
+    """A user's configuration is wrong; the message says where and how."""
+
+
+@dataclass
+class ModelSettings:
+    #: Detector behind the engine. Only "bayes-pfl" exists today.
+    detector: str = "bayes-pfl"
+    #: Registered model version (folder under ``registry.path``) to load; empty = build from the keys below.
+    name: str = ""
+    #: open_clip architecture name ("ViT-L-14-336", "test-tiny", ...). Ignored for OpenAI checkpoints,
+    #: whose architecture is read from the tensors.
+    backbone: str = "ViT-L-14-336"
+    #: Backbone weights: an open_clip pretrained tag ("openai"), a local checkpoint file, or "random".
+    pretrained: str = "openai"
+    #: How to read a checkpoint file: "auto", "openai" (TorchScript or plain OpenAI state dict) or "open_clip".
+    clip_format: str = "auto"
+    #: Trained Bayes-PFL head (our format or the official ``{'MyModel': ...}`` file); empty = untrained.
+    head: str = ""
+    #: MLP activation of the backbone: "gelu" (exact, what the Bayes-PFL checkpoints were trained with) or
+    #: "quick_gelu" (what OpenAI CLIP was trained with).
+    activation: str = "gelu"
+    #: Input side in pixels (square, bicubic resize without keeping the aspect ratio, as the paper does).
+    image_size: int = 518
+    #: 1-indexed transformer blocks whose patch tokens feed the pixel branch.
+    feature_layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    #: Monte-Carlo samples R of the prompt distributions per image.
+    samples: int = 10
+    #: "none" = exact per-image text path; "class" = approximate, text embeddings from a class prototype.
+    text_cache: str = "none"
+    #: Reference images that define the class prototype in "class" mode (images of the first batch otherwise).
+    prototype_images: int = 8
+    #: Seed of the noise generator (per class for the image-agnostic samples, per image content for the
+    #: image-specific ones, so a score never depends on batch composition or order).
+    seed: int = 333
+    #: k of the top-k map score; 0 = the official rule (20 for small-defect classes, 2000 otherwise).
+    topk: int = 0
+    #: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    #: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16".
+    precision: str = "auto"
+    #: Images per engine call.
+    batch_size: int = 8
+    #: Allow randomly initialised weights in production verbs (tests and demos only).
+    allow_random_weights: bool = False
+
+
+@dataclass
+class DatabaseSettings:
+    #: SQLAlchemy URL. SQLite in the working folder by default; any ``postgresql+psycopg://`` URL works.
+    url: str = "sqlite:///inspector.sqlite"
+
+
+@dataclass
+class RegistrySettings:
+    #: Folder that holds model versions (one sub-folder each, with ``manifest.json``).
+    path: str = "models"
+
+
+@dataclass
+class BenchSettings:
+    #: Batch sizes timed by ``inspector bench``.
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2])
+    #: Timed repetitions per case (after one warm-up).
+    repeats: int = 2
+    #: Where the JSON report goes.
+    output: str = "bench-results/bench.json"
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    #: The file the settings were read from, if any (for messages and relative paths).
+    source: str = ""
+
+    def section(self, name: str) -> Any:
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown config section [{name}]; known: {', '.join(sorted(_SECTIONS))}")
+        return getattr(self, name)
+
+    def set(self, section: str, key: str, value: Any, origin: str = "flag") -> None:
+        """Set one key, converting ``value`` to the key's declared type."""
+        target = self.section(section)
+        types = typing.get_type_hints(type(target))
+        if key not in types:
+            known = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ConfigError(f"unknown key '{key}' in [{section}] ({origin}); known: {known}")
+        setattr(target, key, _coerce(value, types[key], f"[{section}] {key} ({origin})"))
+
+    def override(self, section: str, **values: Any) -> "Settings":
+        """Apply command-line flags: ``None`` means the flag was not given."""
+        for key, value in values.items():
+            if value is not None:
+                self.set(section, key, value)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Settings) if f.name != "source"}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if origin is list:
+            (item_type,) = typing.get_args(typ)
+            if isinstance(value, str):
+                value = [v for v in (p.strip() for p in value.split(",")) if v]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError("expected a list")
+            return [_coerce(v, item_type, where) for v in value]
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+                return True
+            if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off", ""}:
+                return False
+            raise TypeError("expected true or false")
+        if typ is int:
+            if isinstance(value, bool):
+                raise TypeError("expected an integer")
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, Path)):
+                raise TypeError("expected a string")
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot use {value!r}: {exc}") from None
+    raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
+
+
+def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults < TOML file < environment. ``path=None`` reads ``./config.toml`` when it exists."""
+    settings = Settings()
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = environ.get("INSPECTOR_CONFIG") or ("config.toml" if Path("config.toml").is_file() else None)
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{file}: '{section}' must be a [section]")
+            for key, value in values.items():
+                settings.set(section, key, value, origin=str(file))
+        settings.source = str(file)
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "INSPECTOR_CONFIG":
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        settings.set(section.lower(), key.lower(), value, origin=name)
+    return settings

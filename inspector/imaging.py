@@ -1,0 +1,87 @@
+"""Image decoding and the model's preprocessing, shared by every front door.
+
+Preprocessing matches the official Bayes-PFL test transform: PIL bicubic resize to S x S without
+keeping the aspect ratio, ``uint8 / 255``, CLIP mean/std. Two deliberate differences, both no-ops for
+ordinary RGB files without an EXIF orientation (what the benchmarks contain): the EXIF orientation is
+applied, and the image is converted to RGB *before* resizing (PIL resizes palette images with nearest
+neighbour, which would alias).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .backbone import CLIP_MEAN, CLIP_STD
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+
+
+class ImageDecodeError(ValueError):
+    """A file that is not a usable image; the message says why."""
+
+
+def open_image(source: ImageInput) -> Image.Image:
+    """Decode fully (not lazily) to an RGB PIL image, with the EXIF orientation applied."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                image = handle.copy() if handle.mode == "RGB" else handle
+                image.load()
+        except FileNotFoundError:
+            raise ImageDecodeError(f"{path}: file not found") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageDecodeError(f"{path}: refused, too many pixels ({exc})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"{path}: not a readable image ({exc})") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        pass
+    if image.mode == "I;16" or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        hi = max(float(array.max()), 1.0)
+        image = Image.fromarray((array * (255.0 / (65535.0 if hi > 255 else 255.0))).clip(0, 255).astype(np.uint8))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def to_model_input(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> normalised tensor [3, size, size] (float32)."""
+    resized = image.resize((size, size), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+    pixels = pixels.float().div(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def content_seed(pixels: torch.Tensor) -> int:
+    """A 63-bit seed from the model input itself, so the same image always draws the same noise."""
+    digest = hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def preprocess(images: Iterable[ImageInput], size: int) -> torch.Tensor:
+    """Images (paths or PIL) -> [N, 3, size, size]."""
+    tensors = [to_model_input(open_image(image), size) for image in images]
+    if not tensors:
+        raise ValueError("no images given")
+    return torch.stack(tensors)
+
+
+def as_list(images: Union[ImageInput, Sequence[ImageInput], torch.Tensor]) -> list:
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
