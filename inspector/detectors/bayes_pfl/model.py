@@ -1,0 +1,400 @@
+"""Bayes-PFL inference: frozen CLIP + ``BayesPFLHead`` -> anomaly maps and image scores.
+
+The function computed is the official test path (spec §2-5) on identical weights and noise; the way
+it is computed is not:
+
+* one text-encoder call per batch for all 2·B·R prompts of all N images, sequences cut right after
+  their EOT (exact under the causal mask) and padded to the longest class name of the batch;
+* logit *differences* upsampled (bilinear is linear, so sigmoid(up(Z_a - Z_n)) equals the official
+  two-way softmax of the upsampled logits), B·R channels per level instead of 2·B·R;
+* everything stays on the device; bf16/fp16 autocast on CUDA, fp32 on CPU; no autograd;
+* whatever depends only on the class (token embeddings, IAD samples, state-token inputs) is cached.
+
+Sequence order inside a batch is the official one: text embedding index m = s·(B·R) + r·B + b for
+state s (0 normal, 1 abnormal), sample r and bank entry b.
+
+Noise. ``noise = {"isd": [N, R, E], "iad_normal": [R, E], "iad_abnormal": [R, E]}`` supplies the
+standard-normal draws epsilon before ``mu + sigma * epsilon``. Without it, IAD draws are made once per
+(class, R) from ``seed`` and kept, and each image's ISD draws come from a generator seeded by ``seed``
+and the image's own pixels, so an image gets the same score whatever batch it arrives in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...backbone import EOT_TOKEN, BackboneSpec, ClipBackbone, load_backbone, tokenize
+from ...imaging import ImageInput, as_list, content_seed, preprocess
+from ..base import Prediction
+from .head import BayesPFLHead
+
+log = logging.getLogger(__name__)
+
+#: Folder names the official code maps to other prompt names (spec §2); anything else is lower-cased.
+CLASS_PROMPT_NAMES = {
+    "macaroni1": "macaroni", "macaroni2": "macaroni",
+    "pcb1": "printed circuit board", "pcb2": "printed circuit board",
+    "pcb3": "printed circuit board", "pcb4": "printed circuit board",
+    "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum", "metal_nut": "metal nut",
+}
+#: Classes whose defects are small: the official top-k uses k = 20 for them, 2000 for all others.
+SMALL_DEFECT_CLASSES = {"capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum",
+                        "macaroni", "pipe fryum", "chewing gum"}
+
+
+def prompt_name(class_name: str) -> str:
+    """The class name as the official code writes it into the prompt."""
+    return CLASS_PROMPT_NAMES.get(class_name, class_name).lower()
+
+
+def official_topk(class_name: str) -> int:
+    return 20 if class_name.strip().lower() in SMALL_DEFECT_CLASSES else 2000
+
+
+def _seed_of(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def official_image_scores(text_scores: torch.Tensor, topk_scores: torch.Tensor,
+                          class_names: Sequence[str]) -> torch.Tensor:
+    """The official transductive fusion (spec §5.3), for evaluation parity only.
+
+    0.5·minmax_c(s_text) + 0.5·minmax_c(s_topk), min-max over all test images of the same class c
+    (+1e-8 in the denominator). It needs the whole test set, so a live line cannot use it.
+    """
+    text_scores, topk_scores = text_scores.double(), topk_scores.double()
+    out = torch.empty_like(text_scores)
+    names = list(class_names)
+    for name in sorted(set(names)):
+        idx = torch.tensor([i for i, c in enumerate(names) if c == name])
+        parts = []
+        for scores in (text_scores[idx], topk_scores[idx]):
+            parts.append((scores - scores.min()) / (scores.max() - scores.min() + 1e-8))
+        out[idx] = 0.5 * parts[0] + 0.5 * parts[1]
+    return out
+
+
+@dataclass
+class _ClassPrompt:
+    """What one class contributes to every prompt, cached.
+
+    sos: [1, E] embedding of the start token (original position 0)
+    suffix: [L_c, E] embeddings of the class-name tokens and EOT (original positions 2..EOT)
+    last: index of the EOT after the P+Q learned tokens are inserted (original EOT + P + Q - 1)
+    """
+
+    sos: torch.Tensor
+    suffix: torch.Tensor
+    last: int
+
+
+class BayesPFL(nn.Module):
+    """Zero-shot anomaly detector. ``predict(images, class_names)`` -> ``Prediction`` (batched)."""
+
+    name = "bayes-pfl"
+
+    def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
+                 topk: int = 0, text_cache: str = "none", precision: str = "auto",
+                 provenance: Mapping[str, Any] | None = None):
+        super().__init__()
+        c = head.config
+        if backbone.embed_dim != backbone.text_width:
+            raise ValueError(f"Bayes-PFL needs a CLIP whose embedding width ({backbone.embed_dim}) equals its "
+                             f"text width ({backbone.text_width}): sampled prompts live in both spaces")
+        if (c.text_width, c.vision_width) != (backbone.text_width, backbone.vision_width):
+            raise ValueError(f"head built for text/vision widths {c.text_width}/{c.vision_width}, backbone has "
+                             f"{backbone.text_width}/{backbone.vision_width}")
+        if c.levels != len(backbone.spec.feature_layers):
+            raise ValueError(f"head has {c.levels} feature levels, backbone gives {len(backbone.spec.feature_layers)}")
+        if text_cache not in ("none", "class"):
+            raise ValueError(f"text_cache must be 'none' or 'class', not '{text_cache}'")
+        self.backbone = backbone
+        self.head = head.eval().requires_grad_(False)
+        self.samples, self.seed, self.topk = samples, seed, topk
+        self.text_cache = text_cache
+        self.precision = precision
+        self.provenance = dict(provenance or {})
+        self._prompts: dict[str, _ClassPrompt] = {}
+        self._iad: dict[tuple[str, int], torch.Tensor] = {}  # (class, R) -> state-token inputs [2, R, B, Q, E]
+        self._prototypes: dict[str, torch.Tensor] = {}  # class -> g_bar [E]
+        self._class_text: dict[tuple[str, int], torch.Tensor] = {}  # (class, R) -> t [M, E] normalised
+
+    # ---------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_official(cls, clip: str | Path, head: str | Path, stage: int | None = None, *,
+                      device: str = "auto", feature_layers: Sequence[int] = (6, 12, 18, 24),
+                      **options: Any) -> "BayesPFL":
+        """An OpenAI CLIP checkpoint (``ViT-L-14-336px.pt``) + an official ``{'MyModel': ...}`` head file.
+
+        The stage follows the official rule (file name) unless given; exact GELU as the checkpoints need.
+        """
+        head_module = BayesPFLHead.load(head, stage=stage)
+        spec = BackboneSpec(arch="openai-checkpoint", pretrained=str(clip), clip_format="openai",
+                            feature_layers=tuple(feature_layers))
+        backbone = load_backbone(spec)
+        provenance = {"backbone": str(clip), "head": str(head), "stage": head_module.config.stage,
+                      "random_weights": False}
+        return cls(backbone, head_module, provenance=provenance, **options).to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.context.device
+
+    @property
+    def config(self):
+        return self.head.config
+
+    def clear_caches(self) -> None:
+        self._prompts.clear()
+        self._iad.clear()
+        self._class_text.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half() must not keep stale cached tensors
+        self.clear_caches()
+        self._prototypes = {k: fn(v) for k, v in self._prototypes.items()}
+        return super()._apply(fn, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------
+    # per-class caches
+
+    def _class_prompt(self, class_name: str) -> _ClassPrompt:
+        cached = self._prompts.get(class_name)
+        if cached is None:
+            c = self.config
+            inserted = c.context_len + c.state_len
+            tokens = tokenize(["X " + prompt_name(class_name)])[0]  # [77]
+            eot = int((tokens == EOT_TOKEN).nonzero()[0])
+            last = eot + inserted - 1
+            if last >= self.backbone.context_length:
+                raise ValueError(f"class name '{class_name}' is too long: the prompt would lose its end token "
+                                 f"({eot} tokens + {inserted} learned ones > {self.backbone.context_length})")
+            embedded = self.backbone.token_embeddings(tokens[:eot + 1].to(self.device)).float()  # [EOT+1, E]
+            # position 1 holds "X", the placeholder the P+Q learned tokens replace
+            cached = self._prompts[class_name] = _ClassPrompt(sos=embedded[:1], suffix=embedded[2:], last=last)
+        return cached
+
+    def draw_iad_noise(self, class_name: str, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seeded IAD draws of a class: (eps_normal [R, E], eps_abnormal [R, E])."""
+        gen = torch.Generator().manual_seed(_seed_of(self.seed, "iad", class_name))
+        eps = torch.randn(2, samples, self.config.text_width, generator=gen)
+        return eps[0], eps[1]
+
+    def _state_inputs(self, eps_normal: torch.Tensor, eps_abnormal: torch.Tensor) -> torch.Tensor:
+        """S^s_b + z_r^s for both states: [2, R, B, Q, E], from IAD draws eps_s [R, E]."""
+        head = self.head
+        z = [head.iad_normal(head.iad_base, eps_normal.to(self.device).float())["zk"],
+             head.iad_abnormal(head.iad_base, eps_abnormal.to(self.device).float())["zk"]]  # [R, E] each
+        banks = torch.stack([head.state_normal, head.state_abnormal])  # [2, B, Q, E]
+        return banks[:, None] + torch.stack(z)[:, :, None, None, :]
+
+    def _class_state_inputs(self, class_name: str, samples: int) -> torch.Tensor:
+        key = (class_name, samples)
+        if key not in self._iad:
+            self._iad[key] = self._state_inputs(*self.draw_iad_noise(class_name, samples))
+        return self._iad[key]
+
+    def draw_isd_noise(self, pixels: torch.Tensor, samples: int) -> torch.Tensor:
+        """The seeded ISD draws of each image, from its own pixels: [N, R, E]."""
+        pixels = pixels.detach().float().cpu()
+        draws = []
+        for image in pixels:
+            gen = torch.Generator().manual_seed(_seed_of(self.seed, "isd", content_seed(image)))
+            draws.append(torch.randn(samples, self.config.text_width, generator=gen))
+        return torch.stack(draws)
+
+    # ---------------------------------------------------------------------------------------------
+    # text
+
+    def encode_prompts(self, g_isd: torch.Tensor, eps_isd: torch.Tensor, class_names: Sequence[str],
+                       state_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All 2·B·R prompts of N images in one text-encoder call.
+
+        g_isd: [N, E] image embedding that conditions the ISD (the image's own g, or a class prototype)
+        eps_isd: [N, R, E] standard-normal draws; state_inputs: per image [2, R, B, Q, E]
+        Returns t: [N, M, E] L2-normalised, M = 2·B·R, index s·(B·R) + r·B + b.
+        """
+        c = self.config
+        n, samples, e = eps_isd.shape
+        z_isd = self.head.isd(g_isd.float(), eps_isd.to(self.device).float())["zk"]  # [N, R, E]
+        context = self.head.context[None, None] + z_isd[:, :, None, None, :]  # [N, R, B, P, E]
+        context = context[:, None].expand(n, 2, samples, c.bank_size, c.context_len, e)
+        states = torch.stack(list(state_inputs))  # [N, 2, R, B, Q, E]
+        prompts = [self._class_prompt(name) for name in class_names]
+        length = max(p.last for p in prompts) + 1
+        tail = length - 1 - c.context_len - c.state_len
+        suffix = torch.zeros(n, tail, e, device=self.device)
+        for i, p in enumerate(prompts):
+            suffix[i, :p.suffix.shape[0]] = p.suffix
+        sos = torch.stack([p.sos for p in prompts])  # [N, 1, E]
+        seq = torch.cat([
+            sos[:, None, None, None].expand(n, 2, samples, c.bank_size, 1, e),
+            context, states,
+            suffix[:, None, None, None].expand(n, 2, samples, c.bank_size, tail, e),
+        ], dim=-2).reshape(-1, length, e)  # [N·2·R·B, length, E]
+        last = torch.tensor([p.last for p in prompts], device=self.device)
+        last = last.repeat_interleave(2 * samples * c.bank_size)
+        with self._autocast():
+            t = self.backbone.encode_text(seq, last)  # [N·M, E]
+        return F.normalize(t.float(), dim=-1).view(n, 2 * samples * c.bank_size, -1)
+
+    def set_prototype(self, class_name: str, images: Sequence[ImageInput] | torch.Tensor) -> None:
+        """Class prototype g_bar for ``text_cache = "class"``: the mean global embedding of ``images``
+        (paths, PIL images, or a tensor of embeddings [K, E])."""
+        if isinstance(images, torch.Tensor) and images.dim() == 2:
+            g = images.to(self.device).float()
+        else:
+            pixels = preprocess(as_list(images), self.backbone.image_size).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                g = self.backbone.encode_image(pixels, layers=())[0].float()
+        self._prototypes[class_name] = g.mean(0)
+        self._class_text = {k: v for k, v in self._class_text.items() if k[0] != class_name}
+
+    def _class_text_embeddings(self, class_name: str, samples: int, g_first: torch.Tensor) -> torch.Tensor:
+        """Cached t [M, E] of a class in "class" mode (ISD from the prototype with per-class draws)."""
+        key = (class_name, samples)
+        if key not in self._class_text:
+            if class_name not in self._prototypes:
+                log.info("class '%s': prototype = mean embedding of the %d image(s) of its first batch",
+                         class_name, g_first.shape[0])
+                self._prototypes[class_name] = g_first.float().mean(0)
+            gen = torch.Generator().manual_seed(_seed_of(self.seed, "isd-class", class_name))
+            eps = torch.randn(1, samples, self.config.text_width, generator=gen)
+            t = self.encode_prompts(self._prototypes[class_name][None], eps, [class_name],
+                                    [self._class_state_inputs(class_name, samples)])
+            self._class_text[key] = t[0]
+        return self._class_text[key]
+
+    # ---------------------------------------------------------------------------------------------
+    # scoring
+
+    def _autocast(self):
+        if self.device.type != "cuda":
+            return nullcontext()
+        dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+
+    def score_text_embeddings(self, t: torch.Tensor, g: torch.Tensor, patch_tokens: Sequence[torch.Tensor],
+                              image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [N, M, E] normalised; g: [N, E]; F_l: [N, G*G, W] -> (s_text [N], map [N, S, S]).
+
+        s_text = mean_{b,r} sigmoid(l_a - l_n), l = exp(tau_img)·<normalize(class_mapping(t)), normalize(v)>.
+        map = mean_{l,b,r} sigmoid(up(Z_l,a - Z_l,n)), Z_l = exp(tau_pix)·F'_l·T'_l^T (RCA-refined text).
+        """
+        head, c = self.head, self.config
+        n, m, _ = t.shape
+        half = m // 2
+        with self._autocast():
+            v = F.normalize(head.image_embedding(g, list(patch_tokens)).float(), dim=-1)  # [N, E]
+            text = F.normalize(head.class_mapping(t).float(), dim=-1)  # [N, M, E]
+            logits = head.log_tau_image.exp() * torch.einsum("nme,ne->nm", text, v)
+            text_score = torch.sigmoid(logits[:, half:] - logits[:, :half]).mean(-1)  # [N]
+            query = head.rca.q_proj(t)  # [N, M, E], shared by all levels
+            grid = self.backbone.grid
+            anomaly_map = torch.zeros(n, image_size, image_size, device=t.device)
+            for level, tokens in enumerate(patch_tokens):
+                patches = head.rca.project_patches(level, tokens)  # F'_l [N, G*G, E]
+                refined = head.rca(t, query, patches).float()  # T'_l [N, M, E]
+                # Z_a - Z_n = exp(tau_pix)·F'_l·(T'_a - T'_n)^T: one product instead of two, and no
+                # cancellation of two large low-precision logits under autocast
+                delta = head.log_tau_pixel.exp() * (refined[:, half:] - refined[:, :half])  # [N, B·R, E]
+                diff = (patches @ delta.transpose(1, 2).to(patches.dtype)).float()  # [N, G*G, B·R]
+                diff = diff.transpose(1, 2).reshape(n, half, grid, grid)
+                for i in range(n):  # one image at a time bounds the [B·R, S, S] upsampled tensor
+                    up = F.interpolate(diff[i:i + 1], size=(image_size, image_size), mode="bilinear",
+                                       align_corners=True)
+                    anomaly_map[i] += torch.sigmoid(up[0]).mean(0)
+        return text_score.float(), anomaly_map / len(patch_tokens)
+
+    def topk_scores(self, anomaly_map: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        """Mean of the k largest values of each unsmoothed map: [N, S, S] -> [N]."""
+        flat = anomaly_map.flatten(1)
+        out = []
+        for i, name in enumerate(class_names):
+            k = min(self.topk or official_topk(name), flat.shape[1])
+            out.append(flat[i].topk(k).values.mean())
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def predict_tensors(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int | None = None,
+                        noise: Mapping[str, torch.Tensor] | None = None) -> Prediction:
+        """pixels: [N, 3, S, S] normalised -> Prediction (fields on the model's device)."""
+        samples = self.samples if samples is None else int(samples)
+        class_names = list(class_names)
+        n = pixels.shape[0]
+        if len(class_names) != n:
+            raise ValueError(f"{n} images but {len(class_names)} class names")
+        if samples < 1:
+            raise ValueError("samples must be >= 1")
+        c = self.config
+        eps_isd = None
+        if noise is not None:
+            eps_isd = noise["isd"]
+            expected = (n, samples, c.text_width)
+            for key, shape in (("isd", expected), ("iad_normal", expected[1:]), ("iad_abnormal", expected[1:])):
+                if tuple(noise[key].shape) != shape:
+                    raise ValueError(f"noise['{key}'] has shape {tuple(noise[key].shape)}, expected {shape}")
+        elif self.text_cache == "none":
+            eps_isd = self.draw_isd_noise(pixels, samples)
+        pixels = pixels.to(self.device)
+        with self._autocast():
+            g, patch_tokens = self.backbone.encode_image(pixels)
+        g = g.float()
+        if noise is not None:
+            states = self._state_inputs(noise["iad_normal"], noise["iad_abnormal"])
+            state_inputs = [states] * n
+        else:
+            state_inputs = [self._class_state_inputs(name, samples) for name in class_names]
+        if self.text_cache == "class" and noise is None:
+            t = torch.stack([self._class_text_embeddings(name, samples, g[[i for i, c in enumerate(class_names)
+                                                                           if c == name]])
+                             for name in class_names])
+        else:
+            g_isd = g
+            if self.text_cache == "class":  # reproducible call in class mode: prototype, caller's noise
+                for name in set(class_names):
+                    if name not in self._prototypes:
+                        self._prototypes[name] = g[[i for i, c in enumerate(class_names) if c == name]].mean(0)
+                g_isd = torch.stack([self._prototypes[name] for name in class_names])
+            t = self.encode_prompts(g_isd, eps_isd, class_names, state_inputs)
+        text_score, anomaly_map = self.score_text_embeddings(t, g, patch_tokens, pixels.shape[-1])
+        topk = self.topk_scores(anomaly_map, class_names)
+        provenance = {**self.provenance, "detector": self.name, "samples": samples, "text_cache": self.text_cache,
+                      "seed": self.seed, "noise": "given" if noise is not None else "seeded"}
+        return Prediction(anomaly_map=anomaly_map, text_score=text_score, topk_score=topk,
+                          image_score=0.5 * text_score + 0.5 * topk, provenance=provenance)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
+                samples: int | None = None, noise: Mapping[str, torch.Tensor] | None = None) -> Prediction:
+        """Score PIL images or file paths of the named classes (one name for all, or one per image).
+
+        ``image_score`` is the per-image product score 0.5·s_text + 0.5·s_topk: both terms already lie in
+        [0, 1], so no test-set statistics are needed (``official_image_scores`` gives the transductive
+        fusion of the paper, for evaluation parity).
+        """
+        images = as_list(images)
+        if isinstance(class_names, str):
+            class_names = [class_names] * len(images)
+        pixels = preprocess(images, self.backbone.image_size)
+        return self.predict_tensors(pixels, class_names, samples=samples, noise=noise)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available on this machine")
+    return resolved
+

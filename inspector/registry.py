@@ -1,0 +1,168 @@
+"""The model registry: one folder per model version under ``[registry] path`` (default ``models/``).
+
+    models/<name>/manifest.json   what the version is: detector, backbone source, head file and hash, origin
+    models/<name>/head.pt         the learnable part, our format (tens of MB; ignored by git)
+
+The frozen CLIP backbone is *named* by the manifest (an open_clip tag or a local file with its size),
+never copied. A version folder is written once, through a temporary folder renamed into place, and is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import getpass
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import BackboneSpec, load_backbone
+from .config import Settings, load_settings
+from .detectors.bayes_pfl import BayesPFL, BayesPFLConfig, BayesPFLHead
+from .detectors.bayes_pfl.head import describe
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+HEAD_FILE = "head.pt"
+
+
+class RegistryError(ValueError):
+    """A model version that cannot be found, read or written; the message says which and why."""
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or any(ch in name for ch in "/\\\0") or name != name.strip():
+        raise RegistryError(f"invalid model name {name!r}: use letters, digits, '-', '_' or '.'")
+
+
+def register(registry: str | os.PathLike, name: str, head: BayesPFLHead, backbone: BackboneSpec,
+             origin: dict[str, Any], detector: str = "bayes-pfl") -> Path:
+    """Write a new version folder; refuses to replace an existing one."""
+    _check_name(name)
+    root = Path(registry)
+    target = root / name
+    if target.exists():
+        raise RegistryError(f"model '{name}' already exists in {root}; versions are never overwritten, "
+                            "choose another --name")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    head.save(staging / HEAD_FILE)
+    backbone_entry = dataclasses.asdict(backbone)
+    source = Path(backbone.pretrained).expanduser()
+    if source.is_file():
+        backbone_entry["pretrained"] = str(source.resolve())
+        backbone_entry["size_bytes"] = source.stat().st_size
+    manifest = {
+        "name": name,
+        "detector": detector,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_by": getpass.getuser(),
+        "backbone": backbone_entry,
+        "head": {"file": HEAD_FILE, "sha256": sha256_of(staging / HEAD_FILE), **describe(head)},
+        "origin": origin,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    staging.rename(target)
+    log.info("registered model %s in %s", name, target)
+    return target
+
+
+def list_versions(registry: str | os.PathLike) -> list[dict[str, Any]]:
+    root = Path(registry)
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / MANIFEST).is_file():
+            out.append(read_manifest(folder))
+    return out
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{folder} is not a model version (no {MANIFEST})") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}: broken manifest ({exc})") from None
+
+
+def resolve(name_or_path: str | os.PathLike, registry: str | os.PathLike = "models") -> Path:
+    """A version folder from a registered name or a path to a version folder."""
+    candidate = Path(name_or_path).expanduser()
+    if (candidate / MANIFEST).is_file():
+        return candidate
+    by_name = Path(registry) / str(name_or_path)
+    if (by_name / MANIFEST).is_file():
+        return by_name
+    known = ", ".join(v["name"] for v in list_versions(registry)) or "none"
+    raise RegistryError(f"no model '{name_or_path}' (looked for {candidate} and {by_name}); registered: {known}")
+
+
+def backbone_spec(settings: Settings) -> BackboneSpec:
+    m = settings.model
+    return BackboneSpec(arch=m.backbone, pretrained=m.pretrained, clip_format=m.clip_format,
+                        activation=m.activation, image_size=m.image_size, feature_layers=tuple(m.feature_layers))
+
+
+def _detector_options(settings: Settings) -> dict[str, Any]:
+    m = settings.model
+    return {"samples": m.samples, "seed": m.seed, "topk": m.topk, "text_cache": m.text_cache,
+            "precision": m.precision}
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,
+               device: str | None = None) -> BayesPFL:
+    """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
+    describe (``[model] name``, or backbone + head keys). Options (samples, seed, ...) from ``settings``."""
+    from .detectors.bayes_pfl.model import resolve_device
+
+    settings = settings or load_settings()
+    name_or_path = name_or_path or settings.model.name or None
+    options = _detector_options(settings)
+    if name_or_path:
+        folder = resolve(name_or_path, settings.registry.path)
+        manifest = read_manifest(folder)
+        if manifest.get("detector", "bayes-pfl") != "bayes-pfl":
+            raise RegistryError(f"model '{manifest['name']}' uses detector '{manifest['detector']}', not available")
+        fields = {f.name for f in dataclasses.fields(BackboneSpec)}
+        entry = {k: v for k, v in manifest["backbone"].items() if k in fields}
+        entry["feature_layers"] = tuple(entry.get("feature_layers", (6, 12, 18, 24)))
+        spec = BackboneSpec(**entry)
+        head_path = folder / manifest["head"]["file"]
+        head = BayesPFLHead.load(head_path)
+        provenance = {"model": manifest["name"], "backbone": spec.pretrained, "head_sha256": manifest["head"]["sha256"],
+                      "random_weights": spec.is_random}
+    else:
+        spec = backbone_spec(settings)
+        head_file = settings.model.head
+        head = BayesPFLHead.load(head_file) if head_file else None
+        provenance = {"model": None, "backbone": f"{spec.arch}/{spec.pretrained}", "head": head_file or None,
+                      "random_weights": spec.is_random or not head_file}
+    backbone = load_backbone(spec)
+    if head is None:
+        log.warning("UNTRAINED HEAD: no [model] head configured; the prompts are at their initial values and "
+                    "scores mean nothing")
+        torch.manual_seed(settings.model.seed)
+        head = BayesPFLHead(BayesPFLConfig(text_width=backbone.text_width, vision_width=backbone.vision_width,
+                                           levels=len(spec.feature_layers)))
+    model = BayesPFL(backbone, head, provenance=provenance, **options)
+    return model.to(resolve_device(device or settings.model.device))
