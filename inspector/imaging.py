@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from .backbone import CLIP_MEAN, CLIP_STD
 
 ImageInput = Union[str, os.PathLike, Image.Image]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class ImageDecodeError(ValueError):
@@ -85,3 +86,21 @@ def as_list(images: Union[ImageInput, Sequence[ImageInput], torch.Tensor]) -> li
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
     return list(images)
+
+
+def map_to_png_bytes(anomaly_map: torch.Tensor, longest_side: int | None = None) -> bytes:
+    """[S, S] map in [0, 1] -> 8-bit grayscale PNG bytes (optionally downscaled)."""
+    import io
+
+    array = (anomaly_map.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    image = Image.fromarray(array, mode="L")
+    if longest_side and max(image.size) > longest_side:
+        image.thumbnail((longest_side, longest_side), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def save_map_png(anomaly_map: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(map_to_png_bytes(anomaly_map))

@@ -1,0 +1,214 @@
+"""``inspector bench``: speed and memory of the scoring engine, as ratios to a floor measured in the same run.
+
+Cases, each over the configured batch sizes, on the current device, on the same synthetic images:
+
+* ``floor``        the backbone alone (one vision forward, global embedding only): nothing can be faster
+* ``exact R=1``    the full exact path with one Monte-Carlo sample
+* ``exact R=10``   the full exact path at the paper's R (``[model] samples``)
+* ``class-cache``  the approximate mode: text embeddings from a class prototype, computed once per class
+
+Timings start from preprocessed pixels on the device (decoding is I/O and the same for every case), take
+the median of ``repeats`` runs after one warm-up, and synchronise CUDA. Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA and the peak resident set size above the pre-case level on
+CPU (sampled every 2 ms). The class-cache agreement with the exact path is the Spearman correlation of
+image scores and the largest absolute map difference over the bench images. With random weights these
+describe the arithmetic, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .detectors.bayes_pfl import BayesPFL
+
+
+def synthetic_images(count: int, size: int = 640, seed: int = 0) -> list[Image.Image]:
+    """Smooth random textures with a bright blob: cheap, deterministic, not constant."""
+    rng = np.random.default_rng(seed)
+    images = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for _ in range(count):
+        base = rng.uniform(60, 180, size=3)
+        waves = np.sin(2 * np.pi * (rng.uniform(1, 6) * xx + rng.uniform(1, 6) * yy))[..., None] * 25
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.03, 0.1)
+        blob = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r)[..., None] * 60
+        noise = rng.normal(0, 6, size=(size, size, 3))
+        images.append(Image.fromarray(np.clip(base + waves + blob + noise, 0, 255).astype(np.uint8)))
+    return images
+
+
+class _PeakRSS:
+    """Peak resident set size (bytes) of this process while the context is open, from /proc (Linux)."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self) -> "_PeakRSS":
+        self.base = self._rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (no ties expected for continuous scores)."""
+    if a.numel() < 2:
+        return float("nan")
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@dataclass
+class Case:
+    name: str
+    batch_size: int
+    ms_per_image: float
+    images_per_s: float
+    peak_memory_mb: float
+    ratio_to_floor: float | None = None
+
+
+def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float]:
+    """(median seconds, peak memory MB) of ``fn`` after one warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    with _PeakRSS() as rss:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = (rss.peak - rss.base) / 2**20
+    return statistics.median(times), peak
+
+
+def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: int,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    device = model.device
+    size = model.backbone.image_size
+    from .imaging import to_model_input
+
+    count = max(max(batch_sizes), 4)
+    pixels_all = torch.stack([to_model_input(im, size) for im in synthetic_images(count)]).to(device)
+    class_name = "bench part"
+    cases: list[Case] = []
+
+    def autocast():
+        return model._autocast()
+
+    for n in batch_sizes:
+        pixels = pixels_all[:n]
+        names = [class_name] * n
+
+        def floor() -> None:
+            with torch.inference_mode(), autocast():
+                model.backbone.encode_image_floor(pixels)
+
+        def exact(r: int) -> Callable[[], None]:
+            return lambda: model.predict_tensors(pixels, names, samples=r)
+
+        def cached() -> None:
+            model.predict_tensors(pixels, names, samples=samples)
+
+        plan = [("floor", floor), ("exact R=1", exact(1)), (f"exact R={samples}", exact(samples))]
+        for label, fn in plan:
+            if progress:
+                progress(f"{label}, batch {n}")
+            seconds, peak = _time(fn, repeats, device)
+            cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+        model.text_cache = "class"
+        try:
+            model.clear_caches()
+            if progress:
+                progress(f"class-cache R={samples}, batch {n}")
+            seconds, peak = _time(cached, repeats, device)  # warm-up fills the class cache
+            cases.append(Case(f"class-cache R={samples}", n, seconds * 1000 / n, n / seconds, peak))
+        finally:
+            model.text_cache = "none"
+    floors = {c.batch_size: c.ms_per_image for c in cases if c.name == "floor"}
+    for c in cases:
+        c.ratio_to_floor = c.ms_per_image / floors[c.batch_size]
+
+    # agreement of the class-cache mode with the exact path on the same images
+    names = [class_name] * count
+    exact_pred = model.predict_tensors(pixels_all, names, samples=samples)
+    model.text_cache = "class"
+    try:
+        model.clear_caches()
+        model._prototypes.pop(class_name, None)
+        cached_pred = model.predict_tensors(pixels_all, names, samples=samples)
+    finally:
+        model.text_cache = "none"
+    agreement = {
+        "images": count,
+        "spearman_image_score": spearman(exact_pred.image_score.cpu(), cached_pred.image_score.cpu()),
+        "max_abs_map_diff": float((exact_pred.anomaly_map - cached_pred.anomaly_map).abs().max()),
+        "max_abs_image_score_diff": float((exact_pred.image_score - cached_pred.image_score).abs().max()),
+    }
+    return {
+        "device": device_name(device),
+        "precision": "fp32" if device.type != "cuda" else model.precision,
+        "backbone": model.provenance.get("backbone"),
+        "random_weights": bool(model.provenance.get("random_weights", True)),
+        "image_size": size,
+        "samples": samples,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cases": [c.__dict__ for c in cases],
+        "class_cache_agreement": agreement,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,62 @@
+import pytest
+
+from inspector.config import ConfigError, load_settings
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(environ={})
+    assert s.model.backbone == "ViT-L-14-336" and s.model.samples == 10 and s.model.feature_layers == [6, 12, 18, 24]
+    assert s.database.url.startswith("sqlite:///")
+
+
+def test_precedence_file_env_flags(tmp_path):
+    path = write(tmp_path, '[model]\nsamples = 4\nbackbone = "test-tiny"\nfeature_layers = [1, 2]\n')
+    s = load_settings(path, environ={"INSPECTOR_MODEL__SAMPLES": "7", "INSPECTOR_BENCH__BATCH_SIZES": "1,4"})
+    assert s.model.backbone == "test-tiny"  # file beats default
+    assert s.model.samples == 7  # env beats file
+    assert s.model.feature_layers == [1, 2]
+    assert s.bench.batch_sizes == [1, 4]
+    s.override("model", samples=2, backbone=None)  # flags beat env; None = flag not given
+    assert s.model.samples == 2 and s.model.backbone == "test-tiny"
+
+
+def test_config_env_variable_names_the_file(tmp_path):
+    path = write(tmp_path, '[database]\nurl = "sqlite:///x.db"\n')
+    assert load_settings(environ={"INSPECTOR_CONFIG": str(path)}).database.url == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nsampels = 3\n", "unknown key 'sampels'"),
+    ("[modle]\nsamples = 3\n", "unknown config section [modle]"),
+    ("[model]\nsamples = 'many'\n", "cannot use 'many'"),
+    ("[model\n", "not valid TOML"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_settings(write(tmp_path, text), environ={})
+
+
+def test_bad_env_value(tmp_path):
+    with pytest.raises(ConfigError, match="INSPECTOR_MODEL__ALLOW_RANDOM_WEIGHTS"):
+        load_settings(write(tmp_path, ""), environ={"INSPECTOR_MODEL__ALLOW_RANDOM_WEIGHTS": "maybe"})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings("/nonexistent/config.toml", environ={})
+
+
+def test_repository_config_toml_is_valid_and_all_defaults():
+    from pathlib import Path
+
+    from inspector.config import Settings
+
+    s = load_settings(Path(__file__).parents[1] / "config.toml", environ={})
+    assert s.as_dict() == Settings().as_dict()
