@@ -91,7 +91,9 @@ def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"CLIP checkpoint not found: {path}")
     try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, OpenAI ships jit
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     except (RuntimeError, ValueError):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -121,7 +123,9 @@ def build_openai_clip(state: dict[str, torch.Tensor], activation: str = "gelu") 
 
 def _is_open_clip_file(path: Path) -> bool:
     try:
-        torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.load(str(path), map_location="cpu")
         return False
     except (RuntimeError, ValueError):
         pass

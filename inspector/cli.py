@@ -148,8 +148,8 @@ def score(
 
                 save_map_png(record.anomaly_map, maps / (Path(str(record.source)).stem + "_map.png"))
             if as_json:
-                out.print_json(json.dumps({**record.as_dict(), "random_weights": bool(
-                    detector.provenance.get("random_weights"))}))
+                print(json.dumps({**record.as_dict(), "random_weights": bool(
+                    detector.provenance.get("random_weights"))}), flush=True)
     if not as_json:
         table = Table("image", "score", "text", "top-k", "ms", "error")
         for r in results:

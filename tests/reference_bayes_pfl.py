@@ -76,8 +76,8 @@ def _resblock_params(gen, prefix, width, out):
     out[prefix + "ln_2.weight"], out[prefix + "ln_2.bias"] = _ln_params(gen, width)
 
 
-def make_openai_clip_state(vision_width, vision_layers, vision_patch, grid, text_width, text_layers, embed_dim,
-                           vocab_size=49408, context_length=77, seed=0):
+def make_openai_clip_state(vision_width, vision_layers, vision_patch, grid, text_width, text_layers,
+                           embed_dim, vocab_size=49408, context_length=77, seed=0):
     """A random state dict in the OpenAI CLIP ViT layout (heads = width // 64, as OpenAI's builder)."""
     gen = torch.Generator().manual_seed(seed)
     W, E, D = vision_width, text_width, embed_dim
@@ -196,7 +196,9 @@ def make_official_head_state(E, W, B=3, P=5, Q=5, K=10, levels=4, seed=0):
 
 
 def reference_preprocess(image, size=518):
-    """RGB uint8 array or PIL image -> [3, size, size]: PIL bicubic resize (aspect not kept), /255, CLIP mean/std."""
+    """RGB uint8 array or PIL image -> [3, size, size].
+
+    PIL bicubic resize to size x size (aspect ratio not kept), /255, CLIP mean/std (spec §1)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     image = image.convert("RGB").resize((size, size), Image.BICUBIC)

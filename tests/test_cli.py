@@ -1,0 +1,105 @@
+"""The command line as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("INSPECTOR_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "inspector.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("verb", [[], ["score"], ["bench"], ["demo"], ["models"], ["models", "import-official"],
+                                  ["models", "list"], ["models", "show"], ["config"], ["config", "show"]])
+def test_every_verb_has_help(verb, tmp_path):
+    result = run(*verb, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout and "--help" in result.stdout
+
+
+def _images(folder: Path, count: int = 2) -> list[Path]:
+    from inspector.bench import synthetic_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(synthetic_images(count, size=96, seed=3)):
+        paths.append(folder / f"img {i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def test_score_refuses_random_weights_then_scores_with_flag(tmp_path):
+    _images(tmp_path / "imgs")
+    (tmp_path / "notes.txt").write_text("not an image")
+    refused = run("score", "imgs", "-n", "metal nut", "--backbone", "test-tiny", "--pretrained", "random",
+                  cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--allow-random-weights" in refused.stderr and "Traceback" not in refused.stderr
+    broken = tmp_path / "imgs" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run("score", "imgs", "-n", "metal nut", "--json", "--allow-random-weights", "-R", "2",
+                 "--maps", "maps", cwd=tmp_path, env={"INSPECTOR_MODEL__BACKBONE": "test-tiny",
+                                                     "INSPECTOR_MODEL__PRETRAINED": "random"})
+    assert result.returncode == 1, result.stderr  # one file failed: non-zero, the others still scored
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert set(by_name) == {"img 0.png", "img 1.png", "broken.png"}
+    assert by_name["broken.png"]["error"] and by_name["broken.png"]["image_score"] is None
+    for name in ("img 0.png", "img 1.png"):
+        assert 0 <= by_name[name]["image_score"] <= 1 and by_name[name]["random_weights"] is True
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["img 0_map.png", "img 1_map.png"]
+
+
+def test_user_errors_are_one_line(tmp_path):
+    (tmp_path / "config.toml").write_text("[model]\nsampels = 3\n")
+    result = run("config", "show", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown key 'sampels'" in result.stderr
+    assert "Traceback" not in result.stderr
+    (tmp_path / "config.toml").unlink()
+    result = run("models", "show", "nope", cwd=tmp_path)
+    assert result.returncode == 2 and "no model 'nope'" in result.stderr
+
+
+def test_import_official_registers_a_version_that_loads(tmp_path, tiny_model, images):
+    from inspector import load_model
+    from inspector.config import Settings
+    from inspector.detectors.bayes_pfl.head import head_to_official_state
+
+    clip_file = tmp_path / "clip.pt"
+    # test-tiny has 64-wide heads only in OpenAI's width // 64 rule; that is what an OpenAI file implies
+    torch.save(tiny_model.backbone.clip.state_dict(), clip_file)
+    head_file = tmp_path / "train_visa.pth"
+    torch.save({"MyModel": head_to_official_state(tiny_model.head)}, head_file)
+    result = run("models", "import-official", "--clip", str(clip_file), "--head", str(head_file),
+                 "--name", "visa-official", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "models" / "visa-official" / "manifest.json").read_text())
+    assert manifest["detector"] == "bayes-pfl" and manifest["origin"]["stage"] == 2
+    assert manifest["backbone"]["activation"] == "gelu"
+    again = run("models", "import-official", "--clip", str(clip_file), "--head", str(head_file),
+                "--name", "visa-official", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    listed = run("models", "list", "--json", cwd=tmp_path)
+    assert [v["name"] for v in json.loads(listed.stdout)] == ["visa-official"]
+
+    settings = Settings()
+    settings.registry.path = str(tmp_path / "models")
+    settings.model.device = "cpu"
+    model = load_model("visa-official", settings=settings)
+    for key, value in tiny_model.head.state_dict().items():
+        assert torch.equal(model.head.state_dict()[key], value), key
+    assert model.provenance["random_weights"] is False
+    pred = model.predict(images[:1], "bottle", samples=2)
+    assert pred.anomaly_map.shape == (1, 518, 518)
