@@ -310,12 +310,12 @@ class BayesPFL(nn.Module):
                 # cancellation of two large low-precision logits under autocast
                 delta = head.log_tau_pixel.exp() * (refined[:, half:] - refined[:, :half])  # [N, B·R, E]
                 diff = (patches @ delta.transpose(1, 2).to(patches.dtype)).float()  # [N, G*G, B·R]
-                diff = diff.transpose(1, 2).reshape(n, half, grid, grid)
+                diff = diff.transpose(1, 2).reshape(n, half, grid, grid).contiguous()  # NCHW, fast path
                 for i in range(n):  # one image at a time bounds the [B·R, S, S] upsampled tensor
                     up = F.interpolate(diff[i:i + 1], size=(image_size, image_size), mode="bilinear",
                                        align_corners=True)
-                    anomaly_map[i] += torch.sigmoid(up[0]).mean(0)
-        return text_score.float(), anomaly_map / len(patch_tokens)
+                    anomaly_map[i] += up[0].sigmoid_().sum(0)
+        return text_score.float(), anomaly_map / (len(patch_tokens) * half)
 
     def topk_scores(self, anomaly_map: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         """Mean of the k largest values of each unsmoothed map: [N, S, S] -> [N]."""
