@@ -9,8 +9,8 @@ Cases, each over the configured batch sizes, on the current device, on the same 
 
 Timings start from preprocessed pixels on the device (decoding is I/O and the same for every case), take
 the median of ``repeats`` runs after one warm-up, and synchronise CUDA. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA and the peak resident set size above the pre-case level on
-CPU (sampled every 2 ms). The class-cache agreement with the exact path is the Spearman correlation of
+``torch.cuda.max_memory_allocated`` on CUDA (weights included) and the process's peak resident set
+size on CPU (weights and libraries included, sampled every 2 ms while the case runs). The class-cache agreement with the exact path is the Spearman correlation of
 image scores and the largest absolute map difference over the bench images. With random weights these
 describe the arithmetic, not accuracy.
 """
@@ -108,7 +108,6 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     times = []
     with _PeakRSS() as rss:
         for _ in range(repeats):
@@ -117,9 +116,9 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
             sync()
             times.append(time.perf_counter() - start)
     if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = (rss.peak - rss.base) / 2**20
+        peak = rss.peak / 2**20
     return statistics.median(times), peak
 
 

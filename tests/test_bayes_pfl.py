@@ -210,3 +210,13 @@ def test_preprocess_matches_official_transform(images):
     std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
     expected = torch.from_numpy((resized - mean) / std).permute(2, 0, 1)
     torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("grid, size", [(37, 518), (16, 224), (2, 5)])
+def test_separable_upsampling_equals_interpolate(grid, size):
+    from inspector.detectors.bayes_pfl.model import upsampled_sigmoid_sum
+
+    diff = torch.randn(2, 6, grid, grid, generator=torch.Generator().manual_seed(grid)) * 5
+    expected = torch.sigmoid(torch.nn.functional.interpolate(diff, size=(size, size), mode="bilinear",
+                                                             align_corners=True)).sum(1)
+    torch.testing.assert_close(upsampled_sigmoid_sum(diff, size), expected, atol=6 * 1e-5, rtol=0)
