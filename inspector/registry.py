@@ -126,7 +126,7 @@ def backbone_spec(settings: Settings) -> BackboneSpec:
 def _detector_options(settings: Settings) -> dict[str, Any]:
     m = settings.model
     return {"samples": m.samples, "seed": m.seed, "topk": m.topk, "text_cache": m.text_cache,
-            "precision": m.precision}
+            "precision": m.precision, "prototype_images": m.prototype_images}
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,

@@ -104,7 +104,7 @@ class BayesPFL(nn.Module):
     name = "bayes-pfl"
 
     def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
-                 topk: int = 0, text_cache: str = "none", precision: str = "auto",
+                 topk: int = 0, text_cache: str = "none", precision: str = "auto", prototype_images: int = 8,
                  provenance: Mapping[str, Any] | None = None):
         super().__init__()
         c = head.config
@@ -122,6 +122,7 @@ class BayesPFL(nn.Module):
         self.head = head.eval().requires_grad_(False)
         self.samples, self.seed, self.topk = samples, seed, topk
         self.text_cache = text_cache
+        self.prototype_images = prototype_images
         self.precision = precision
         self.provenance = dict(provenance or {})
         self._prompts: dict[str, _ClassPrompt] = {}
@@ -266,8 +267,9 @@ class BayesPFL(nn.Module):
         key = (class_name, samples)
         if key not in self._class_text:
             if class_name not in self._prototypes:
-                log.info("class '%s': prototype = mean embedding of the %d image(s) of its first batch",
-                         class_name, g_first.shape[0])
+                g_first = g_first[:self.prototype_images]
+                log.info("class '%s': prototype = mean embedding of the first %d image(s) of its first batch "
+                         "(set_prototype() to choose reference images)", class_name, g_first.shape[0])
                 self._prototypes[class_name] = g_first.float().mean(0)
             gen = torch.Generator().manual_seed(_seed_of(self.seed, "isd-class", class_name))
             eps = torch.randn(1, samples, self.config.text_width, generator=gen)
@@ -362,7 +364,8 @@ class BayesPFL(nn.Module):
             if self.text_cache == "class":  # reproducible call in class mode: prototype, caller's noise
                 for name in set(class_names):
                     if name not in self._prototypes:
-                        self._prototypes[name] = g[[i for i, c in enumerate(class_names) if c == name]].mean(0)
+                        own = g[[i for i, c in enumerate(class_names) if c == name]]
+                        self._prototypes[name] = own[:self.prototype_images].mean(0)
                 g_isd = torch.stack([self._prototypes[name] for name in class_names])
             t = self.encode_prompts(g_isd, eps_isd, class_names, state_inputs)
         text_score, anomaly_map = self.score_text_embeddings(t, g, patch_tokens, pixels.shape[-1])
