@@ -26,6 +26,8 @@ models_app = typer.Typer(help="Model versions in the registry (models/).", no_ar
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+db_app = typer.Typer(help="The database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 console = Console(stderr=True)
 out = Console()
 
@@ -47,11 +49,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         from .detectors.bayes_pfl.head import HeadFormatError
         from .imaging import ImageDecodeError
         from .registry import RegistryError
+        from .store.db import StoreError
 
         try:
             return fn(*args, **kwargs)
         except (ConfigError, BackboneError, HeadFormatError, RegistryError, ImageDecodeError, ValueError,
-                FileNotFoundError) as exc:
+                FileNotFoundError, StoreError) as exc:
             if state.verbose:
                 raise
             console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -128,14 +131,9 @@ def score(
             raise FileNotFoundError(f"no such file or folder: {path}")
     if not files:
         raise ValueError("no images found in the given paths")
-    m = s.model
-    if not m.allow_random_weights and not m.name and (m.pretrained == "random" or not m.head):
-        raise ValueError("no trained model configured (random backbone or no [model] head); configure [model] "
-                         "name, or head and pretrained, or pass --allow-random-weights for a test run")
-    detector = load_model(settings=s)
-    if detector.provenance.get("random_weights") and not s.model.allow_random_weights:
-        raise ValueError("the configured model has random or untrained weights; configure [model] name / head / "
-                         "pretrained, or pass --allow-random-weights for a test run")
+    from .pipeline import load_detector
+
+    detector = load_detector(s)
     _random_banner(detector.provenance)
     engine = Engine(detector, batch_size=s.model.batch_size)
     results = []
@@ -264,34 +262,148 @@ def config_show() -> None:
 
 @app.command()
 @user_errors
+def watch(
+    folders: List[Path] = typer.Argument(..., help="Folders to watch (a camera's drop folder)."),
+    class_name: str = typer.Option(..., "--class-name", "-n", help='Product class of these images, e.g. "metal nut".'),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name or version folder."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also watch sub-folders (cameras that file by date)."),
+    polling: Optional[bool] = typer.Option(None, "--polling", help="Poll instead of inotify (network shares)."),
+    once: bool = typer.Option(False, "--once", help="Score the backlog and exit 0."),
+    line: Optional[str] = typer.Option(None, help="Line label stored with the source."),
+    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
+    allow_random_weights: Optional[bool] = typer.Option(None, "--allow-random-weights", help="Accept random or "
+                                                        "untrained weights (tests and demos only)."),
+) -> None:
+    """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C)."""
+    import threading
+
+    from .intake import WatchedFolder
+    from .pipeline import install_signal_handlers, watch as run_watch
+
+    s = settings().override("model", name=model, allow_random_weights=allow_random_weights)
+    s.override("watch", polling=polling)
+    s.override("database", url=database)
+    watched = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"not a folder: {folder}")
+        watched.append(WatchedFolder(folder.resolve(), class_name, recursive, line))
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    if not once:
+        console.print(f"watching {', '.join(str(f.path) for f in watched)} -> {s.database.url} (Ctrl-C to stop)")
+    summary = run_watch(s, watched, once=once, stop=stop, metrics_port=metrics_port)
+    if summary["random_weights"]:
+        _random_banner({"random_weights": True})
+    console.print(f"stored {summary['stored']} results, {summary['failed']} failed, in {summary['seconds']:.1f}s "
+                  f"(model {summary['model_version']})", highlight=False)
+
+
+@app.command()
+@user_errors
+def worker(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name or version folder."),
+    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
+    allow_random_weights: Optional[bool] = typer.Option(None, "--allow-random-weights", help="Accept random or "
+                                                        "untrained weights (tests and demos only)."),
+) -> None:
+    """Score queued images only (no intake): extra GPU boxes sharing one Postgres."""
+    import threading
+
+    from .pipeline import install_signal_handlers, run_worker
+
+    s = settings().override("model", name=model, allow_random_weights=allow_random_weights)
+    s.override("database", url=database)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    stored = run_worker(s, stop, metrics_port)
+    console.print(f"worker stopped after storing {stored} results")
+
+
+@app.command()
+@user_errors
+def status(
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
+) -> None:
+    """Queue depth, throughput, errors and the active model."""
+    from .pipeline import status_json
+
+    s = settings().override("database", url=database)
+    data = json.loads(status_json(s))
+    if as_json:
+        print(json.dumps(data))
+        return
+    rate = data["images_per_second"]
+    out.print(f"queue depth      {data['queue_depth']}")
+    out.print(f"by status        {data['by_status']}")
+    out.print(f"last {data['window_minutes']} min     {data['scored_last_window']} scored"
+              + (f", {rate:.2f} images/s" if rate else ""))
+    out.print(f"active model     {data['active_model']}" + (" (RANDOM WEIGHTS)" if data["active_model_random_weights"]
+                                                         else ""))
+    for e in data["errors"]:
+        out.print(f"error x{e['count']:<6} {e['error']}", highlight=False, markup=False)
+
+
+@db_app.command("upgrade")
+@user_errors
+def db_upgrade(database: Optional[str] = typer.Option(None, "--database", help="Database URL.")) -> None:
+    """Create the schema, or migrate it to the current version."""
+    from .store.db import upgrade
+
+    s = settings().override("database", url=database)
+    revision = upgrade(s.database.url)
+    out.print(f"database at revision {revision}")
+
+
+@app.command()
+@user_errors
 def demo(
     out_dir: Path = typer.Option(Path("inspector-demo"), "--out", help="Folder for the generated images."),
-    count: int = typer.Option(6, help="How many sample images to generate."),
+    count: int = typer.Option(8, help="How many sample images to generate."),
     samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
 ) -> None:
-    """Generate sample images and score them with the configured model (test-tiny random weights when no
-    trained model is configured, with a banner saying so)."""
+    """Generate sample images, run `watch --once` on them with the configured model (test-tiny random weights
+    when no trained model is configured, with a banner saying so) and print the results."""
+    import threading
+
+    from sqlalchemy import select
+
     from .bench import synthetic_images
-    from .engine import Engine
-    from .registry import load_model
+    from .intake import WatchedFolder
+    from .pipeline import watch as run_watch
+    from .store import images, make_engine, results
 
     s = settings().override("model", samples=samples)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
+    images_dir = out_dir / "line1"
+    images_dir.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(synthetic_images(count, size=320, seed=7)):
-        files.append(out_dir / f"sample_{i:02d}.png")
-        image.save(files[-1])
+        target = images_dir / f"sample_{i:02d}.png"
+        if not target.exists():
+            image.save(target)
     if not (s.model.name or s.model.head):
-        console.print("[yellow]No trained model configured: using the test-tiny backbone with random weights.[/]")
-        s.override("model", backbone="test-tiny", pretrained="random")
-    detector = load_model(settings=s)
-    _random_banner(detector.provenance)
-    table = Table("image", "score", "text", "top-k", "ms")
-    for r in Engine(detector, batch_size=s.model.batch_size).score((f, "demo part") for f in files):
-        table.add_row(str(r.source), f"{r.image_score:.4f}", f"{r.text_score:.4f}", f"{r.topk_score:.4f}",
-                      f"{r.latency_ms:.0f}")
+        console.print("[bold yellow]No trained model configured: falling back to the test-tiny backbone with "
+                      "random weights. Scores show the plumbing, not accuracy.[/]")
+        s.override("model", backbone="test-tiny", pretrained="random", allow_random_weights=True)
+    summary = run_watch(s, [WatchedFolder(images_dir.resolve(), "demo part")], once=True, stop=threading.Event())
+    engine = make_engine(s.database.url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(images.c.path, images.c.status, images.c.error, results.c.image_score,
+                                   results.c.latency_ms).join(results, results.c.image_id == images.c.id,
+                                                              isouter=True)
+                            .where(images.c.path.like(str(images_dir.resolve()) + "%")).order_by(images.c.id)).all()
+    engine.dispose()
+    table = Table("image", "status", "score", "ms")
+    for r in rows:
+        table.add_row(Path(r.path).name, r.status, f"{r.image_score:.4f}" if r.image_score is not None else "",
+                      f"{r.latency_ms:.0f}" if r.latency_ms else "")
     out.print(table)
-    out.print(f"{len(files)} images in {out_dir}/. Score your own: inspector score DIR --class-name NAME")
+    if summary["random_weights"]:
+        _random_banner({"random_weights": True})
+    out.print(f"{summary['stored']} new results in {s.database.url}. Next: `inspector status`, or watch a folder: "
+              "inspector watch DIR --class-name NAME")
 
 
 def main() -> None:

@@ -80,6 +80,26 @@ class DatabaseSettings:
 
 
 @dataclass
+class WatchSettings:
+    #: A file is taken once its size and mtime have not changed for this many seconds.
+    stable_seconds: float = 2.0
+    #: Full rescan of the watched folders every N seconds (events get dropped; shares send none). 0 = never.
+    rescan_seconds: float = 30.0
+    #: Use the polling observer (network shares: inotify sees nothing written by other machines).
+    polling: bool = False
+    #: A claimed batch is given back to the queue if its worker has not finished it within this time.
+    lease_seconds: float = 300.0
+    #: Transient failures (I/O errors, GPU out of memory) are retried with backoff up to this many attempts.
+    max_attempts: int = 5
+    #: Longest side of the anomaly map stored in the database (8-bit PNG).
+    map_size: int = 256
+    #: Threads that read and decode images while the GPU scores.
+    decode_threads: int = 4
+    #: Seconds a worker waits before polling an empty queue again.
+    idle_seconds: float = 0.5
+
+
+@dataclass
 class RegistrySettings:
     #: Folder that holds model versions (one sub-folder each, with ``manifest.json``).
     path: str = "models"
@@ -99,6 +119,7 @@ class BenchSettings:
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    watch: WatchSettings = field(default_factory=WatchSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     #: The file the settings were read from, if any (for messages and relative paths).
@@ -150,6 +171,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off", ""}:
                 return False
             raise TypeError("expected true or false")
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            return float(value)
         if typ is int:
             if isinstance(value, bool):
                 raise TypeError("expected an integer")

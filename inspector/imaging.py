@@ -28,14 +28,17 @@ class ImageDecodeError(ValueError):
     """A file that is not a usable image; the message says why."""
 
 
-def open_image(source: ImageInput) -> Image.Image:
-    """Decode fully (not lazily) to an RGB PIL image, with the EXIF orientation applied."""
+def open_image(source: ImageInput, name: str | None = None) -> Image.Image:
+    """Decode fully (not lazily) to an RGB PIL image, with the EXIF orientation applied.
+
+    ``source``: a path, a PIL image, or a binary file object (then ``name`` is used in messages).
+    """
     if isinstance(source, Image.Image):
         image = source
     else:
-        path = Path(source)
+        path = Path(name) if name is not None else Path(source)
         try:
-            with Image.open(path) as handle:
+            with Image.open(source if hasattr(source, "read") else path) as handle:
                 handle.load()
                 image = handle.copy() if handle.mode == "RGB" else handle
                 image.load()
@@ -44,12 +47,14 @@ def open_image(source: ImageInput) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise ImageDecodeError(f"{path}: refused, too many pixels ({exc})") from None
         except (OSError, SyntaxError, ValueError) as exc:
+            if hasattr(source, "read") and isinstance(exc, OSError) and "cannot identify" in str(exc):
+                raise ImageDecodeError(f"{path}: not an image file") from None
             raise ImageDecodeError(f"{path}: not a readable image ({exc})") from None
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
         pass
-    if image.mode == "I;16" or image.mode == "I":
+    if image.mode.startswith("I;16") or image.mode == "I":
         array = np.asarray(image, dtype=np.float64)
         hi = max(float(array.max()), 1.0)
         image = Image.fromarray((array * (255.0 / (65535.0 if hi > 255 else 255.0))).clip(0, 255).astype(np.uint8))

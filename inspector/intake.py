@@ -1,0 +1,276 @@
+"""Intake: find new image files in watched folders and register them in the queue. It never scores.
+
+Three feeders, one idempotent path (``_consider`` -> stability gate -> ``register_file``):
+
+* watchdog events (created, modified, moved-to, closed-write), or the polling observer (``--polling``,
+  for network shares, where inotify sees nothing written by other machines);
+* a full scan at start-up (the backlog);
+* a periodic rescan, because inotify drops events under load without telling anyone.
+
+A file is taken only when its size and mtime have not changed for ``stable_seconds`` (a file whose
+mtime is already that old is taken at once). Temporary names (``.tmp``, ``.part``, ``~``, dot-files) and
+non-image suffixes are ignored. A file already known by path and size/mtime is not hashed again; one
+known by path and content is not enqueued again; a renamed file is recognised by its content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from .imaging import IMAGE_SUFFIXES
+from .store.queue import ensure_source, known_files, register_file
+
+log = logging.getLogger(__name__)
+TEMP_SUFFIXES = {".tmp", ".part", ".partial", ".crdownload", ".swp", ".download"}
+
+
+@dataclass
+class WatchedFolder:
+    path: Path  # absolute, symlinks resolved
+    class_name: str
+    recursive: bool = False
+    line: str | None = None
+    source_id: int | None = None
+
+
+def ignored_name(name: str) -> bool:
+    lower = name.lower()
+    if name.startswith(".") or name.endswith("~"):
+        return True
+    suffix = os.path.splitext(lower)[1]
+    return suffix in TEMP_SUFFIXES or suffix not in IMAGE_SUFFIXES
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+class Intake:
+    """Discovers files under ``folders`` and registers them in ``engine``'s queue."""
+
+    def __init__(self, engine: Engine, folders: list[WatchedFolder], stable_seconds: float = 2.0,
+                 rescan_seconds: float = 30.0, polling: bool = False):
+        self.engine = engine
+        self.folders = folders
+        self.stable_seconds = stable_seconds
+        self.rescan_seconds = rescan_seconds
+        self.polling = polling
+        self.counts = {"event": 0, "scan": 0, "registered": 0, "failed": 0, "duplicate": 0, "renamed": 0}
+        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._candidates: dict[str, tuple[int, int, float, WatchedFolder]] = {}  # path -> size, mtime, since, folder
+        self._known: dict[str, tuple[int | None, int | None]] = {}
+        self._observer = None
+        self._last_scan = 0.0
+        for folder in folders:
+            if not folder.path.is_dir():
+                raise FileNotFoundError(f"watched folder not found: {folder.path}")
+            folder.source_id = ensure_source(engine, str(folder.path), folder.class_name, folder.line,
+                                             folder.recursive)
+            self._known.update(known_files(engine, folder.source_id))
+
+    # ---------------------------------------------------------------------------------------------
+    # feeders
+
+    def scan(self) -> None:
+        """Walk every folder; anything not known with the same size and mtime becomes a candidate."""
+        for folder in self.folders:
+            for path in self._walk(folder):
+                self._consider(path, folder, "scan")
+        self._last_scan = time.monotonic()
+
+    def _walk(self, folder: WatchedFolder):
+        stack = [str(folder.path)]
+        while stack:
+            current = stack.pop()
+            try:
+                with os.scandir(current) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            if folder.recursive and not entry.name.startswith("."):
+                                stack.append(entry.path)
+                        elif not ignored_name(entry.name):
+                            yield entry.path
+            except OSError as exc:  # a folder vanished or is unreadable: report and go on
+                log.warning("cannot list %s: %s", current, exc)
+
+    def start_observer(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        intake = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):  # noqa: ANN001
+                if event.event_type in ("deleted", "opened", "closed_no_write"):
+                    return
+                path = getattr(event, "dest_path", "") or event.src_path
+                if isinstance(path, bytes):
+                    path = os.fsdecode(path)
+                if event.is_directory:
+                    if event.event_type in ("created", "moved"):
+                        intake._events.put(path + os.sep)  # a new folder: scan it
+                    return
+                intake._events.put(path)
+
+        observer = PollingObserver(timeout=1.0) if self.polling else Observer()
+        for folder in self.folders:
+            observer.schedule(Handler(), str(folder.path), recursive=folder.recursive)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def observer_alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _folder_of(self, path: str) -> WatchedFolder | None:
+        for folder in self.folders:
+            root = str(folder.path)
+            if path.startswith(root + os.sep):
+                rest = path[len(root) + 1:]
+                if folder.recursive or os.sep not in rest.rstrip(os.sep):
+                    return folder
+        return None
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                path = self._events.get_nowait()
+            except queue.Empty:
+                return
+            folder = self._folder_of(path.rstrip(os.sep))
+            if folder is None:
+                continue
+            if path.endswith(os.sep):
+                sub = WatchedFolder(Path(path.rstrip(os.sep)), folder.class_name, True, folder.line, folder.source_id)
+                for found in self._walk(sub):
+                    self._consider(found, folder, "event")
+            elif not ignored_name(os.path.basename(path)):
+                self._consider(path, folder, "event")
+
+    # ---------------------------------------------------------------------------------------------
+    # the gate
+
+    def _consider(self, path: str, folder: WatchedFolder, origin: str) -> None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if os.path.islink(path):  # a dangling link: record it, it will never become an image
+                self._register_error(path, folder, "symlink target does not exist")
+            self._candidates.pop(path, None)
+            return
+        except OSError as exc:
+            self._register_error(path, folder, f"cannot stat: {exc.strerror or exc}")
+            return
+        state = (st.st_size, st.st_mtime_ns)
+        if self._known.get(path) == state:
+            return
+        previous = self._candidates.get(path)
+        if previous is None or previous[:2] != state:
+            if previous is None:
+                self.counts[origin] += 1
+            self._candidates[path] = (*state, time.monotonic(), folder)
+
+    def tick(self) -> int:
+        """Drain events, rescan when due, register candidates that are stable. Returns how many registered."""
+        self._drain_events()
+        if self.rescan_seconds and time.monotonic() - self._last_scan >= self.rescan_seconds:
+            self.scan()
+        registered = 0
+        now_mono, now_wall = time.monotonic(), time.time()
+        for path, (size, mtime_ns, since, folder) in list(self._candidates.items()):
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._candidates.pop(path, None)  # gone before it was complete: nothing to record
+                continue
+            state = (st.st_size, st.st_mtime_ns)
+            if state != (size, mtime_ns):
+                self._candidates[path] = (*state, now_mono, folder)
+                continue
+            old_enough = now_wall - mtime_ns / 1e9 >= self.stable_seconds
+            if not old_enough and now_mono - since < self.stable_seconds:
+                continue
+            self._candidates.pop(path, None)
+            registered += self._register(path, folder, state)
+        return registered
+
+    def pending_candidates(self) -> int:
+        return len(self._candidates)
+
+    def _register(self, path: str, folder: WatchedFolder, state: tuple[int, int]) -> int:
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if not target.startswith(str(folder.path) + os.sep):
+                return self._register_error(path, folder, f"symlink points outside the watched folder ({target})")
+        try:
+            sha, size = sha256_file(path)
+        except FileNotFoundError:
+            return 0
+        except PermissionError:
+            return self._register_error(path, folder, "cannot read the file: permission denied")
+        except OSError as exc:
+            return self._register_error(path, folder, f"cannot read the file: {exc.strerror or exc}")
+        if size != state[0]:  # changed while hashing: look again later
+            self._candidates[path] = (size, state[1], time.monotonic(), folder)
+            return 0
+        outcome = register_file(self.engine, folder.source_id, folder.class_name, path, sha, size, state[1])
+        self._known[path] = state
+        if outcome in self.counts:
+            self.counts[outcome] += 1
+        if outcome == "new":
+            self.counts["registered"] += 1
+            return 1
+        log.debug("%s: %s", path, outcome)
+        return 0
+
+    def _register_error(self, path: str, folder: WatchedFolder, error: str) -> int:
+        outcome = register_file(self.engine, folder.source_id, folder.class_name, path, None, None, None, error=error)
+        self._known[path] = (None, None)
+        if outcome == "failed":
+            self.counts["failed"] += 1
+            log.warning("%s: %s", path, error)
+        return 0
+
+    # ---------------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, interval: float = 0.25) -> None:
+        """The intake loop (a thread of `inspector watch`): events, rescans, the stability gate."""
+        self.scan()
+        self.start_observer()
+        try:
+            while not stop.is_set():
+                if not self.observer_alive():
+                    log.warning("file observer died; restarting it (a rescan covers the gap)")
+                    self.stop()
+                    self.start_observer()
+                    self.scan()
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - the database may be down; the next tick retries
+                    log.exception("intake tick failed; retrying")
+                    stop.wait(2.0)
+                stop.wait(interval)
+        finally:
+            self.stop()

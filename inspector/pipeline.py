@@ -1,0 +1,165 @@
+"""Services behind `inspector watch`, `worker` and `status`: wire settings, store, model, intake, worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import Engine
+
+from .config import Settings
+from .intake import Intake, WatchedFolder
+from .store.db import open_store
+from .store.queue import ensure_model_version, pending_count
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class RandomWeightsRefused(ValueError):
+    pass
+
+
+def check_weights_allowed(settings: Settings) -> None:
+    """Production verbs refuse random backbones and untrained heads unless explicitly allowed."""
+    m = settings.model
+    if m.allow_random_weights or m.name:
+        return
+    if m.pretrained == "random" or not m.head:
+        raise RandomWeightsRefused(
+            "no trained model configured (random backbone or no [model] head); configure [model] name, or head "
+            "and pretrained, or pass --allow-random-weights for a test run")
+
+
+def load_detector(settings: Settings) -> Any:
+    from .registry import load_model
+
+    check_weights_allowed(settings)
+    detector = load_model(settings=settings)
+    if detector.provenance.get("random_weights") and not settings.model.allow_random_weights:
+        raise RandomWeightsRefused(f"model '{settings.model.name}' has random or untrained weights; pass "
+                                   "--allow-random-weights for a test run")
+    return detector
+
+
+def model_version_name(detector: Any) -> str:
+    p = detector.provenance
+    if p.get("model"):
+        return str(p["model"])
+    head = p.get("head")
+    tag = hashlib.sha256(Path(head).read_bytes()).hexdigest()[:12] if head and Path(head).is_file() else "untrained"
+    return f"{detector.name}:{p.get('backbone')}:{tag}"
+
+
+def register_model_version(engine: Engine, detector: Any) -> int:
+    return ensure_model_version(engine, model_version_name(detector), detector.name, detector.provenance,
+                                bool(detector.provenance.get("random_weights")))
+
+
+def make_worker(engine: Engine, detector: Any, settings: Settings, on_batch=None) -> Worker:
+    w = settings.watch
+    return Worker(engine, detector, register_model_version(engine, detector), batch_size=settings.model.batch_size,
+                  lease_seconds=w.lease_seconds, max_attempts=w.max_attempts, map_size=w.map_size,
+                  decode_threads=w.decode_threads, on_batch=on_batch)
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: finish the current batch and exit. Second: exit now (leases make it safe)."""
+
+    def handler(signum, _frame):  # noqa: ANN001
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            raise SystemExit(130)
+        log.info("%s: finishing the current batch, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class Metrics:
+    """Prometheus metrics on ``--metrics-port`` (created only when asked for)."""
+
+    def __init__(self, port: int, engine: Engine):
+        from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+        self.scored = Counter("inspector_images_scored_total", "Images scored and stored")
+        self.claimed = Counter("inspector_images_claimed_total", "Images claimed by this worker")
+        self.batch = Histogram("inspector_batch_seconds", "Seconds per batch, read to stored")
+        queue_depth = Gauge("inspector_queue_depth", "Images waiting to be scored")
+        queue_depth.set_function(lambda: _safe(lambda: pending_count(engine)))
+        start_http_server(port)
+
+    def on_batch(self, claimed: int, stored: int, seconds: float) -> None:
+        self.claimed.inc(claimed)
+        self.scored.inc(stored)
+        self.batch.observe(seconds)
+
+
+def _safe(fn: Callable[[], float]) -> float:
+    try:
+        return float(fn())
+    except Exception:  # noqa: BLE001 - the database may be down; the gauge says NaN
+        return float("nan")
+
+
+def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, stop: threading.Event | None = None,
+          metrics_port: int | None = None, intake_only: bool = False) -> dict[str, Any]:
+    """Intake plus a worker. ``once``: score the backlog, then return. Returns counts for the caller."""
+    stop = stop or threading.Event()
+    engine = open_store(settings.database.url, auto_upgrade=True)
+    detector = load_detector(settings)
+    metrics = Metrics(metrics_port, engine) if metrics_port else None
+    worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
+    w = settings.watch
+    intake = Intake(engine, folders, stable_seconds=w.stable_seconds, rescan_seconds=0 if once else w.rescan_seconds,
+                    polling=w.polling)
+    started = time.perf_counter()
+    if once:
+        intake.scan()
+        while not stop.is_set():  # wait for files still being written, then register them
+            intake.tick()
+            if intake.pending_candidates() == 0:
+                break
+            stop.wait(0.2)
+        worker.run(stop, until_empty=lambda: pending_count(engine) == 0, idle_seconds=w.idle_seconds)
+    else:
+        thread = threading.Thread(target=intake.run, args=(stop,), name="intake", daemon=True)
+        thread.start()
+        try:
+            worker.run(stop, idle_seconds=w.idle_seconds)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return {"stored": worker.stored, "failed": worker.failed, "seconds": elapsed, "intake": dict(intake.counts),
+            "model_version": model_version_name(detector), "random_weights": bool(detector.provenance.get(
+                "random_weights"))}
+
+
+def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_port: int | None = None) -> int:
+    stop = stop or threading.Event()
+    engine = open_store(settings.database.url)
+    detector = load_detector(settings)
+    metrics = Metrics(metrics_port, engine) if metrics_port else None
+    worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
+    worker.run(stop, idle_seconds=settings.watch.idle_seconds)
+    engine.dispose()
+    return worker.stored
+
+
+def status_json(settings: Settings) -> str:
+    from .store.queue import status
+
+    engine = open_store(settings.database.url)
+    try:
+        return json.dumps(status(engine), default=str)
+    finally:
+        engine.dispose()

@@ -1,0 +1,114 @@
+"""The database schema: plain tables, SQL-shaped (SQLAlchemy Core). Alembic owns its evolution.
+
+    sources         a watched folder and the class its images belong to
+    images          one row per (path, content) seen: the queue and the ledger in one table
+    model_versions  the model versions that produced results
+    results         one per (image, model version): scores and the anomaly map as an 8-bit PNG
+    thresholds      per-class decision thresholds, versioned (never updated in place)
+    reviews         human verdicts, one row per review (history is never overwritten)
+
+All timestamps are naive UTC. Image states: pending -> claimed -> done | failed; duplicate (same content as another image, linked by
+duplicate_of and never scored twice).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        MetaData, String, Table, Text, UniqueConstraint)
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+PENDING, CLAIMED, DONE, FAILED, DUPLICATE = "pending", "claimed", "done", "failed", "duplicate"
+
+sources = Table(
+    "sources", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("path", Text, nullable=False, unique=True),
+    Column("class_name", String(200), nullable=False),
+    Column("line", String(200), nullable=True),
+    Column("recursive", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(), nullable=False),
+)
+
+images = Table(
+    "images", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("source_id", Integer, ForeignKey("sources.id"), nullable=True),
+    Column("path", Text, nullable=False),
+    Column("class_name", String(200), nullable=False),
+    Column("sha256", String(64), nullable=True),
+    Column("size", BigInteger, nullable=True),
+    Column("mtime_ns", BigInteger, nullable=True),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    Column("status", String(16), nullable=False, default=PENDING),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text, nullable=True),
+    Column("duplicate_of", Integer, ForeignKey("images.id"), nullable=True),
+    Column("claimed_by", String(200), nullable=True),
+    Column("lease_until", DateTime(), nullable=True),
+    Column("next_attempt_at", DateTime(), nullable=False),
+    Column("discovered_at", DateTime(), nullable=False),
+    Column("updated_at", DateTime(), nullable=False),
+    UniqueConstraint("path", "sha256"),
+    Index("ix_images_status_next_attempt_at", "status", "next_attempt_at"),
+    Index("ix_images_sha256", "sha256"),
+    Index("ix_images_discovered_at", "discovered_at"),
+)
+
+model_versions = Table(
+    "model_versions", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("detector", String(50), nullable=False),
+    Column("manifest", Text, nullable=False),
+    Column("random_weights", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(), nullable=False),
+)
+
+results = Table(
+    "results", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("image_id", Integer, ForeignKey("images.id"), nullable=False),
+    Column("model_version_id", Integer, ForeignKey("model_versions.id"), nullable=False),
+    Column("image_score", Float, nullable=False),
+    Column("text_score", Float, nullable=True),
+    Column("topk_score", Float, nullable=True),
+    Column("anomaly_map", LargeBinary, nullable=False),  # 8-bit grayscale PNG, map * 255
+    Column("map_width", Integer, nullable=False),
+    Column("map_height", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=True),
+    Column("worker", String(200), nullable=True),
+    Column("created_at", DateTime(), nullable=False),
+    UniqueConstraint("image_id", "model_version_id"),
+    Index("ix_results_created_at", "created_at"),
+    Index("ix_results_image_score", "image_score"),
+)
+
+thresholds = Table(
+    "thresholds", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("class_name", String(200), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", DateTime(), nullable=False),
+    Column("note", Text, nullable=True),
+    UniqueConstraint("class_name", "version"),
+)
+
+reviews = Table(
+    "reviews", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("image_id", Integer, ForeignKey("images.id"), nullable=False),
+    Column("verdict", String(16), nullable=False),  # normal | defect | skip
+    Column("reason", Text, nullable=True),
+    Column("reviewer", String(200), nullable=False),
+    Column("created_at", DateTime(), nullable=False),
+    Index("ix_reviews_image_id", "image_id"),
+)
