@@ -1,0 +1,118 @@
+"""Helpers for the pipeline tests: run the real CLI in a subprocess, make images, read the database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import create_engine, func, select, text
+
+from inspector.store import images, results
+
+ROOT = Path(__file__).parents[1]
+
+#: Fast settings for pipeline tests: tiny random backbone at 224 px, one sample, short timers.
+FAST_ENV = {
+    "INSPECTOR_MODEL__BACKBONE": "test-tiny",
+    "INSPECTOR_MODEL__PRETRAINED": "random",
+    "INSPECTOR_MODEL__IMAGE_SIZE": "224",
+    "INSPECTOR_MODEL__SAMPLES": "1",
+    "INSPECTOR_MODEL__DEVICE": "cpu",
+    "INSPECTOR_MODEL__BATCH_SIZE": "8",
+    "INSPECTOR_MODEL__ALLOW_RANDOM_WEIGHTS": "true",
+    "INSPECTOR_WATCH__STABLE_SECONDS": "0.5",
+    "INSPECTOR_WATCH__RESCAN_SECONDS": "2",
+    "INSPECTOR_WATCH__LEASE_SECONDS": "4",
+    "INSPECTOR_WATCH__IDLE_SECONDS": "0.2",
+    "INSPECTOR_WATCH__DECODE_THREADS": "2",
+}
+
+
+def cli_env(db_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    env.update(FAST_ENV)
+    env.update({"INSPECTOR_DATABASE__URL": db_url, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def start_cli(args: list[str], db_url: str, cwd: Path, prefix: list[str] | None = None, **extra: str):
+    log = open(cwd / f"cli-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "inspector.cli", *args], cwd=cwd,
+                            env=cli_env(db_url, **extra), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def run_cli(args: list[str], db_url: str, cwd: Path, timeout: float = 300, prefix: list[str] | None = None):
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "inspector.cli", *args], cwd=cwd,
+                          env=cli_env(db_url), capture_output=True, text=True, timeout=timeout)
+
+
+def kill9(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def small_png(path: Path, seed: int, size: int = 48) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, format="PNG")
+
+
+def drop_atomically(path: Path, seed: int) -> None:
+    """What a well-behaved camera does: write a temporary name, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    small_png(tmp, seed)
+    tmp.rename(path)
+
+
+def result_counts(db_url: str) -> dict[str, int]:
+    """path -> number of results."""
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(images.c.path, func.count(results.c.id)).join(
+            results, results.c.image_id == images.c.id, isouter=True).group_by(images.c.path)).all()
+    engine.dispose()
+    return {r[0]: r[1] for r in rows}
+
+
+def image_rows(db_url: str) -> dict[str, dict]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(images).order_by(images.c.id)).mappings().all()
+    engine.dispose()
+    return {r["path"]: dict(r) for r in rows}
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def db_ping(db_url: str) -> bool:
+    try:
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def image_list(db_url: str) -> list[dict]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(images).order_by(images.c.id)).mappings().all()
+    engine.dispose()
+    return [dict(r) for r in rows]

@@ -1,0 +1,168 @@
+"""Store and queue semantics on SQLite and a real Postgres."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from inspector.store import images, make_engine, results, upgrade
+from inspector.store.db import StoreError, check_schema, open_store
+from inspector.store.maps import decode_map, encode_map, mask_at
+from inspector.store.queue import (Outcome, claim, complete, ensure_model_version, ensure_source, pending_count,
+                                   register_file, release, status)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def engine(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def result_row(score: float = 0.5) -> dict:
+    data, w, h = encode_map(torch.full((64, 64), score))
+    return {"image_score": score, "text_score": score, "topk_score": score, "anomaly_map": data,
+            "map_width": w, "map_height": h}
+
+
+def fill(engine, tmp_path, n: int) -> tuple[int, int]:
+    source = ensure_source(engine, str(tmp_path), "bottle")
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(b"x%d" % i)
+        assert register_file(engine, source, "bottle", str(path), f"{i:064d}", 2, 1) == "new"
+    return source, ensure_model_version(engine, "m1", "bayes-pfl", {"a": 1}, True)
+
+
+def test_schema_matches_models_and_is_checked(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from inspector.store import metadata
+
+    engine = make_engine(db_url)
+    with pytest.raises(StoreError, match="inspector db upgrade"):
+        check_schema(engine)
+    assert upgrade(db_url) == "0001"
+    check_schema(engine)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    engine.dispose()
+
+
+def test_open_store_creates_an_empty_database(db_url):
+    open_store(db_url, auto_upgrade=True).dispose()
+    check_schema(make_engine(db_url))
+
+
+def test_claim_complete_exactly_once(engine, tmp_path):
+    _, mv = fill(engine, tmp_path, 5)
+    first = claim(engine, "w1", 3, lease_seconds=60)
+    second = claim(engine, "w2", 3, lease_seconds=60)
+    assert len(first) == 3 and len(second) == 2
+    assert not {c.id for c in first} & {c.id for c in second}
+    assert claim(engine, "w3", 3, 60) == []
+    assert complete(engine, "w1", mv, [Outcome(c.id, result=result_row()) for c in first]) == 3
+    # w3 cannot complete what w2 holds
+    assert complete(engine, "w3", mv, [Outcome(c.id, result=result_row()) for c in second]) == 0
+    assert complete(engine, "w2", mv, [Outcome(c.id, result=result_row()) for c in second]) == 2
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(results)).scalar_one() == 5
+    assert pending_count(engine) == 0
+
+
+def test_expired_lease_returns_images_and_old_worker_cannot_write(engine, tmp_path):
+    _, mv = fill(engine, tmp_path, 2)
+    dead = claim(engine, "dead", 2, lease_seconds=0.2)
+    assert claim(engine, "alive", 2, lease_seconds=60) == []
+    time.sleep(0.4)
+    taken = claim(engine, "alive", 2, lease_seconds=60)
+    assert {c.id for c in taken} == {c.id for c in dead}
+    assert taken[0].attempts == 2
+    assert complete(engine, "dead", mv, [Outcome(c.id, result=result_row()) for c in dead]) == 0
+    assert complete(engine, "alive", mv, [Outcome(c.id, result=result_row()) for c in taken]) == 2
+
+
+def test_transient_errors_back_off_then_fail(engine, tmp_path):
+    _, mv = fill(engine, tmp_path, 1)
+    for attempt in range(1, 4):
+        (c,) = claim(engine, "w", 1, 60)
+        assert c.attempts == attempt
+        complete(engine, "w", mv, [Outcome(c.id, error="read error", permanent=False)], max_attempts=3)
+        with engine.begin() as conn:  # skip the backoff wait
+            conn.execute(images.update().values(next_attempt_at=images.c.discovered_at))
+    with engine.connect() as conn:
+        row = conn.execute(select(images.c.status, images.c.error)).one()
+    assert row.status == "failed" and row.error == "read error"
+
+
+def test_release_gives_claims_back_without_counting(engine, tmp_path):
+    fill(engine, tmp_path, 2)
+    claim(engine, "w", 2, 60)
+    release(engine, "w")
+    again = claim(engine, "w2", 2, 60)
+    assert len(again) == 2 and all(c.attempts == 1 for c in again)
+
+
+def test_register_rename_duplicate_and_error(engine, tmp_path):
+    source = ensure_source(engine, str(tmp_path), "bottle")
+    a = tmp_path / "a.png"
+    a.write_bytes(b"same")
+    assert register_file(engine, source, "bottle", str(a), "h" * 64, 4, 1) == "new"
+    assert register_file(engine, source, "bottle", str(a), "h" * 64, 4, 1) == "known"
+    b = tmp_path / "b.png"
+    b.write_bytes(b"same")
+    assert register_file(engine, source, "bottle", str(b), "h" * 64, 4, 1) == "duplicate"
+    a.rename(tmp_path / "c.png")
+    assert register_file(engine, source, "bottle", str(tmp_path / "c.png"), "h" * 64, 4, 1) == "renamed"
+    assert register_file(engine, source, "bottle", str(tmp_path / "x.png"), None, None, None, "unreadable") == "failed"
+    assert register_file(engine, source, "bottle", str(tmp_path / "x.png"), None, None, None, "unreadable") == "known"
+    with engine.connect() as conn:
+        rows = conn.execute(select(images.c.path, images.c.status).order_by(images.c.id)).all()
+    assert [(r.path.rsplit("/", 1)[1], r.status) for r in rows] == [
+        ("c.png", "pending"), ("b.png", "duplicate"), ("x.png", "failed")]
+    assert pending_count(engine) == 1
+
+
+def test_concurrent_claims_never_overlap(engine, tmp_path):
+    _, mv = fill(engine, tmp_path, 60)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(name):
+        eng = make_engine(str(engine.url.render_as_string(hide_password=False)))
+        while batch := claim(eng, name, 4, 60):
+            complete(eng, name, mv, [Outcome(c.id, result=result_row()) for c in batch])
+            with lock:
+                seen.extend(c.id for c in batch)
+        eng.dispose()
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 60
+    assert status(engine)["by_status"] == {"done": 60}
+
+
+def test_map_encoding_and_masks():
+    m = torch.zeros(518, 518)
+    m[100:200, 300:400] = 0.9
+    data, w, h = encode_map(m, 256)
+    assert (w, h) == (256, 256) and data[:8] == b"\x89PNG\r\n\x1a\n"
+    decoded = decode_map(data)
+    assert abs(float(decoded.max()) - 0.9) < 2 / 255
+    assert mask_at(data, 0.5).sum() > 0 and mask_at(data, 0.95).sum() == 0
