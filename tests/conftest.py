@@ -50,3 +50,22 @@ def images() -> list[Image.Image]:
         img = Image.fromarray(base).resize((w, h), Image.BILINEAR)
         out.append(img)
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A real PostgreSQL server for the whole test session (throwaway cluster in a temp folder)."""
+    from .pgcluster import PgCluster
+
+    cluster = PgCluster()
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """A fresh, empty database in the session's cluster."""
+    if not pg_cluster.is_running():
+        pg_cluster.start()
+    return pg_cluster.create_database()

@@ -116,3 +116,11 @@ def image_list(db_url: str) -> list[dict]:
         rows = conn.execute(select(images).order_by(images.c.id)).mappings().all()
     engine.dispose()
     return [dict(r) for r in rows]
+
+
+def schema_ready(db_url: str) -> bool:
+    try:
+        image_list(db_url)
+        return True
+    except Exception:  # noqa: BLE001 - not created yet
+        return False

@@ -47,25 +47,36 @@ class Outcome:
 
 def ensure_source(engine: Engine, path: str, class_name: str, line: str | None = None,
                   recursive: bool = False) -> int:
-    with engine.begin() as conn:
-        row = conn.execute(select(sources.c.id, sources.c.class_name).where(sources.c.path == path)).first()
-        if row is not None:
-            if row.class_name != class_name:
-                conn.execute(update(sources).where(sources.c.id == row.id).values(class_name=class_name))
-            return row.id
-        return conn.execute(sources.insert().values(path=path, class_name=class_name, line=line,
-                                                    recursive=recursive, created_at=utcnow())).inserted_primary_key[0]
+    for _ in range(2):  # a second process may insert the same row at the same moment: then read it
+        try:
+            with engine.begin() as conn:
+                row = conn.execute(select(sources.c.id, sources.c.class_name).where(sources.c.path == path)).first()
+                if row is not None:
+                    if row.class_name != class_name:
+                        conn.execute(update(sources).where(sources.c.id == row.id).values(class_name=class_name))
+                    return row.id
+                return conn.execute(sources.insert().values(
+                    path=path, class_name=class_name, line=line, recursive=recursive,
+                    created_at=utcnow())).inserted_primary_key[0]
+        except IntegrityError:
+            continue
+    raise RuntimeError(f"could not record source {path}")
 
 
 def ensure_model_version(engine: Engine, name: str, detector: str, manifest: dict[str, Any],
                          random_weights: bool) -> int:
-    with engine.begin() as conn:
-        row = conn.execute(select(model_versions.c.id).where(model_versions.c.name == name)).first()
-        if row is not None:
-            return row.id
-        return conn.execute(model_versions.insert().values(
-            name=name, detector=detector, manifest=json.dumps(manifest, sort_keys=True, default=str),
-            random_weights=random_weights, created_at=utcnow())).inserted_primary_key[0]
+    for _ in range(2):  # two workers starting together race to insert the same version: then read it
+        try:
+            with engine.begin() as conn:
+                row = conn.execute(select(model_versions.c.id).where(model_versions.c.name == name)).first()
+                if row is not None:
+                    return row.id
+                return conn.execute(model_versions.insert().values(
+                    name=name, detector=detector, manifest=json.dumps(manifest, sort_keys=True, default=str),
+                    random_weights=random_weights, created_at=utcnow())).inserted_primary_key[0]
+        except IntegrityError:
+            continue
+    raise RuntimeError(f"could not record model version {name}")
 
 
 def known_files(engine: Engine, source_id: int) -> dict[str, tuple[int | None, int | None]]:
