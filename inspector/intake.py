@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from .imaging import IMAGE_SUFFIXES
 from .store.queue import ensure_source, known_files, register_file
@@ -268,7 +269,10 @@ class Intake:
                     self.scan()
                 try:
                     self.tick()
-                except Exception:  # noqa: BLE001 - the database may be down; the next tick retries
+                except OperationalError as exc:  # the database is down: files are found again by the rescan
+                    log.warning("intake: database unavailable (%s); retrying", str(exc).splitlines()[0])
+                    stop.wait(2.0)
+                except Exception:  # noqa: BLE001 - never let one bad moment kill discovery
                     log.exception("intake tick failed; retrying")
                     stop.wait(2.0)
                 stop.wait(interval)

@@ -103,3 +103,54 @@ def test_import_official_registers_a_version_that_loads(tmp_path, tiny_model, im
     assert model.provenance["random_weights"] is False
     pred = model.predict(images[:1], "bottle", samples=2)
     assert pred.anomaly_map.shape == (1, 518, 518)
+
+
+def test_demo_then_status_on_a_fresh_folder(tmp_path):
+    """The README's quickstart: defaults only (SQLite in the working folder, generated images)."""
+    result = run("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANDOM" in result.stdout + result.stderr and "test-tiny" in result.stderr
+    status = run("status", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["queue_depth"] == 0 and data["by_status"] == {"done": 8}
+    assert data["active_model_random_weights"] is True
+    again = run("demo", cwd=tmp_path)  # the same images again: nothing is scored twice
+    assert again.returncode == 0 and json.loads(run("status", "--json", cwd=tmp_path).stdout)["by_status"] == {
+        "done": 8}
+
+
+def test_watch_refuses_random_weights_and_missing_folders(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    refused = run("watch", "imgs", "-n", "screw", "--once", cwd=tmp_path,
+                  env={"INSPECTOR_MODEL__BACKBONE": "test-tiny", "INSPECTOR_MODEL__PRETRAINED": "random"})
+    assert refused.returncode == 2 and "--allow-random-weights" in refused.stderr
+    missing = run("watch", "nope", "-n", "screw", "--once", "--allow-random-weights", cwd=tmp_path)
+    assert missing.returncode == 2 and "not a folder" in missing.stderr
+
+
+def test_metrics_endpoint(tmp_path):
+    import socket
+    import urllib.request
+
+    from .pipeline_helpers import start_cli, wait_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "imgs").mkdir()
+    daemon = start_cli(["watch", "imgs", "-n", "screw", "--metrics-port", str(port)],
+                       f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+
+    def scrape():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return None
+
+    try:
+        body = wait_for(scrape, 60, what="metrics endpoint")
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0
+    assert "inspector_queue_depth 0.0" in body and "inspector_images_scored_total" in body
