@@ -102,7 +102,7 @@ def map_to_png_bytes(anomaly_map: torch.Tensor, longest_side: int | None = None)
     if longest_side and max(image.size) > longest_side:
         image.thumbnail((longest_side, longest_side), Image.BILINEAR)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG", compress_level=6)  # optimize=True costs 20x the time for ~5% bytes
     return buffer.getvalue()
 
 

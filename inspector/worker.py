@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,26 +100,44 @@ class Worker:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    def step(self, stop: threading.Event | None = None) -> int:
-        """Claim and process one batch; returns how many images were claimed (0: the queue is empty)."""
+    def _claim_and_load(self) -> tuple[list[Claimed], list[Future]] | None:
+        """Claim a batch and start reading and decoding it in the pool (returns at once)."""
         batch = claim(self.engine, self.name, self.batch_size, self.lease_seconds)
         if not batch:
-            return 0
-        start = time.perf_counter()
+            return None
         size = self.detector.backbone.image_size
-        loaded = list(self.pool.map(lambda item: load(item, size), batch))
-        outcomes = self._score(loaded)
-        elapsed = time.perf_counter() - start
-        per_image = elapsed * 1000 / max(1, len(batch))
+        return batch, [self.pool.submit(load, item, size) for item in batch]
+
+    def _finish(self, pending: tuple[list[Claimed], list[Future]], stop: threading.Event | None,
+                started: float) -> int:
+        batch, futures = pending
+        outcomes = self._score([f.result() for f in futures])
+        data = list(self.pool.map(self._encode, outcomes))
+        for o, encoded in zip(outcomes, data):
+            if o.result is not None:
+                o.result.update(encoded)
+        elapsed = time.perf_counter() - started
         for o in outcomes:
             if o.result is not None:
-                o.result["latency_ms"] = per_image
+                o.result["latency_ms"] = elapsed * 1000 / len(batch)
         stored = self._store(outcomes, stop)
         self.stored += stored
         self.failed += sum(1 for o in outcomes if o.result is None and o.permanent)
         if self.on_batch:
             self.on_batch(len(batch), stored, elapsed)
         return len(batch)
+
+    def _encode(self, outcome: Outcome) -> dict[str, Any]:
+        if outcome.result is None:
+            return {}
+        data, width, height = encode_map(outcome.result.pop("anomaly_map_tensor"), self.map_size)
+        return {"anomaly_map": data, "map_width": width, "map_height": height}
+
+    def step(self, stop: threading.Event | None = None) -> int:
+        """Claim and process one batch; returns how many images were claimed (0: the queue is empty)."""
+        started = time.perf_counter()
+        pending = self._claim_and_load()
+        return 0 if pending is None else self._finish(pending, stop, started)
 
     def _score(self, loaded: list[Loaded]) -> list[Outcome]:
         outcomes = [Outcome(x.claimed.id, error=x.error, permanent=x.permanent) for x in loaded]
@@ -140,11 +158,9 @@ class Worker:
                 outcomes[i] = Outcome(loaded[i].claimed.id, error=f"cannot score: {exc}")
             return outcomes
         for j, i in enumerate(good):
-            data, width, height = encode_map(prediction.anomaly_map[j], self.map_size)
             outcomes[i] = Outcome(loaded[i].claimed.id, width=loaded[i].width, height=loaded[i].height, result={
                 "image_score": float(prediction.image_score[j]), "text_score": float(prediction.text_score[j]),
-                "topk_score": float(prediction.topk_score[j]), "anomaly_map": data, "map_width": width,
-                "map_height": height})
+                "topk_score": float(prediction.topk_score[j]), "anomaly_map_tensor": prediction.anomaly_map[j]})
         return outcomes
 
     def _store(self, outcomes: list[Outcome], stop: threading.Event | None) -> int:
@@ -166,10 +182,21 @@ class Worker:
             idle_seconds: float = 0.5) -> None:
         """Loop until ``stop`` is set, or (``until_empty``) until the queue is empty and nothing is coming."""
         delay = 0.5
+        pending = None
         try:
             while not stop.is_set():
                 try:
-                    claimed = self.step(stop)
+                    started = time.perf_counter()
+                    if pending is None:
+                        pending = self._claim_and_load()
+                    claimed = 0
+                    if pending is not None:
+                        current, pending = pending, None
+                        try:  # claim the next batch now, so that it is read and decoded while this one is scored
+                            pending = self._claim_and_load()
+                        except OperationalError:
+                            pending = None  # the database is down; storing the current batch will wait for it
+                        claimed = self._finish(current, stop, started)
                     delay = 0.5
                 except OperationalError as exc:
                     log.warning("database unavailable (%s); retrying in %.1fs", str(exc).splitlines()[0], delay)
