@@ -110,54 +110,49 @@ def score(
     samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
+    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
     allow_random_weights: Optional[bool] = typer.Option(None, "--allow-random-weights", help="Accept random or "
                                                         "untrained weights (tests and demos only)."),
 ) -> None:
-    """Score images once and print their scores (no database)."""
+    """Score images now (a progress bar), store the results like `watch` does, and print them."""
     from rich.progress import Progress
 
-    from .engine import Engine
     from .imaging import IMAGE_SUFFIXES
-    from .registry import load_model
+    from .pipeline import score_files
 
     s = _model_flags(settings(), model, backbone, pretrained, head, samples, device, batch_size, allow_random_weights)
+    s.override("database", url=database)
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
             files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             files.append(path)
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
     if not files:
         raise ValueError("no images found in the given paths")
-    from .pipeline import load_detector
-
-    detector = load_detector(s)
-    _random_banner(detector.provenance)
-    engine = Engine(detector, batch_size=s.model.batch_size)
-    results = []
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("scoring", total=len(files))
-        for record in engine.score(((f, class_name) for f in files), on_batch=lambda n: bar.advance(task, n)):
-            results.append(record)
-            if maps is not None and record.ok:
-                from .imaging import save_map_png
-
-                save_map_png(record.anomaly_map, maps / (Path(str(record.source)).stem + "_map.png"))
-            if as_json:
-                print(json.dumps({**record.as_dict(), "random_weights": bool(
-                    detector.provenance.get("random_weights"))}), flush=True)
+        rows, detector = score_files(s, files, class_name, progress=lambda done: bar.update(task, completed=done))
+    random_weights = bool(detector.provenance.get("random_weights"))
+    _random_banner(detector.provenance)
+    for row in rows:
+        png = row.pop("anomaly_map_png")
+        if maps is not None and png is not None:
+            maps.mkdir(parents=True, exist_ok=True)
+            (maps / (Path(row["path"]).stem + "_map.png")).write_bytes(png)
+        if as_json:
+            print(json.dumps({**row, "random_weights": random_weights}), flush=True)
     if not as_json:
-        table = Table("image", "score", "text", "top-k", "ms", "error")
-        for r in results:
-            fmt = (lambda v: f"{v:.4f}" if v is not None else "")
-            table.add_row(str(r.source), fmt(r.image_score), fmt(r.text_score), fmt(r.topk_score),
-                          f"{r.latency_ms:.0f}" if r.latency_ms else "", r.error or "")
+        fmt = (lambda v: f"{v:.4f}" if v is not None else "")
+        table = Table("image", "status", "score", "text", "top-k", "ms", "error")
+        for r in rows:
+            table.add_row(r["path"], r["status"], fmt(r["image_score"]), fmt(r["text_score"]), fmt(r["topk_score"]),
+                          f"{r['latency_ms']:.0f}" if r["latency_ms"] else "", r["error"] or "")
         out.print(table)
-    if any(not r.ok for r in results):
+    if any(r["image_score"] is None for r in rows):
         raise typer.Exit(1)
-
 
 @app.command()
 @user_errors

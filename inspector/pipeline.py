@@ -163,3 +163,62 @@ def status_json(settings: Settings) -> str:
         return json.dumps(status(engine), default=str)
     finally:
         engine.dispose()
+
+
+def score_files(settings: Settings, files: list[Path], class_name: str,
+                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], Any]:
+    """`inspector score`: the same queue, worker and store as `watch`, for a given list of files.
+
+    Files already scored (same path and content) are not scored again; their stored result is returned.
+    Returns one row per file (path, status, error, scores, the map PNG) and the detector.
+    """
+    import os
+
+    from sqlalchemy import select
+
+    from .intake import sha256_file
+    from .store.queue import register_file
+    from .store.schema import CLAIMED, DUPLICATE, PENDING, images, results
+
+    engine = open_store(settings.database.url, auto_upgrade=True)
+    detector = load_detector(settings)
+    paths = [str(f.resolve()) for f in files]
+    for path in paths:
+        try:
+            sha, size = sha256_file(path)
+            register_file(engine, None, class_name, path, sha, size, os.stat(path).st_mtime_ns)
+        except OSError as exc:
+            register_file(engine, None, class_name, path, None, None, None,
+                          error=f"cannot read the file: {exc.strerror or exc}")
+
+    def rows_for() -> dict[str, Any]:
+        with engine.connect() as conn:
+            found = conn.execute(select(images).where(images.c.path.in_(paths)).order_by(images.c.id)).mappings().all()
+        return {r["path"]: r for r in found}  # the newest row per path
+
+    def remaining() -> int:
+        return sum(1 for r in rows_for().values() if r["status"] in (PENDING, CLAIMED))
+
+    total = len(paths)
+    worker = make_worker(engine, detector, settings,
+                         on_batch=(lambda claimed, stored, s: progress(total - remaining())) if progress else None)
+    worker.run(threading.Event(), until_empty=lambda: remaining() == 0, idle_seconds=settings.watch.idle_seconds)
+    by_path = rows_for()
+    out = []
+    with engine.connect() as conn:
+        for path in paths:
+            row = by_path.get(path)
+            image_id = row["duplicate_of"] if row is not None and row["status"] == DUPLICATE else (row or {}).get("id")
+            result = None
+            if image_id is not None:
+                result = conn.execute(select(results).where(results.c.image_id == image_id)
+                                      .order_by(results.c.id.desc()).limit(1)).mappings().first()
+            out.append({"path": path, "status": row["status"] if row is not None else "missing",
+                        "error": row["error"] if row is not None else "not registered",
+                        "image_score": result["image_score"] if result else None,
+                        "text_score": result["text_score"] if result else None,
+                        "topk_score": result["topk_score"] if result else None,
+                        "latency_ms": result["latency_ms"] if result else None,
+                        "anomaly_map_png": result["anomaly_map"] if result else None})
+    engine.dispose()
+    return out, detector

@@ -160,3 +160,28 @@ def test_postgres_outage_mid_run_loses_nothing(tmp_path, pg_cluster, pg_url):
         code = daemon.wait(timeout=60)
     assert code == 0
     assert len(counts) == n and set(counts.values()) == {1}
+
+
+def test_polling_recursive_and_renames(tmp_path):
+    """A camera filing by date on a share (polling observer, sub-folders); a renamed file is not rescored."""
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    daemon = start_cli(["watch", str(folder), "--class-name", "screw", "--polling", "--recursive"], db, tmp_path,
+                       INSPECTOR_WATCH__RESCAN_SECONDS="0")  # only the polling observer can find these
+    try:
+        wait_for(lambda: schema_ready(db), 60, what="daemon start")
+        day = folder / "2026-11-22"
+        day.mkdir()
+        for i in range(3):
+            drop_atomically(day / f"r_{i}.png", 3000 + i)
+        wait_for(_all_scored(db, 3), 120, what="three results from a sub-folder")
+        (day / "r_0.png").rename(day / "r_0_renamed.png")
+        wait_for(lambda: any(p.endswith("r_0_renamed.png") for p in image_rows(db)), 60, what="rename noticed")
+        time.sleep(2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    rows = image_list(db)
+    assert sorted(os.path.basename(r["path"]) for r in rows) == ["r_0_renamed.png", "r_1.png", "r_2.png"]
+    assert sum(result_counts(db).values()) == 3
