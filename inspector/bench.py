@@ -6,6 +6,9 @@ Cases, each over the configured batch sizes, on the current device, on the same 
 * ``exact R=1``    the full exact path with one Monte-Carlo sample
 * ``exact R=10``   the full exact path at the paper's R (``[model] samples``)
 * ``class-cache``  the approximate mode: text embeddings from a class prototype, computed once per class
+* ``pipeline``     `watch --once` end to end on PNG files (640 px) at the largest batch size: intake, hashing,
+                   decoding, scoring, map encoding and SQLite writes, with the same loaded model; its ratio
+                   to ``exact`` at that batch size is the pipeline's overhead
 
 Timings start from preprocessed pixels on the device (decoding is I/O and the same for every case), take
 the median of ``repeats`` runs after one warm-up, and synchronise CUDA. Peak memory is
@@ -185,7 +188,12 @@ def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: in
         "max_abs_map_diff": float((exact_pred.anomaly_map - cached_pred.anomaly_map).abs().max()),
         "max_abs_image_score_diff": float((exact_pred.image_score - cached_pred.image_score).abs().max()),
     }
+    pipeline = pipeline_case(model, max(batch_sizes), samples, count=max(6 * max(batch_sizes), 24))
+    exact = next(c for c in cases if c.name == f"exact R={samples}" and c.batch_size == max(batch_sizes))
+    pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
+    cases.append(pipeline)
     return {
+        "pipeline_overhead": pipeline.ms_per_image / exact.ms_per_image - 1.0,
         "device": device_name(device),
         "precision": "fp32" if device.type != "cuda" else model.precision,
         "backbone": model.provenance.get("backbone"),
@@ -211,3 +219,41 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def pipeline_case(model: BayesPFL, batch_size: int, samples: int, count: int) -> Case:
+    """Time `watch --once` on ``count`` PNG files with the already-loaded ``model`` (no load time)."""
+    import tempfile
+    import threading
+
+    from .intake import Intake, WatchedFolder
+    from .store.db import open_store
+    from .store.queue import ensure_model_version, pending_count
+    from .worker import Worker
+
+    old_samples = model.samples
+    model.samples = samples
+    with tempfile.TemporaryDirectory(prefix="inspector-bench-") as tmp:
+        folder = Path(tmp) / "line"
+        folder.mkdir()
+        for i, image in enumerate(synthetic_images(count, size=640, seed=100)):
+            image.save(folder / f"img_{i:04d}.png")
+        engine = open_store(f"sqlite:///{tmp}/bench.sqlite", auto_upgrade=True)
+        try:
+            version = ensure_model_version(engine, "bench", model.name, {}, True)
+            with _PeakRSS() as rss:
+                start = time.perf_counter()
+                intake = Intake(engine, [WatchedFolder(folder, "bench part")], stable_seconds=0, rescan_seconds=0)
+                intake.scan()
+                intake.tick()
+                worker = Worker(engine, model, version, batch_size=batch_size)
+                worker.run(threading.Event(), until_empty=lambda: pending_count(engine) == 0, idle_seconds=0.05)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+            if worker.stored != count:
+                raise RuntimeError(f"pipeline bench stored {worker.stored} of {count} images")
+        finally:
+            engine.dispose()
+            model.samples = old_samples
+    return Case("pipeline (watch --once)", batch_size, seconds * 1000 / count, count / seconds, rss.peak / 2**20)

@@ -40,6 +40,14 @@ class _State:
 state = _State()
 
 
+# options shared by several verbs (one definition, one help text)
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Registered model name or version folder.")
+DATABASE_OPTION = typer.Option(None, "--database", help=escape("Database URL (default: [database] url)."))
+METRICS_OPTION = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port.")
+RANDOM_OPTION = typer.Option(None, "--allow-random-weights",
+                             help="Accept random or untrained weights (tests and demos only).")
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors a user can cause into one red line and exit code 2."""
 
@@ -103,16 +111,15 @@ def score(
     class_name: str = typer.Option(..., "--class-name", "-n", help='Product class, e.g. "metal nut".'),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="Write each anomaly map as an 8-bit PNG here."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name or version folder."),
+    model: Optional[str] = MODEL_OPTION,
     backbone: Optional[str] = typer.Option(None, help="open_clip architecture (without --model)."),
     pretrained: Optional[str] = typer.Option(None, help="Pretrained tag, checkpoint file, or 'random'."),
     head: Optional[str] = typer.Option(None, help="Bayes-PFL head checkpoint (ours or official)."),
     samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
-    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
-    allow_random_weights: Optional[bool] = typer.Option(None, "--allow-random-weights", help="Accept random or "
-                                                        "untrained weights (tests and demos only)."),
+    database: Optional[str] = DATABASE_OPTION,
+    allow_random_weights: Optional[bool] = RANDOM_OPTION,
 ) -> None:
     """Score images now (a progress bar), store the results like `watch` does, and print them."""
     from rich.progress import Progress
@@ -191,6 +198,8 @@ def bench(
     a = report["class_cache_agreement"]
     out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "
               f"max map diff {a['max_abs_map_diff']:.4f}, max image-score diff {a['max_abs_image_score_diff']:.4f}")
+    out.print(f"pipeline overhead over the exact engine (watch --once, PNG files, SQLite): "
+              f"{100 * report['pipeline_overhead']:.1f}%")
     out.print(f"report: {path}")
 
 
@@ -260,15 +269,14 @@ def config_show() -> None:
 def watch(
     folders: List[Path] = typer.Argument(..., help="Folders to watch (a camera's drop folder)."),
     class_name: str = typer.Option(..., "--class-name", "-n", help='Product class of these images, e.g. "metal nut".'),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name or version folder."),
+    model: Optional[str] = MODEL_OPTION,
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also watch sub-folders (cameras that file by date)."),
     polling: Optional[bool] = typer.Option(None, "--polling", help="Poll instead of inotify (network shares)."),
     once: bool = typer.Option(False, "--once", help="Score the backlog and exit 0."),
     line: Optional[str] = typer.Option(None, help="Line label stored with the source."),
-    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
-    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
-    allow_random_weights: Optional[bool] = typer.Option(None, "--allow-random-weights", help="Accept random or "
-                                                        "untrained weights (tests and demos only)."),
+    database: Optional[str] = DATABASE_OPTION,
+    metrics_port: Optional[int] = METRICS_OPTION,
+    allow_random_weights: Optional[bool] = RANDOM_OPTION,
 ) -> None:
     """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C)."""
     import threading
@@ -298,11 +306,10 @@ def watch(
 @app.command()
 @user_errors
 def worker(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name or version folder."),
-    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
-    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
-    allow_random_weights: Optional[bool] = typer.Option(None, "--allow-random-weights", help="Accept random or "
-                                                        "untrained weights (tests and demos only)."),
+    model: Optional[str] = MODEL_OPTION,
+    database: Optional[str] = DATABASE_OPTION,
+    metrics_port: Optional[int] = METRICS_OPTION,
+    allow_random_weights: Optional[bool] = RANDOM_OPTION,
 ) -> None:
     """Score queued images only (no intake): extra GPU boxes sharing one Postgres."""
     import threading
@@ -321,7 +328,7 @@ def worker(
 @user_errors
 def status(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
-    database: Optional[str] = typer.Option(None, "--database", help="Database URL (default [database] url)."),
+    database: Optional[str] = DATABASE_OPTION,
 ) -> None:
     """Queue depth, throughput, errors and the active model."""
     from .pipeline import status_json
@@ -344,7 +351,7 @@ def status(
 
 @db_app.command("upgrade")
 @user_errors
-def db_upgrade(database: Optional[str] = typer.Option(None, "--database", help="Database URL.")) -> None:
+def db_upgrade(database: Optional[str] = DATABASE_OPTION) -> None:
     """Create the schema, or migrate it to the current version."""
     from .store.db import upgrade
 

@@ -31,7 +31,7 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from .imaging import ImageDecodeError, open_image, to_model_input
+from .imaging import ImageDecodeError, content_seed, open_image, to_model_input
 from .store.maps import encode_map
 from .store.queue import Claimed, Outcome, claim, complete, release
 
@@ -50,6 +50,7 @@ class Loaded:
     height: int | None = None
     error: str | None = None
     permanent: bool = True
+    seed: int | None = None  # content_seed of the pixels, computed here rather than on the scoring thread
 
 
 def load(item: Claimed, size: int) -> Loaded:
@@ -70,7 +71,8 @@ def load(item: Claimed, size: int) -> Loaded:
                                   "as a new image")
     try:
         image = open_image(io.BytesIO(data), name=item.path)
-        return Loaded(item, to_model_input(image, size), image.width, image.height)
+        pixels = to_model_input(image, size)
+        return Loaded(item, pixels, image.width, image.height, seed=content_seed(pixels))
     except ImageDecodeError as exc:
         return Loaded(item, error=str(exc))
     except MemoryError:
@@ -147,7 +149,7 @@ class Worker:
         pixels = torch.stack([loaded[i].pixels for i in good])
         names = [loaded[i].claimed.class_name for i in good]
         try:
-            prediction = self.detector.predict_tensors(pixels, names).cpu()
+            prediction = self.detector.predict_tensors(pixels, names, seeds=[loaded[i].seed for i in good]).cpu()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             for i in good:

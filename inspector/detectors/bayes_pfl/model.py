@@ -206,12 +206,14 @@ class BayesPFL(nn.Module):
             self._iad[key] = self._state_inputs(*self.draw_iad_noise(class_name, samples))
         return self._iad[key]
 
-    def draw_isd_noise(self, pixels: torch.Tensor, samples: int) -> torch.Tensor:
-        """The seeded ISD draws of each image, from its own pixels: [N, R, E]."""
-        pixels = pixels.detach().float().cpu()
+    def draw_isd_noise(self, pixels: torch.Tensor, samples: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """The seeded ISD draws of each image, from its own pixels (``content_seed``, which callers may
+        compute ahead, off the scoring thread): [N, R, E]."""
+        if seeds is None:
+            seeds = [content_seed(image) for image in pixels.detach().float().cpu()]
         draws = []
-        for image in pixels:
-            gen = torch.Generator().manual_seed(_seed_of(self.seed, "isd", content_seed(image)))
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(_seed_of(self.seed, "isd", seed))
             draws.append(torch.randn(samples, self.config.text_width, generator=gen))
         return torch.stack(draws)
 
@@ -327,8 +329,11 @@ class BayesPFL(nn.Module):
 
     @torch.inference_mode()
     def predict_tensors(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int | None = None,
-                        noise: Mapping[str, torch.Tensor] | None = None) -> Prediction:
-        """pixels: [N, 3, S, S] normalised -> Prediction (fields on the model's device)."""
+                        noise: Mapping[str, torch.Tensor] | None = None,
+                        seeds: Sequence[int] | None = None) -> Prediction:
+        """pixels: [N, 3, S, S] normalised -> Prediction (fields on the model's device).
+
+        ``seeds``: ``imaging.content_seed`` of each image, if the caller already computed them."""
         samples = self.samples if samples is None else int(samples)
         class_names = list(class_names)
         n = pixels.shape[0]
@@ -345,7 +350,7 @@ class BayesPFL(nn.Module):
                 if tuple(noise[key].shape) != shape:
                     raise ValueError(f"noise['{key}'] has shape {tuple(noise[key].shape)}, expected {shape}")
         elif self.text_cache == "none":
-            eps_isd = self.draw_isd_noise(pixels, samples)
+            eps_isd = self.draw_isd_noise(pixels, samples, seeds)
         pixels = pixels.to(self.device)
         with self._autocast():
             g, patch_tokens = self.backbone.encode_image(pixels)
