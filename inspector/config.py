@@ -100,6 +100,26 @@ class WatchSettings:
 
 
 @dataclass
+class TrainSettings:
+    #: Epochs (the paper: at most 30, with early stopping and the stage switch on validation).
+    epochs: int = 30
+    #: Images per training step (the paper: 32).
+    batch_size: int = 32
+    #: Share of each auxiliary class held out for validation (model selection never sees target data).
+    val_fraction: float = 0.2
+    #: Epochs without improvement tolerated before switching stage (stage 1) or stopping (stage 2).
+    patience: int = 3
+    #: Monte-Carlo samples R during validation (the paper: 5).
+    val_samples: int = 5
+    #: Probability of the 2x2 mosaic of anomalous images (the paper uses 0.4 when training on MVTec).
+    mosaic: float = 0.0
+    #: Random augmentation of training images (rotations, brightness/contrast, noise, blur) as in the paper.
+    augment: bool = True
+    #: Seed of data order, augmentation and prompt noise (the paper: 333).
+    seed: int = 333
+
+
+@dataclass
 class RegistrySettings:
     #: Folder that holds model versions (one sub-folder each, with ``manifest.json``).
     path: str = "models"
@@ -120,8 +140,11 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
+    #: Named datasets: ``[datasets.mvtec] path = "/data/mvtec_anomaly_detection.tar.xz"`` -> {"mvtec": path}.
+    datasets: dict[str, str] = field(default_factory=dict)
     #: The file the settings were read from, if any (for messages and relative paths).
     source: str = ""
 
@@ -150,7 +173,7 @@ class Settings:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
 
-_SECTIONS = {f.name for f in dataclasses.fields(Settings) if f.name != "source"}
+_SECTIONS = {f.name for f in dataclasses.fields(Settings) if f.name not in ("source", "datasets")}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -207,6 +230,12 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{file}: '{section}' must be a [section]")
+            if section == "datasets":
+                for name, entry in values.items():
+                    if not isinstance(entry, dict) or set(entry) != {"path"} or not isinstance(entry["path"], str):
+                        raise ConfigError(f"{file}: [datasets.{name}] must have exactly one key, path = \"...\"")
+                    settings.datasets[name] = entry["path"]
+                continue
             for key, value in values.items():
                 settings.set(section, key, value, origin=str(file))
         settings.source = str(file)

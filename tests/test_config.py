@@ -60,3 +60,10 @@ def test_repository_config_toml_is_valid_and_all_defaults():
 
     s = load_settings(Path(__file__).parents[1] / "config.toml", environ={})
     assert s.as_dict() == Settings().as_dict()
+
+
+def test_named_datasets(tmp_path):
+    path = write(tmp_path, '[datasets.mvtec]\npath = "/data/mvtec.tar.xz"\n[datasets.weld]\npath = "w"\n')
+    assert load_settings(path, environ={}).datasets == {"mvtec": "/data/mvtec.tar.xz", "weld": "w"}
+    with pytest.raises(ConfigError, match=r"\[datasets.bad\]"):
+        load_settings(write(tmp_path, "[datasets.bad]\nroot = 'x'\n"), environ={})

@@ -228,9 +228,14 @@ class BayesPFL(nn.Module):
         eps_isd: [N, R, E] standard-normal draws; state_inputs: per image [2, R, B, Q, E]
         Returns t: [N, M, E] L2-normalised, M = 2·B·R, index s·(B·R) + r·B + b.
         """
-        c = self.config
-        n, samples, e = eps_isd.shape
         z_isd = self.head.isd(g_isd.float(), eps_isd.to(self.device).float())["zk"]  # [N, R, E]
+        return self.encode_prompt_samples(z_isd, class_names, state_inputs)
+
+    def encode_prompt_samples(self, z_isd: torch.Tensor, class_names: Sequence[str],
+                              state_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Like ``encode_prompts``, from ISD samples z_isd: [N, R, E] (differentiable; training uses it)."""
+        c = self.config
+        n, samples, e = z_isd.shape
         context = self.head.context[None, None] + z_isd[:, :, None, None, :]  # [N, R, B, P, E]
         context = context[:, None].expand(n, 2, samples, c.bank_size, c.context_len, e)
         states = torch.stack(list(state_inputs))  # [N, 2, R, B, Q, E]
