@@ -230,6 +230,22 @@ def import_official(
     out.print(f"registered [bold]{name}[/] in {folder} (stage {head_module.config.stage})")
 
 
+@models_app.command("promote")
+@user_errors
+def models_promote(
+    name: str = typer.Argument(..., help="Model version to make active."),
+    class_name: Optional[str] = typer.Option(None, "--class-name", "-n", help="Only for this class (default: site)."),
+    who: Optional[str] = typer.Option(None, "--by", help="Who promotes (default: the OS user)."),
+    note: Optional[str] = typer.Option(None, help="Why, for the history."),
+) -> None:
+    """Make a version the active one (site-wide or for one class); the history is kept."""
+    from .registry import promote
+
+    entry = promote(settings().registry.path, name, class_name, who, note)
+    scope = f"class '{class_name}'" if class_name else "the site"
+    out.print(f"{entry['model']} is now active for {scope} (by {entry['by']} at {entry['at']})", highlight=False)
+
+
 @models_app.command("list")
 @user_errors
 def models_list(as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
@@ -406,6 +422,150 @@ def demo(
         _random_banner({"random_weights": True})
     out.print(f"{summary['stored']} new results in {s.database.url}. Next: `inspector status`, or watch a folder: "
               "inspector watch DIR --class-name NAME")
+
+
+def _dataset_path(s: Settings, name_or_path: str) -> str:
+    if name_or_path in s.datasets:
+        return s.datasets[name_or_path]
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    known = ", ".join(sorted(s.datasets)) or "none configured"
+    raise FileNotFoundError(f"'{name_or_path}' is neither a path nor a dataset named in config.toml "
+                            f"([datasets.NAME] path = ...; known: {known})")
+
+
+@app.command()
+@user_errors
+def retrain(
+    aux: str = typer.Option(..., "--aux", help="Auxiliary dataset: a name from [datasets.NAME] or a path/archive."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the new model version (default: retrain-<aux>-<date>)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default [train] epochs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default [train] batch_size)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same --name."),
+    backbone: Optional[str] = typer.Option(None, help="open_clip architecture of the frozen backbone."),
+    pretrained: Optional[str] = typer.Option(None, help="Backbone weights: tag, checkpoint file, or 'random'."),
+    head: Optional[str] = typer.Option(None, help="Start from this head instead of the official initialisation."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
+    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+) -> None:
+    """Train Bayes-PFL's learnable parts on an auxiliary dataset (its test split, as the paper does) and
+    register the result as a new model version."""
+    import datetime as dt
+    import subprocess
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .data import content_hash, dataset_summary, load_dataset
+    from .registry import load_model, register
+    from .train import TrainConfig, train
+
+    s = settings().override("model", backbone=backbone, pretrained=pretrained, head=head, device=device,
+                            allow_random_weights=allow_random_weights)
+    s.override("train", epochs=epochs, batch_size=batch_size)
+    if s.model.pretrained == "random" and not s.model.allow_random_weights:
+        raise ValueError("training on a random backbone gives a useless model; pass --allow-random-weights for a "
+                         "smoke run")
+    path = _dataset_path(s, aux)
+    records = [r for r in load_dataset(path, orphan_masks=orphan_masks) if r.split == "test"]
+    if not records:
+        raise ValueError(f"{path}: no test-split images to train on")
+    name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
+    s.model.name = ""
+    model = load_model(settings=s, use_active=False)  # a fresh head (or --head), never the promoted one
+    t = s.train
+    cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, val_fraction=t.val_fraction, patience=t.patience,
+                      val_samples=t.val_samples, mosaic=t.mosaic, augment=t.augment, seed=t.seed)
+    run_dir = Path(s.registry.path) / ".runs" / name
+    console.print(f"retrain {name}: {len(records)} images of {len({r.class_name for r in records})} classes "
+                  f"from {path}; checkpoints in {run_dir}", highlight=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[losses]}"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("epoch 1", total=1, losses="")
+
+        def on_step(_phase: str, step: int, steps: int, losses: dict[str, float]) -> None:
+            bar.update(task, total=steps, completed=step,
+                       losses=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+
+        state = train(model, records, cfg, run_dir, resume=resume, progress=on_step)
+    try:
+        code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        code = None
+    origin = {"kind": "retrain", "dataset": str(path), "dataset_sha256": content_hash(records),
+              "dataset_summary": dataset_summary(records), "hyperparameters": dataclasses_asdict(cfg),
+              "history": state.history, "final_stage": state.stage, "seed": cfg.seed, "code_version": code,
+              "random_backbone": model.backbone.spec.is_random}
+    folder = register(s.registry.path, name, model.head, model.backbone.spec, origin)
+    out.print(f"registered [bold]{name}[/] in {folder} after {state.epoch} epochs (stage {state.stage})")
+
+
+def dataclasses_asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    data: str = typer.Option(..., "--data", help="Dataset: a name from [datasets.NAME] or a path/archive."),
+    model: Optional[str] = MODEL_OPTION,
+    samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    score: str = typer.Option("official", help="Image score: 'official' (per-class min-max fusion, for "
+                              "comparison with papers) or 'live' (the per-image score inspector stores)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
+    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+) -> None:
+    """Image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO per class and mean on a labelled test split."""
+    from rich.progress import Progress
+
+    from .data import load_dataset
+    from .evaluation import evaluate_rows, score_dataset
+    from .pipeline import load_detector
+
+    s = settings().override("model", name=model, samples=samples, allow_random_weights=allow_random_weights)
+    path = _dataset_path(s, data)
+    records = [r for r in load_dataset(path, orphan_masks=orphan_masks) if r.split == "test"]
+    if not records:
+        raise ValueError(f"{path}: no test-split images")
+    detector = load_detector(s)
+    _random_banner(detector.provenance)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=len(records))
+        rows = score_dataset(detector, records, s.model.samples, s.model.batch_size,
+                             progress=lambda n: bar.advance(task, n))
+    report = evaluate_rows(rows, score)
+    report["model"] = detector.provenance
+    report["dataset"] = str(path)
+    report["image_score"] = score
+    names = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
+    table = Table("class", *[n.replace("_", " ") for n in names], title=f"{path} ({score} image score)")
+    fmt = (lambda v: f"{100 * v:.1f}" if isinstance(v, (int, float)) and v == v else "-")
+    for class_name, metrics in sorted(report["per_class"].items()):
+        table.add_row(class_name, *[fmt(metrics.get(n)) for n in names])
+    table.add_row("[bold]mean[/]", *[fmt(report["mean"].get(n)) for n in names])
+    out.print(table)
+    if json_file:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        out.print(f"metrics: {json_file}")
+
+
+@app.command("demo-data")
+@user_errors
+def demo_data(
+    out_dir: Path = typer.Argument(..., help="Folder to create (MVTec AD layout)."),
+    classes: int = typer.Option(3, "--classes", help="How many synthetic classes."),
+    seed: int = typer.Option(0, help="Random seed (the same seed gives the same files)."),
+) -> None:
+    """Generate synthetic textures and objects with defects and exact masks, in MVTec AD layout."""
+    from .data.synthetic import make_synthetic
+
+    root = make_synthetic(out_dir, classes=classes, seed=seed)
+    out.print(f"synthetic dataset with {classes} classes in {root}")
 
 
 def main() -> None:

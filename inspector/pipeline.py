@@ -28,8 +28,10 @@ class RandomWeightsRefused(ValueError):
 
 def check_weights_allowed(settings: Settings) -> None:
     """Production verbs refuse random backbones and untrained heads unless explicitly allowed."""
+    from .registry import active_version
+
     m = settings.model
-    if m.allow_random_weights or m.name:
+    if m.allow_random_weights or m.name or (not m.head and active_version(settings.registry.path)):
         return
     if m.pretrained == "random" or not m.head:
         raise RandomWeightsRefused(

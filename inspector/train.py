@@ -327,8 +327,11 @@ def validate(model: BayesPFL, records: Sequence[Any], samples: int, batch_size: 
 
 
 def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Path, resume: bool = False,
-          progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> TrainState:
-    """Train ``model.head`` in place; checkpoints in ``run_dir``. Returns the final state (best weights loaded)."""
+          progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+          should_stop: Callable[[TrainState], bool] | None = None) -> TrainState:
+    """Train ``model.head`` in place; checkpoints in ``run_dir``. Returns the final state (best weights loaded).
+
+    ``should_stop(state)`` is asked after each epoch's checkpoint (Ctrl-C handling; tests of ``resume``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = model.device
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
@@ -415,6 +418,9 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
                     state.finished = True
         state.epoch = epoch + 1
         _save_checkpoint(checkpoint, model, optimizer, optimizer2, schedule, best_head, state)
+        if should_stop is not None and should_stop(state):
+            log.info("stopping after epoch %d; `--resume` continues from %s", epoch, checkpoint)
+            return state
     model.head.load_state_dict(best_head)
     model.head.config = dataclasses.replace(model.head.config, stage=state.stage)
     model.head.eval()
