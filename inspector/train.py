@@ -383,12 +383,14 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
             masks = torch.stack([x[1] for x in examples]).to(device)
             labels = torch.tensor([x[2] for x in examples], device=device)
             names = [x[3] for x in examples]
-            if state.stage == 1:
-                losses = stage1_losses(model, pixels, masks, labels, names, gen, cfg)
-                opt = optimizer
-            else:
-                losses = stage2_losses(model, pixels, labels, names, gen)
-                opt = optimizer2
+            # mixed precision on CUDA (bf16: no loss scaling needed); fp32 on CPU
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                if state.stage == 1:
+                    losses = stage1_losses(model, pixels, masks, labels, names, gen, cfg)
+                    opt = optimizer
+                else:
+                    losses = stage2_losses(model, pixels, labels, names, gen)
+                    opt = optimizer2
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()

@@ -55,15 +55,9 @@ def _drop_to_postgres_prefix() -> list[str]:
     if shutil.which("runuser"):
         return ["runuser", "-u", "postgres", "--"]
     if shutil.which("setpriv"):
-        import grp
-        import pwd
-
-        pw = pwd.getpwnam("postgres")
-        groups = ",".join(str(g.gr_gid) for g in grp.getgrall() if "postgres" in g.gr_mem) or str(pw.pw_gid)
-        return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", f"--groups={groups}",
-                "--reset-env", "--"]
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
     if shutil.which("su"):
-        return ["su", "-s", "/bin/sh", "postgres", "-c", '"$0" "$@"', "--"]
+        return ["su", "-s", "/bin/sh", "-c", 'exec "$0" "$@"', "postgres", "--"]
     raise RuntimeError("running as root but none of runuser, setpriv or su is available to run PostgreSQL "
                        "as the 'postgres' user (install util-linux)")
 
@@ -92,6 +86,7 @@ class PgCluster:
         self.log = self.root / "server.log"
         self.port = free_port()
         self._closed = False
+        self._initialized = False
         atexit.register(self.close)
         try:
             self.sockets.mkdir(mode=0o755)
@@ -112,6 +107,7 @@ class PgCluster:
                     "full_page_writes = off\n"
                     "max_connections = 100\n"
                 )
+            self._initialized = True
         except BaseException:
             self.close()
             raise
@@ -156,13 +152,13 @@ class PgCluster:
 
     def stop(self) -> None:
         """Fast shutdown (clients are disconnected); data and port are kept for a later start()."""
-        if self.data.joinpath("postmaster.pid").exists():
+        if self._initialized and self.root.is_dir():
             self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"], check=False)
             if self.is_running():
                 self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"], check=False)
 
     def is_running(self) -> bool:
-        if not self.data.joinpath("PG_VERSION").exists():
+        if self._closed or not self._initialized:
             return False
         return self._run(["pg_ctl", "-D", str(self.data), "status"], check=False).returncode == 0
 

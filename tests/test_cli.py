@@ -154,3 +154,33 @@ def test_metrics_endpoint(tmp_path):
         daemon.terminate()
         assert daemon.wait(timeout=60) == 0
     assert "inspector_queue_depth 0.0" in body and "inspector_images_scored_total" in body
+
+
+def test_demo_data_retrain_eval_promote(tmp_path):
+    """The ML engineer's loop end to end on synthetic data, test-tiny backbone."""
+    env = {"INSPECTOR_MODEL__BACKBONE": "test-tiny", "INSPECTOR_MODEL__PRETRAINED": "random",
+           "INSPECTOR_MODEL__IMAGE_SIZE": "224", "INSPECTOR_MODEL__SAMPLES": "1", "INSPECTOR_MODEL__DEVICE": "cpu",
+           "INSPECTOR_TRAIN__VAL_SAMPLES": "1"}
+    made = run("demo-data", "synthetic", "--classes", "2", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "config.toml").write_text('[datasets.synth]\npath = "synthetic"\n')
+    trained = run("retrain", "--aux", "synth", "--epochs", "2", "--batch-size", "4", "--name", "synth-v1",
+                  "--allow-random-weights", cwd=tmp_path, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    manifest = json.loads((tmp_path / "models" / "synth-v1" / "manifest.json").read_text())
+    origin = manifest["origin"]
+    assert origin["kind"] == "retrain" and len(origin["history"]) == 2 and len(origin["dataset_sha256"]) == 64
+    assert origin["hyperparameters"]["epochs"] == 2 and origin["random_backbone"] is True
+    assert all("pixel_ap" in h for h in origin["history"])  # validated on a split of the auxiliary data
+    report_file = tmp_path / "eval.json"
+    evaluated = run("eval", "--data", "synthetic", "--model", "synth-v1", "--json", str(report_file),
+                    "--allow-random-weights", cwd=tmp_path, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    assert set(report["per_class"]) == {"synth_0", "synth_1"}
+    assert 0 <= report["mean"]["pixel_aupro"] <= 1 and 0 <= report["mean"]["image_auroc"] <= 1
+    promoted = run("models", "promote", "synth-v1", "--by", "qa-lead", cwd=tmp_path)
+    assert promoted.returncode == 0 and "qa-lead" in promoted.stdout
+    assert json.loads((tmp_path / "models" / "promotions.jsonl").read_text())["model"] == "synth-v1"
+    bad = run("retrain", "--aux", "nowhere", "--allow-random-weights", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "neither a path nor a dataset named" in bad.stderr
