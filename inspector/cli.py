@@ -516,6 +516,7 @@ def eval_(
     score: str = typer.Option("official", help="Image score: 'official' (per-class min-max fusion, for "
                               "comparison with papers) or 'live' (the per-image score inspector stores)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write image ROC and PR curves as PNG here."),
     orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
     allow_random_weights: Optional[bool] = RANDOM_OPTION,
 ) -> None:
@@ -548,6 +549,11 @@ def eval_(
         table.add_row(class_name, *[fmt(metrics.get(n)) for n in names])
     table.add_row("[bold]mean[/]", *[fmt(report["mean"].get(n)) for n in names])
     out.print(table)
+    if plots:
+        from .evaluation import write_plots
+
+        for written in write_plots(rows, plots, score):
+            out.print(f"plot: {written}")
     if json_file:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -49,3 +49,61 @@ def evaluate_rows(rows: list[dict[str, Any]], score: str = "official") -> dict[s
     records = [{"class_name": r["class_name"], "label": r["label"], "score": float(s), "map": r["map"],
                 "mask": r["mask"]} for r, s in zip(rows, fused)]
     return evaluate(records, smooth=True)
+
+
+def _plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, xlabel: str, ylabel: str,
+          path) -> None:
+    """A small line plot as PNG with Pillow (no plotting dependency): unit square axes, one line per curve."""
+    from PIL import Image, ImageDraw
+
+    size, pad = 420, 48
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = pad, size - pad, size - 12, 28
+    draw.rectangle([x0, y1, x1, y0], outline="black")
+    for t in (0.25, 0.5, 0.75):
+        gx, gy = x0 + t * (x1 - x0), y0 - t * (y0 - y1)
+        draw.line([gx, y0, gx, y1], fill=(225, 225, 225))
+        draw.line([x0, gy, x1, gy], fill=(225, 225, 225))
+    draw.text((x0, 8), title, fill="black")
+    draw.text(((x0 + x1) // 2 - 20, y0 + 18), xlabel, fill="black")
+    draw.text((4, (y0 + y1) // 2), ylabel, fill="black")
+    for k, tick in enumerate(("0", "0.5", "1")):
+        draw.text((x0 + k * (x1 - x0) / 2 - 6, y0 + 4), tick, fill="black")
+        draw.text((x0 - 24, y0 - k * (y0 - y1) / 2 - 6), tick, fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    for i, (label, xs, ys) in enumerate(curves):
+        colour = colours[i % len(colours)]
+        points = [(x0 + float(x) * (x1 - x0), y0 - float(y) * (y0 - y1)) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        draw.text((x1 - 150, y1 + 6 + 12 * i), label, fill=colour)
+    image.save(path)
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir, score: str = "official") -> list:
+    """Image-level ROC and precision-recall curves, one line per class, as PNG files in ``out_dir``."""
+    from pathlib import Path
+
+    from .metrics import _curve
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if score == "official":
+        scores = official_image_scores(torch.tensor([r["text"] for r in rows]), torch.tensor([r["topk"] for r in rows]),
+                                       [r["class_name"] for r in rows]).numpy()
+    else:
+        scores = np.array([r["live"] for r in rows])
+    roc, pr = [], []
+    for name in sorted({r["class_name"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["class_name"] == name]
+        labels = np.array([rows[i]["label"] for i in idx])
+        if not 0 < labels.sum() < labels.size:
+            continue
+        tps, fps = _curve(labels, scores[idx])
+        roc.append((name, np.r_[0, fps / fps[-1]], np.r_[0, tps / tps[-1]]))
+        pr.append((name, np.r_[0, tps / tps[-1]], np.r_[1, tps / (tps + fps)]))
+    paths = [out / "roc.png", out / "pr.png"]
+    _plot(roc, "image ROC", "false positive rate", "TPR", paths[0])
+    _plot(pr, "image precision-recall", "recall", "prec.", paths[1])
+    return paths

@@ -87,6 +87,7 @@ class PgCluster:
         self.port = free_port()
         self._closed = False
         self._initialized = False
+        self._watchdog_pipe = None
         atexit.register(self.close)
         try:
             self.sockets.mkdir(mode=0o755)
@@ -108,6 +109,7 @@ class PgCluster:
                     "max_connections = 100\n"
                 )
             self._initialized = True
+            self._start_watchdog()
         except BaseException:
             self.close()
             raise
@@ -154,13 +156,57 @@ class PgCluster:
         """Fast shutdown (clients are disconnected); data and port are kept for a later start()."""
         if self._initialized and self.root.is_dir():
             self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"], check=False)
-            if self.is_running():
+            if self._status():
                 self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"], check=False)
 
-    def is_running(self) -> bool:
-        if self._closed or not self._initialized:
+    def _status(self) -> bool:
+        if not self._initialized or not self.root.is_dir():
             return False
         return self._run(["pg_ctl", "-D", str(self.data), "status"], check=False).returncode == 0
+
+    def is_running(self) -> bool:
+        return not self._closed and self._status()
+
+    def _start_watchdog(self) -> None:
+        """A detached helper that stops the server and removes the folder if this process dies without
+        close() (SIGKILL, SIGTERM, os._exit: cases atexit does not cover). It waits on a pipe whose write end
+        only this process holds: EOF means we died; a byte means close() did the cleanup itself. It forks
+        away from us (reparented to init, own session, like the postmaster), so killing the test run's process
+        group or its process tree does not take the watchdog down with it."""
+        script = (
+            "import os, shutil, subprocess, sys\n"
+            "if os.fork():\n"
+            "    os._exit(0)\n"
+            "os.setsid()\n"
+            "if sys.stdin.buffer.read():\n"
+            "    sys.exit(0)\n"
+            "prefix, pg_ctl, data, root = sys.argv[1:-3], *sys.argv[-3:]\n"
+            "try:\n"
+            "    subprocess.run([*prefix, pg_ctl, '-D', data, '-m', 'immediate', '-w', 'stop'], cwd=root,\n"
+            "                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,\n"
+            "                   timeout=60)\n"
+            "finally:\n"
+            "    shutil.rmtree(root, ignore_errors=True)\n"
+        )
+        import sys
+
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", script, *self._prefix, str(self.bin / "pg_ctl"), str(self.data), str(self.root)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+            start_new_session=True,
+        )
+        launcher.wait(timeout=30)  # exits at once; its forked child keeps the pipe's read end
+        self._watchdog_pipe = launcher.stdin
+
+    def _dismiss_watchdog(self) -> None:
+        pipe, self._watchdog_pipe = self._watchdog_pipe, None
+        if pipe is None:
+            return
+        try:
+            pipe.write(b"x")
+            pipe.close()
+        except OSError:
+            pass
 
     # -- URLs and databases ------------------------------------------------------------------------------
 
@@ -194,6 +240,7 @@ class PgCluster:
             self.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            self._dismiss_watchdog()
             try:
                 atexit.unregister(self.close)
             except Exception:

@@ -174,11 +174,16 @@ def test_demo_data_retrain_eval_promote(tmp_path):
     assert all("pixel_ap" in h for h in origin["history"])  # validated on a split of the auxiliary data
     report_file = tmp_path / "eval.json"
     evaluated = run("eval", "--data", "synthetic", "--model", "synth-v1", "--json", str(report_file),
-                    "--allow-random-weights", cwd=tmp_path, env=env)
+                    "--plots", "plots", "--allow-random-weights", cwd=tmp_path, env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads(report_file.read_text())
     assert set(report["per_class"]) == {"synth_0", "synth_1"}
     assert 0 <= report["mean"]["pixel_aupro"] <= 1 and 0 <= report["mean"]["image_auroc"] <= 1
+    from PIL import Image
+
+    for name in ("roc.png", "pr.png"):
+        with Image.open(tmp_path / "plots" / name) as plot:
+            assert plot.size == (420, 420) and len(plot.getcolors(10000)) > 3
     promoted = run("models", "promote", "synth-v1", "--by", "qa-lead", cwd=tmp_path)
     assert promoted.returncode == 0 and "qa-lead" in promoted.stdout
     assert json.loads((tmp_path / "models" / "promotions.jsonl").read_text())["model"] == "synth-v1"

@@ -1,87 +1,163 @@
-"""Datasets: one record type for every layout, safe archives, and synthetic data for tests and demos."""
+"""Datasets: every supported layout read into one ``Record`` type, archives extracted safely, and summaries.
+
+``load_dataset`` takes a folder, a ``meta.json`` file or an archive and detects the layout:
+
+* ``meta.json`` (or a single Bayes-PFL ``meta_<name>.json``) in the root: the APRIL-GAN/AnomalyCLIP/
+  AdaCLIP/Bayes-PFL index (:mod:`.meta`);
+* ``split_csv/1cls.csv``: VisA (:mod:`.visa`);
+* class folders with ``train/`` or ``test/``: MVTec AD (:mod:`.mvtec`).
+
+A folder that holds nothing but one sub-folder (archives often wrap their content that way) is descended
+into until a layout is recognised.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .archives import extract, is_archive
-from .readers import DatasetError, Record, read_meta, read_mvtec, read_visa
+from .archives import ARCHIVE_SUFFIXES, default_cache_dir, extract_archive, is_archive
+from .meta import find_meta_index, read_meta
+from .mvtec import is_mvtec_root, read_mvtec
+from .records import SPLITS, DatasetError, Record, check_orphan_policy, is_hidden, require_dir, sort_records
+from .visa import is_visa_root, read_visa
 
-__all__ = ["DatasetError", "Record", "content_hash", "dataset_summary", "detect_root", "load_dataset"]
+__all__ = [
+    "ARCHIVE_SUFFIXES", "DatasetError", "Record", "content_hash", "dataset_summary", "default_cache_dir",
+    "detect_layout", "extract_archive", "find_root", "load_dataset", "read_meta", "read_mvtec", "read_visa",
+]
 
-
-def detect_root(path: Path) -> Path:
-    """Descend through folders that hold exactly one folder and nothing else (archives often wrap one)."""
-    while True:
-        entries = [p for p in path.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-        if len(entries) == 1 and entries[0].is_dir() and not _layout(path):
-            path = entries[0]
-        else:
-            return path
-
-
-def _layout(root: Path) -> str | None:
-    if (root / "meta.json").is_file() or list(root.glob("meta_*.json")):
-        return "meta"
-    if (root / "split_csv" / "1cls.csv").is_file():
-        return "visa"
-    if any(d.is_dir() and ((d / "train").is_dir() or (d / "test").is_dir()) for d in root.iterdir()):
-        return "mvtec"
-    return None
+SUPPORTED_LAYOUTS = ("meta.json index of APRIL-GAN/AnomalyCLIP/AdaCLIP/Bayes-PFL; "
+                     "VisA (split_csv/1cls.csv); "
+                     "MVTec AD (<class>/train/good, <class>/test/<defect>, <class>/ground_truth/<defect>)")
 
 
-def load_dataset(path: str | Path, splits: Sequence[str] = ("train", "test"), require_masks: bool = True,
+def load_dataset(path: str | Path, splits: Sequence[str] = SPLITS, require_masks: bool = True,
                  orphan_masks: str = "error", cache_dir: str | Path | None = None) -> list[Record]:
-    """Records of a dataset folder or archive, its layout detected: meta.json, VisA or MVTec AD."""
-    if orphan_masks not in ("error", "ignore"):
-        raise DatasetError(f"orphan_masks must be 'error' or 'ignore', not '{orphan_masks}'")
+    """The records of the ``splits`` of a dataset folder, ``meta.json`` file or archive, sorted.
+
+    ``require_masks=False`` accepts anomalous images without pixel labels (``mask=None``).
+    ``orphan_masks`` ("error" or "ignore") decides what a mask file without an image does (MVTec layout;
+    the index-based layouts only read the masks they list). Archives are extracted into ``cache_dir``
+    (default ``~/.cache/inspector/datasets``) once and reused.
+    """
+    check_orphan_policy(orphan_masks)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise DatasetError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected {', '.join(SPLITS)}")
     path = Path(path).expanduser()
+    records = read_any(path, require_masks, orphan_masks, cache_dir)
+    selected = [r for r in records if r.split in splits]
+    if not selected:
+        raise DatasetError(f"{path}: no images in split(s) {', '.join(splits)}")
+    return selected
+
+
+def read_any(path: Path, require_masks: bool, orphan_masks: str, cache_dir: str | Path | None) -> list[Record]:
+    """All records of a folder, index file or archive."""
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
-    if path.is_file() and path.suffix == ".json":
-        records = read_meta(path, require_masks)
-    else:
-        if is_archive(path):
-            path = extract(path, Path(cache_dir) if cache_dir else None)
-        elif not path.is_dir():
-            raise DatasetError(f"{path}: not a folder, a meta.json or a .zip/.tar(.gz|.xz) archive")
-        root = detect_root(path)
-        layout = _layout(root)
-        if layout == "meta":
-            index = root / "meta.json" if (root / "meta.json").is_file() else sorted(root.glob("meta_*.json"))[0]
-            records = read_meta(index, require_masks)
-        elif layout == "visa":
-            records = read_visa(root, require_masks)
-        elif layout == "mvtec":
-            records = read_mvtec(root, require_masks, orphan_masks)
-        else:
-            raise DatasetError(f"{root}: unknown layout; supported: MVTec AD folders (<class>/train, <class>/test, "
-                               "<class>/ground_truth), VisA (split_csv/1cls.csv), meta.json")
-    records = [r for r in records if r.split in splits]
-    if not records:
-        raise DatasetError(f"{path}: no images in split(s) {', '.join(splits)}")
-    return records
+    if path.is_file() and path.suffix.lower() == ".json":
+        return read_meta(path, require_masks)
+    if path.is_file():
+        if not is_archive(path):
+            raise DatasetError(f"{path}: expected a folder, a meta.json or an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        path = extract_archive(path, Path(cache_dir) if cache_dir else None)
+    root = find_root(path)
+    layout = detect_layout(root)
+    if layout == "meta":
+        return read_meta(root, require_masks)
+    if layout == "visa":
+        return read_visa(root, require_masks)
+    return read_mvtec(root, require_masks, orphan_masks)
 
 
-def dataset_summary(records: Sequence[Record]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for r in records:
-        c = out.setdefault(r.class_name, {})
+def detect_layout(root: Path) -> str:
+    """'meta', 'visa' or 'mvtec' for a dataset root, or a DatasetError listing the supported layouts."""
+    root = require_dir(Path(root), "dataset folder")
+    if find_meta_index(root) is not None:
+        return "meta"
+    if is_visa_root(root):
+        return "visa"
+    if is_mvtec_root(root):
+        return "mvtec"
+    raise DatasetError(f"{root}: unknown layout. Supported: {SUPPORTED_LAYOUTS}")
+
+
+def find_root(folder: Path) -> Path:
+    """``folder``, or the folder it wraps: descend while there is no layout, exactly one sub-folder and no files."""
+    folder = require_dir(Path(folder), "dataset folder")
+    while not has_layout(folder):
+        entries = [p for p in folder.iterdir() if not is_hidden(p)]
+        if len(entries) != 1 or not entries[0].is_dir():
+            break
+        folder = entries[0]
+    return folder
+
+
+def has_layout(folder: Path) -> bool:
+    """Whether ``folder`` is the root of a recognised layout."""
+    try:
+        detect_layout(folder)
+    except DatasetError:
+        return False
+    return True
+
+
+def dataset_summary(records: Sequence[Record]) -> dict[str, dict[str, int]]:
+    """Counts per class for a manifest or a report: ``{class: {"<split>/<normal|anomalous>": n, "masks": m}}``.
+
+    Only the split/label pairs that occur are listed; classes and keys come in a stable order.
+    """
+    summary: dict[str, dict[str, int]] = {}
+    masks: dict[str, int] = {}
+    for r in sort_records(records):
+        counts = summary.setdefault(r.class_name, {})
         key = f"{r.split}/{'anomalous' if r.label else 'normal'}"
-        c[key] = c.get(key, 0) + 1
-        if r.mask is not None:
-            c["masks"] = c.get("masks", 0) + 1
-    return out
+        counts[key] = counts.get(key, 0) + 1
+        masks[r.class_name] = masks.get(r.class_name, 0) + (r.mask is not None)
+    for name, counts in summary.items():
+        counts["masks"] = masks[name]
+    return summary
 
 
 def content_hash(records: Sequence[Record]) -> str:
-    """sha256 over (class, split, label, file names and bytes of images and masks), in a stable order."""
+    """A sha256 (hex) of the records' labels, relative file paths and file bytes, in a stable order.
+
+    Paths are taken relative to the deepest folder all files share, so the same data extracted to a
+    different place gives the same hash, while renaming, relabelling or editing any file changes it.
+    """
+    files = [f for r in records for f in (r.image, r.mask) if f is not None]
+    if not files:
+        return hashlib.sha256().hexdigest()
+    base = os.path.commonpath([os.path.abspath(f.parent) for f in files])
+    rows = sorted(((rel(r.image, base), rel(r.mask, base), r) for r in records), key=lambda t: (t[0], t[2].split, t[1]))
     digest = hashlib.sha256()
-    for r in sorted(records, key=lambda r: (r.class_name, r.split, str(r.image))):
-        digest.update(f"{r.class_name}|{r.split}|{r.label}|{r.image.name}|{r.mask.name if r.mask else ''}".encode())
+    for image, mask, r in rows:
+        add_field(digest, "\t".join((image, mask, r.class_name, r.split, str(r.label), r.defect)).encode())
         for file in (r.image, r.mask):
             if file is not None:
-                digest.update(file.read_bytes())
+                add_file(digest, file)
     return digest.hexdigest()
+
+
+def rel(path: Path | None, base: str) -> str:
+    """``path`` relative to ``base`` in POSIX form; ``""`` for ``None``."""
+    return Path(os.path.relpath(os.path.abspath(path), base)).as_posix() if path is not None else ""
+
+
+def add_field(digest: Any, data: bytes) -> None:
+    """Feed ``data`` with its length first, so that consecutive fields cannot run into each other."""
+    digest.update(len(data).to_bytes(8, "big"))
+    digest.update(data)
+
+
+def add_file(digest: Any, path: Path) -> None:
+    """Feed a file's size and bytes."""
+    digest.update(path.stat().st_size.to_bytes(8, "big"))
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
