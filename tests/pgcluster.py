@@ -22,6 +22,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _MISSING = ("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in /usr/lib/postgresql/*/bin "
             "or on PATH. Install Debian's 'postgresql' package (`.ci/run` does this: apt-get install "
@@ -119,7 +123,7 @@ class PgCluster:
     def _run(self, argv: list[str], check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         cmd = [*self._prefix, str(self.bin / argv[0]), *argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.root, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
                                f"{self._log_tail()}")
@@ -241,12 +245,9 @@ class PgCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
             self._dismiss_watchdog()
-            try:
-                atexit.unregister(self.close)
-            except Exception:
-                pass
+            atexit.unregister(self.close)
 
-    def __enter__(self) -> "PgCluster":
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -50,9 +50,8 @@ def test_stop_then_start_keeps_port_and_data():
 
             pg.stop()
             assert not pg.is_running()
-            with pytest.raises(OperationalError):
-                with engine.connect() as conn:
-                    conn.execute(text("select 1"))
+            with pytest.raises(OperationalError), engine.connect() as conn:
+                conn.execute(text("select 1"))
 
             pg.start()
             assert pg.is_running()
