@@ -1,0 +1,125 @@
+"""Review and threshold queries on SQLite and a real Postgres."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from inspector.store import make_engine, results, upgrade
+from inspector.store.maps import encode_map
+from inspector.store.queue import Outcome, claim, complete, ensure_model_version, ensure_source, register_file
+from inspector.store.review import (ReviewError, export_csv, image_path_allowed, overview, record_review,
+                                    review_history, review_queue, reviewed_scores, rollback_threshold,
+                                    save_threshold, threshold_effect, threshold_for_recall, threshold_history)
+
+from .test_store import db_url  # noqa: F401  (the SQLite / Postgres parametrised fixture)
+
+SCORES = {"screw": [0.1, 0.35, 0.48, 0.52, 0.9], "nut": [0.2, 0.7]}
+
+
+@pytest.fixture
+def filled(db_url, tmp_path):  # noqa: F811
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    mv = ensure_model_version(engine, "m", "bayes-pfl", {}, False)
+    for cls, scores in SCORES.items():
+        folder = tmp_path / cls
+        folder.mkdir()
+        source = ensure_source(engine, str(folder), cls)
+        for i, score in enumerate(scores):
+            path = folder / f"{i}.png"
+            path.write_bytes(b"%d" % i)
+            register_file(engine, source, cls, str(path), f"{cls}{i}".ljust(64, "0"), 1, 1)
+    batch = claim(engine, "w", 100, 60)
+    by_id = {c.id: c for c in batch}
+    outcomes = []
+    for image_id, c in by_id.items():
+        cls, index = c.path.split("/")[-2], int(c.path.split("/")[-1][0])
+        score = SCORES[cls][index]
+        data, w, h = encode_map(torch.full((32, 32), score))
+        outcomes.append(Outcome(image_id, result={"image_score": score, "text_score": score, "topk_score": score,
+                                                  "anomaly_map": data, "map_width": w, "map_height": h}))
+    complete(engine, "w", mv, outcomes)
+    yield engine, tmp_path
+    engine.dispose()
+
+
+def test_queue_order_filters_and_decisions(filled):
+    engine, _ = filled
+    rows = review_queue(engine, class_name="screw")
+    assert [r["image_score"] for r in rows] == [0.9, 0.52, 0.48, 0.35, 0.1]
+    assert all(r["decision"] is None for r in rows)  # no threshold yet
+    save_threshold(engine, "screw", 0.5, "ana", "first cut")
+    rows = review_queue(engine, class_name="screw", order="closeness")
+    assert [r["image_score"] for r in rows][:2] in ([0.48, 0.52], [0.52, 0.48])
+    flagged = review_queue(engine, class_name="screw", decision="defect")
+    assert sorted(r["image_score"] for r in flagged) == [0.52, 0.9]
+    assert len(review_queue(engine, score_min=0.3, score_max=0.6)) == 3
+    page = review_queue(engine, limit=2, offset=2)
+    assert [r["image_score"] for r in page] == [0.52, 0.48]
+    # a new threshold version changes decisions at read time, results untouched
+    with engine.connect() as conn:
+        before = conn.execute(select(func.count()).select_from(results)).scalar_one()
+    save_threshold(engine, "screw", 0.4, "ana")
+    assert sorted(r["image_score"] for r in review_queue(engine, class_name="screw", decision="defect")) == [
+        0.48, 0.52, 0.9]
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(results)).scalar_one() == before
+
+
+def test_reviews_are_appended_and_need_a_name(filled):
+    engine, _ = filled
+    top = review_queue(engine, class_name="screw")[0]
+    with pytest.raises(ReviewError, match="reviewer name is required"):
+        record_review(engine, top["id"], "defect", "  ")
+    with pytest.raises(ReviewError, match="verdict"):
+        record_review(engine, top["id"], "maybe", "ana")
+    record_review(engine, top["id"], "normal", "ana", "glare")
+    record_review(engine, top["id"], "defect", "ben", "scratch visible when zoomed")
+    history = review_history(engine, top["id"])
+    assert [(h["verdict"], h["reviewer"]) for h in history] == [("normal", "ana"), ("defect", "ben")]
+    assert review_queue(engine, class_name="screw", reviewed=True)[0]["verdict"] == "defect"
+    assert len(review_queue(engine, class_name="screw", reviewed=False)) == 4
+
+
+def test_threshold_versions_rollback_and_effects(filled):
+    engine, _ = filled
+    assert save_threshold(engine, "screw", 0.5, "ana") == 1
+    assert save_threshold(engine, "screw", 0.3, "ben", "more recall") == 2
+    assert rollback_threshold(engine, "screw", 1, "ana") == 3
+    history = threshold_history(engine, "screw")
+    assert [(h["version"], h["value"], h["created_by"]) for h in history] == [
+        (3, 0.5, "ana"), (2, 0.3, "ben"), (1, 0.5, "ana")]
+    assert history[0]["note"] == "rollback to v1"
+    with pytest.raises(ReviewError):
+        save_threshold(engine, "screw", 1.5, "ana")
+    rows = review_queue(engine, class_name="screw")
+    for r, verdict in zip(rows, ["defect", "defect", "normal", "normal", "normal"]):
+        record_review(engine, r["id"], verdict, "ana")
+    scores, labels = reviewed_scores(engine, "screw")
+    effect = threshold_effect(scores, labels, scores, 0.5)
+    assert effect["precision"] == 1.0 and effect["recall"] == 1.0 and effect["flagged_share"] == 0.4
+    assert threshold_effect(scores, labels, scores, 0.3)["fpr"] == pytest.approx(2 / 3)
+    assert threshold_for_recall(scores, labels, 0.5) == 0.9
+    assert threshold_for_recall(scores, labels, 1.0) == 0.52
+
+
+def test_overview_export_and_allowed_paths(filled):
+    engine, tmp_path = filled
+    save_threshold(engine, "screw", 0.5, "ana")
+    record_review(engine, review_queue(engine)[0]["id"], "defect", "ana", 'said "ok", then no')
+    info = overview(engine)
+    assert info["scored"] == 7 and info["queue_depth"] == 0 and info["active_model"] == "m"
+    assert sum(r["images"] for r in info["per_hour"]) == 7
+    assert sum(r["flagged"] or 0 for r in info["per_hour"] if r["class_name"] == "screw") == 2
+    rows = list(csv.DictReader(io.StringIO(export_csv(engine))))
+    assert len(rows) == 7 and {r["decision"] for r in rows if r["class_name"] == "screw"} == {"defect", "normal"}
+    assert any(r["review_reason"] == 'said "ok", then no' for r in rows)
+    assert image_path_allowed(engine, str(tmp_path / "screw" / "0.png"))
+    assert not image_path_allowed(engine, "/etc/passwd")
+    assert not image_path_allowed(engine, str(tmp_path / "screw" / ".." / ".." / "elsewhere.png"))
