@@ -574,6 +574,31 @@ def demo_data(
     out.print(f"synthetic dataset with {classes} classes in {root}")
 
 
+@app.command()
+@user_errors
+def dashboard(
+    port: Optional[int] = typer.Option(None, help="Port (default [dashboard] port, 8501)."),
+    address: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 to serve the network)."),
+    database: Optional[str] = DATABASE_OPTION,
+) -> None:
+    """Start the review and threshold dashboard (Streamlit) on the configured database."""
+    import os
+    import sys
+
+    s = settings().override("dashboard", port=port).override("database", url=database)
+    app_path = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+    if not app_path.is_file():
+        raise FileNotFoundError(f"dashboard app not found at {app_path}")
+    env = dict(os.environ, INSPECTOR_DATABASE__URL=s.database.url)
+    if state.config:
+        env["INSPECTOR_CONFIG"] = str(state.config.resolve())
+    console.print(f"dashboard on http://{address}:{s.dashboard.port} ({s.database.url})", highlight=False)
+    argv = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.fileWatcherType", "none",
+            "--server.port", str(s.dashboard.port), "--server.address", address, "--server.headless", "true",
+            "--browser.gatherUsageStats", "false"]
+    os.execvpe(sys.executable, argv, env)
+
+
 def main() -> None:
     app()
 

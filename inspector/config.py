@@ -120,6 +120,16 @@ class TrainSettings:
 
 
 @dataclass
+class DashboardSettings:
+    #: Port of `inspector dashboard`.
+    port: int = 8501
+    #: Optional shared password for the page. Set it with INSPECTOR_DASHBOARD__PASSWORD, never in the repo.
+    password: str = ""
+    #: Images per page of the review queue.
+    page_size: int = 50
+
+
+@dataclass
 class RegistrySettings:
     #: Folder that holds model versions (one sub-folder each, with ``manifest.json``).
     path: str = "models"
@@ -141,6 +151,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     #: Named datasets: ``[datasets.mvtec] path = "/data/mvtec_anomaly_detection.tar.xz"`` -> {"mvtec": path}.

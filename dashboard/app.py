@@ -1,0 +1,271 @@
+"""inspector's review and threshold dashboard (Streamlit). Start it with `inspector dashboard`.
+
+Every read and write goes through ``inspector.store``: this file holds no data of its own. Pages:
+Review (queue, heatmap overlay, accept / reject / skip with keys a / d / s (r is Streamlit's own rerun key)), Thresholds (per-class
+histogram, ROC and PR from reviewed images, live effect of a slider, versioned save and rollback) and
+Overview (throughput, flagged rate, queue, errors, CSV export).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import os
+
+import numpy as np
+import streamlit as st
+from PIL import Image, ImageFilter
+
+from inspector.config import load_settings
+from inspector.store import decode_map, open_store
+from inspector.store import review as rv
+
+st.set_page_config(page_title="inspector", layout="wide")
+
+
+@st.cache_resource
+def _engine(url: str):
+    return open_store(url, auto_upgrade=True)
+
+
+settings = load_settings()
+engine = _engine(settings.database.url)
+
+
+def gate() -> bool:
+    """The optional shared password (config or INSPECTOR_DASHBOARD__PASSWORD)."""
+    password = settings.dashboard.password
+    if not password or st.session_state.get("authenticated"):
+        return True
+    entered = st.text_input("Password", type="password", key="password")
+    if entered and hmac.compare_digest(entered, password):
+        st.session_state["authenticated"] = True
+        st.rerun()
+    if entered:
+        st.error("Wrong password.")
+    return False
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] uint8, a blue-green-yellow-red ramp."""
+    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 200, 100], [255, 220, 0], [220, 20, 20]], dtype=np.float64)
+    x = np.clip(values, 0, 1) * (len(stops) - 1)
+    low = np.floor(x).astype(int).clip(0, len(stops) - 2)
+    frac = (x - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def overlay(path: str, map_png: bytes, opacity: float, threshold: float | None, width: int = 560) -> Image.Image:
+    """The image with its anomaly map as a heatmap and, at the current threshold, the mask's contour."""
+    from inspector.imaging import open_image
+
+    image = open_image(path)
+    height = max(1, round(image.height * width / image.width))
+    image = image.resize((width, height), Image.BILINEAR)
+    values = np.asarray(Image.fromarray((decode_map(map_png) * 255).astype(np.uint8)).resize(
+        (width, height), Image.BILINEAR), dtype=np.float64) / 255.0
+    blended = Image.blend(image, Image.fromarray(heat(values)), opacity)
+    if threshold is not None:
+        mask = Image.fromarray(((values >= threshold) * 255).astype(np.uint8))
+        edge = np.asarray(mask.filter(ImageFilter.MaxFilter(3)), dtype=np.int16) - np.asarray(
+            mask.filter(ImageFilter.MinFilter(3)), dtype=np.int16)
+        array = np.array(blended)
+        array[edge > 0] = (255, 255, 255)
+        blended = Image.fromarray(array)
+    return blended
+
+
+# -------------------------------------------------------------------------------------------------
+# pages
+
+
+def review_page(reviewer: str) -> None:
+    st.header("Review")
+    classes = rv.classes(engine)
+    sources = {f"{s['path']} ({s['class_name']})": s["id"] for s in rv.source_list(engine)}
+    c1, c2, c3, c4 = st.columns(4)
+    class_name = c1.selectbox("Class", ["all", *classes], key="f_class")
+    decision = c2.selectbox("Decision", ["all", "defect", "normal"], key="f_decision")
+    state = c3.selectbox("Review state", ["unreviewed", "reviewed", "all"], key="f_reviewed")
+    order = c4.radio("Order", ["score", "closeness"], horizontal=True, key="f_order",
+                     help="score: highest first; closeness: nearest to the class threshold first (the unsure ones)")
+    c5, c6, c7 = st.columns(3)
+    source = c5.selectbox("Source", ["all", *sources], key="f_source")
+    low, high = c6.slider("Score range", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_scores")
+    days = c7.number_input("Last days (0 = all)", 0, 3650, 0, key="f_days")
+    rows = rv.review_queue(
+        engine, class_name=None if class_name == "all" else class_name,
+        source_id=None if source == "all" else sources[source],
+        since=(rv.utcnow() - dt.timedelta(days=int(days))) if days else None,
+        score_min=low, score_max=high, decision=None if decision == "all" else decision,
+        reviewed={"unreviewed": False, "reviewed": True, "all": None}[state], order=order,
+        limit=settings.dashboard.page_size, offset=st.session_state.get("offset", 0))
+    if not rows:
+        st.info("Nothing to review with these filters.")
+        if st.session_state.get("offset"):
+            if st.button("Back to the first page"):
+                st.session_state["offset"] = 0
+                st.rerun()
+        return
+    position = min(st.session_state.get("position", 0), len(rows) - 1)
+    row = rows[position]
+    st.caption(f"{position + 1} of {len(rows)} on this page · image #{row['id']}")
+    left, right = st.columns([3, 2])
+    with left:
+        opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
+        if not rv.image_path_allowed(engine, row["path"]):
+            st.error("This image lies outside the watched folders and is not shown.")
+        elif not os.path.isfile(row["path"]):
+            st.warning(f"The file is gone: {row['path']}")
+        else:
+            st.image(overlay(row["path"], rv.anomaly_map(engine, row["id"]), opacity, row["threshold"]),
+                     caption=os.path.basename(row["path"]))
+    with right:
+        st.metric("Image score", f"{row['image_score']:.4f}")
+        threshold = row["threshold"]
+        st.write(f"Class **{row['class_name']}** · threshold "
+                 + (f"{threshold:.3f} (v{row['threshold_version']}) → **{row['decision']}**" if threshold is not None
+                    else "not set"))
+        reason = st.text_input("Reason (optional)", key=f"reason_{row['id']}")
+        b1, b2, b3 = st.columns(3)
+        verdict = None
+        if b1.button("Accept as normal (a)", shortcut="a", key="accept", disabled=not reviewer, type="secondary"):
+            verdict = "normal"
+        if b2.button("Reject as defect (d)", shortcut="d", key="reject", disabled=not reviewer, type="primary"):
+            verdict = "defect"
+        if b3.button("Skip (s)", shortcut="s", key="skip", disabled=not reviewer):
+            verdict = "skip"
+        if not reviewer:
+            st.warning("Enter your name in the sidebar to review.")
+        if verdict:
+            rv.record_review(engine, row["id"], verdict, reviewer, reason)
+            st.session_state["last_review"] = f"#{row['id']}: {verdict} by {reviewer}"
+            if state == "all" or state == "reviewed":
+                st.session_state["position"] = position + 1  # the list does not shrink: move on
+            st.rerun()
+        if st.session_state.get("last_review"):
+            st.success(f"Saved {st.session_state['last_review']}")
+        history = rv.review_history(engine, row["id"])
+        if history:
+            st.write("History")
+            st.dataframe([{k: h[k] for k in ("created_at", "reviewer", "verdict", "reason")} for h in history],
+                         hide_index=True)
+    p1, p2 = st.columns(2)
+    if p1.button("Previous page", disabled=not st.session_state.get("offset")):
+        st.session_state["offset"] = max(0, st.session_state.get("offset", 0) - settings.dashboard.page_size)
+        st.rerun()
+    if p2.button("Next page", disabled=len(rows) < settings.dashboard.page_size):
+        st.session_state["offset"] = st.session_state.get("offset", 0) + settings.dashboard.page_size
+        st.rerun()
+
+
+def _curves(scores: np.ndarray, labels: np.ndarray):
+    from inspector.metrics import _curve
+
+    tps, fps = _curve(labels, scores)
+    roc = {"false positive rate": np.r_[0, fps / max(fps[-1], 1)], "true positive rate": np.r_[0, tps / max(tps[-1], 1)]}
+    pr = {"recall": tps / max(tps[-1], 1), "precision": tps / np.maximum(tps + fps, 1)}
+    return roc, pr
+
+
+def thresholds_page(reviewer: str) -> None:
+    st.header("Thresholds")
+    classes = rv.classes(engine)
+    if not classes:
+        st.info("No scored images yet.")
+        return
+    class_name = st.selectbox("Class", classes, key="t_class")
+    current = rv.current_threshold(engine, class_name)
+    scores, labels = rv.reviewed_scores(engine, class_name)
+    every = rv.class_scores(engine, class_name)
+    st.write(f"{every.size} scored images, {scores.size} reviewed ({int(labels.sum())} defects). Current threshold: "
+             + (f"**{current['value']:.3f}** (v{current['version']} by {current['created_by']})" if current
+                else "**not set**"))
+    if "t_value" not in st.session_state or st.session_state.get("t_for") != class_name:
+        st.session_state["t_value"] = float(current["value"]) if current else 0.5
+        st.session_state["t_for"] = class_name
+    target = st.number_input("Reach recall", 0.0, 1.0, 0.95, 0.01, key="t_recall")
+    if st.button("Set the threshold for this recall", key="t_reach"):
+        found = rv.threshold_for_recall(scores, labels, target)
+        if found is None:
+            st.warning("No reviewed defects yet.")
+        else:
+            st.session_state["t_value"] = round(found, 4)
+    value = st.slider("Threshold", 0.0, 1.0, step=0.001, key="t_value", format="%.3f")
+    effect = rv.threshold_effect(scores, labels, every, value)
+    m1, m2, m3, m4 = st.columns(4)
+    pct = (lambda v: "–" if v is None else f"{100 * v:.1f}%")
+    m1.metric("Precision", pct(effect["precision"]))
+    m2.metric("Recall", pct(effect["recall"]))
+    m3.metric("False-positive rate", pct(effect["fpr"]))
+    m4.metric("Flagged share", pct(effect["flagged_share"]))
+    if scores.size:
+        bins = np.linspace(0, 1, 21)
+        hist = {"score": [f"{b:.2f}" for b in bins[:-1]],
+                "normal": np.histogram(scores[labels == 0], bins)[0], "defect": np.histogram(scores[labels == 1], bins)[0]}
+        st.bar_chart(hist, x="score", y=["normal", "defect"], color=["#4c78a8", "#e45756"])
+        if 0 < labels.sum() < labels.size:
+            roc, pr = _curves(scores, labels)
+            c1, c2 = st.columns(2)
+            c1.caption("ROC (reviewed images)")
+            c1.line_chart(roc, x="false positive rate", y="true positive rate")
+            c2.caption("Precision-recall (reviewed images)")
+            c2.line_chart(pr, x="recall", y="precision")
+    note = st.text_input("Note for this version", key="t_note")
+    if st.button("Save threshold", key="t_save", disabled=not reviewer, type="primary"):
+        version = rv.save_threshold(engine, class_name, value, reviewer, note)
+        st.success(f"Saved {class_name} threshold {value:.3f} as v{version}; every decision now uses it.")
+    if not reviewer:
+        st.warning("Enter your name in the sidebar to change thresholds.")
+    history = rv.threshold_history(engine, class_name)
+    if history:
+        st.subheader("History")
+        st.dataframe(history, hide_index=True)
+        version = st.selectbox("Roll back to", [h["version"] for h in history], key="t_rollback_version")
+        if st.button("Roll back", key="t_rollback", disabled=not reviewer):
+            new = rv.rollback_threshold(engine, class_name, int(version), reviewer)
+            st.success(f"v{new} restores the value of v{version}.")
+            st.rerun()
+
+
+def overview_page() -> None:
+    st.header("Overview")
+    info = rv.overview(engine)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Queue depth", info["queue_depth"])
+    c2.metric("Scored", info["scored"])
+    c3.metric("Active model", info["active_model"] or "–")
+    if info["random_weights"]:
+        st.error("The active model has RANDOM or untrained weights: its scores mean nothing.")
+    if info["per_hour"]:
+        rows = info["per_hour"]
+        st.caption("Images per hour (last 24 h)")
+        st.bar_chart({"hour": [r["hour"] for r in rows], "images": [r["images"] for r in rows],
+                      "class": [r["class_name"] for r in rows]}, x="hour", y="images", color="class")
+        st.caption("Flagged share per class and hour, at the current thresholds")
+        st.dataframe([{"hour": r["hour"], "class": r["class_name"], "images": r["images"],
+                       "flagged": r["flagged"], "rate": (r["flagged"] or 0) / r["images"]} for r in rows],
+                     hide_index=True)
+    if info["errors"]:
+        st.subheader("Errors")
+        st.dataframe(info["errors"], hide_index=True)
+    st.download_button("Export decisions and reviews (CSV)", rv.export_csv(engine), "inspector-export.csv",
+                       "text/csv", key="export")
+
+
+def main() -> None:
+    st.sidebar.title("inspector")
+    if not gate():
+        return
+    reviewer = st.sidebar.text_input("Your name (required to review)", key="reviewer").strip()
+    page = st.sidebar.radio("Page", ["Review", "Thresholds", "Overview"], key="page")
+    st.sidebar.caption(f"Database: {engine.url.render_as_string(hide_password=True)}")
+    if page == "Review":
+        review_page(reviewer)
+    elif page == "Thresholds":
+        thresholds_page(reviewer)
+    else:
+        overview_page()
+
+
+main()
