@@ -577,7 +577,7 @@ def demo_data(
 @app.command()
 @user_errors
 def dashboard(
-    port: Optional[int] = typer.Option(None, help="Port (default [dashboard] port, 8501)."),
+    port: Optional[int] = typer.Option(None, help=escape("Port (default: [dashboard] port, 8501).")),
     address: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 to serve the network)."),
     database: Optional[str] = DATABASE_OPTION,
 ) -> None:

@@ -1,0 +1,137 @@
+"""The dashboard in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium) against a real `inspector dashboard` process on a database filled by the real pipeline.
+
+Screenshots of the review and threshold pages are written to ``test-artifacts/`` (or
+``$INSPECTOR_TEST_ARTIFACTS``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from inspector.store import reviews, thresholds
+
+from .pipeline_helpers import cli_env, run_cli, small_png, wait_for
+
+ARTIFACTS = Path(os.environ.get("INSPECTOR_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def table_rows(db: str, table) -> list[dict]:
+    engine = create_engine(db)
+    with engine.connect() as conn:
+        out = [dict(r) for r in conn.execute(select(table)).mappings()]
+    engine.dispose()
+    return out
+
+
+@pytest.fixture
+def dashboard(tmp_path):
+    folder = tmp_path / "line1"
+    folder.mkdir()
+    for i in range(5):
+        small_png(folder / f"part_{i}.png", 900 + i, size=96)
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    done = run_cli(["watch", str(folder), "--class-name", "screw", "--once"], db, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    port = free_port()
+    log = open(tmp_path / "dashboard.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "inspector.cli", "dashboard", "--port", str(port)],
+                               cwd=tmp_path, env=cli_env(db), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok"
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 90, what="streamlit health")
+        yield f"http://127.0.0.1:{port}/", db
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are required (.ci/run installs them)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100",
+                "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_review_and_threshold_in_a_real_browser(dashboard, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, db = dashboard
+    wait = WebDriverWait(browser, 60)
+    browser.get(url)
+    name = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "input[aria-label^='Your name']")))
+    name.send_keys("carol", Keys.ENTER)
+    # the review page shows the current image with its heatmap overlay
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img, [data-testid='stImageContainer'] img"))
+    wait.until(lambda d: not d.find_element(By.XPATH, "//button[.//p[contains(., 'Reject as defect')]]")
+               .get_attribute("disabled"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "review.png"))
+    # accept with the keyboard shortcut (focus away from the text field first)
+    browser.find_element(By.TAG_NAME, "h2").click()
+    ActionChains(browser).send_keys("a").perform()
+    wait_for(lambda: table_rows(db, reviews), 60, what="a review row")
+    saved = table_rows(db, reviews)
+    assert [(r["verdict"], r["reviewer"]) for r in saved] == [("normal", "carol")]
+
+    # thresholds: move the slider with the keyboard, save a new version
+    browser.find_element(By.XPATH, "//label[.//p[text()='Thresholds']]").click()
+    thumb = "input[type='range'][aria-label='Threshold']"  # the slider's (visually hidden) range input
+    try:
+        slider = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, thumb))
+    finally:
+        browser.save_screenshot(str(ARTIFACTS / "thresholds-opened.png"))
+    before = float(slider.get_attribute("value"))
+    browser.execute_script("arguments[0].focus()", slider)
+    ActionChains(browser).send_keys(Keys.ARROW_RIGHT * 25).perform()
+    wait.until(lambda d: float(d.find_element(By.CSS_SELECTOR, thumb).get_attribute("value")) != before)
+    value = float(browser.find_element(By.CSS_SELECTOR, thumb).get_attribute("value"))
+    time.sleep(1.0)  # let the rerun with the new value settle
+    browser.find_element(By.XPATH, "//button[.//p[text()='Save threshold']]").click()
+    wait_for(lambda: table_rows(db, thresholds), 60, what="a threshold version")
+    wait.until(lambda d: "as v1" in d.page_source)  # the page confirms the saved version
+    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    time.sleep(0.5)
+    browser.save_screenshot(str(ARTIFACTS / "thresholds.png"))
+    (row,) = table_rows(db, thresholds)
+    assert row["class_name"] == "screw" and row["version"] == 1 and row["created_by"] == "carol"
+    assert abs(row["value"] - value) < 1e-6 and row["value"] != before
