@@ -92,11 +92,12 @@ def review_page(reviewer: str) -> None:
     c5, c6, c7 = st.columns(3)
     source = c5.selectbox("Source", ["all", *sources], key="f_source")
     low, high = c6.slider("Score range", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_scores")
-    days = c7.number_input("Last days (0 = all)", 0, 3650, 0, key="f_days")
+    dates = c7.date_input("Scored between", value=(), key="f_dates", help="Pick a start and an end day (UTC).")
     rows = rv.review_queue(
         engine, class_name=None if class_name == "all" else class_name,
         source_id=None if source == "all" else sources[source],
-        since=(rv.utcnow() - dt.timedelta(days=int(days))) if days else None,
+        since=dt.datetime.combine(dates[0], dt.time()) if len(dates) == 2 else None,
+        until=dt.datetime.combine(dates[1], dt.time()) + dt.timedelta(days=1) if len(dates) == 2 else None,
         score_min=low, score_max=high, decision=None if decision == "all" else decision,
         reviewed={"unreviewed": False, "reviewed": True, "all": None}[state], order=order,
         limit=settings.dashboard.page_size, offset=st.session_state.get("offset", 0))

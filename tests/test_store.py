@@ -55,7 +55,7 @@ def test_schema_matches_models_and_is_checked(db_url):
     engine = make_engine(db_url)
     with pytest.raises(StoreError, match="inspector db upgrade"):
         check_schema(engine)
-    assert upgrade(db_url) == "0001"
+    assert upgrade(db_url) == "0002"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -166,3 +166,23 @@ def test_map_encoding_and_masks():
     decoded = decode_map(data)
     assert abs(float(decoded.max()) - 0.9) < 2 / 255
     assert mask_at(data, 0.5).sum() > 0 and mask_at(data, 0.95).sum() == 0
+
+
+def test_migrating_an_existing_database_keeps_its_rows(db_url, tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from inspector.store import metadata
+
+    assert upgrade(db_url, "0001") == "0001"
+    engine = make_engine(db_url)
+    source = ensure_source(engine, str(tmp_path), "bottle")
+    register_file(engine, source, "bottle", str(tmp_path / "a.png"), "a" * 64, 1, 1)
+    with pytest.raises(StoreError, match="revision 0001"):
+        check_schema(engine)
+    assert upgrade(db_url) == "0002"
+    check_schema(engine)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    assert pending_count(engine) == 1
+    engine.dispose()

@@ -52,16 +52,22 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
     order: "score" (highest first) or "closeness" (nearest to the class threshold first: the unsure ones).
     decision: "defect" (score >= threshold), "normal" (below), or None. reviewed: True/False/None.
     """
-    th, rv = _latest_thresholds(), _latest_reviews()
+    th = _latest_thresholds()
     flagged = case((th.c.value.is_(None), None), (results.c.image_score >= th.c.value, "defect"), else_="normal")
+
+    def last_review(column):  # correlated on the indexed reviews.image_id: cheap per row, no materialisation
+        return (select(column).where(reviews.c.image_id == images.c.id).order_by(reviews.c.id.desc()).limit(1)
+                .correlate(images).scalar_subquery())
+
+    verdict = last_review(reviews.c.verdict)
     query = (select(images.c.id, images.c.path, images.c.class_name, images.c.source_id, images.c.width,
                     images.c.height, results.c.id.label("result_id"), results.c.image_score, results.c.text_score,
                     results.c.topk_score, results.c.created_at, th.c.value.label("threshold"),
                     th.c.version.label("threshold_version"), flagged.label("decision"),
-                    rv.c.verdict, rv.c.reviewer, rv.c.created_at.label("reviewed_at"))
+                    verdict.label("verdict"), last_review(reviews.c.reviewer).label("reviewer"),
+                    last_review(reviews.c.created_at).label("reviewed_at"))
              .join(results, results.c.image_id == images.c.id)
-             .join(th, th.c.class_name == images.c.class_name, isouter=True)
-             .join(rv, rv.c.image_id == images.c.id, isouter=True))
+             .join(th, th.c.class_name == images.c.class_name, isouter=True))
     if class_name:
         query = query.where(images.c.class_name == class_name)
     if source_id is not None:
@@ -76,10 +82,11 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
         query = query.where(results.c.image_score <= score_max)
     if decision is not None:
         query = query.where(flagged == decision)
+    reviewed_any = select(reviews.c.id).where(reviews.c.image_id == images.c.id).exists()
     if reviewed is True:
-        query = query.where(rv.c.verdict.is_not(None))
+        query = query.where(reviewed_any)
     elif reviewed is False:
-        query = query.where(rv.c.verdict.is_(None))
+        query = query.where(~reviewed_any)
     if order == "closeness":
         query = query.order_by(func.abs(results.c.image_score - func.coalesce(th.c.value, 0.5)), images.c.id)
     elif order == "score":

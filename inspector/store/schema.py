@@ -59,6 +59,8 @@ images = Table(
     Index("ix_images_status_next_attempt_at", "status", "next_attempt_at"),
     Index("ix_images_sha256", "sha256"),
     Index("ix_images_discovered_at", "discovered_at"),
+    Index("ix_images_class_name", "class_name"),
+    Index("ix_images_source_id", "source_id"),
 )
 
 model_versions = Table(
@@ -100,6 +102,7 @@ thresholds = Table(
     Column("created_at", DateTime(), nullable=False),
     Column("note", Text, nullable=True),
     UniqueConstraint("class_name", "version"),
+    Index("ix_thresholds_class_name", "class_name"),
 )
 
 reviews = Table(
