@@ -473,9 +473,7 @@ def retrain(
     name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
     s.model.name = ""
     model = load_model(settings=s, use_active=False)  # a fresh head (or --head), never the promoted one
-    t = s.train
-    cfg = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, val_fraction=t.val_fraction, patience=t.patience,
-                      val_samples=t.val_samples, mosaic=t.mosaic, augment=t.augment, seed=t.seed)
+    cfg = TrainConfig(**dataclasses_asdict(s.train))
     run_dir = Path(s.registry.path) / ".runs" / name
     console.print(f"retrain {name}: {len(records)} images of {len({r.class_name for r in records})} classes "
                   f"from {path}; checkpoints in {run_dir}", highlight=False)

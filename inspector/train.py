@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
+from .config import TrainSettings
 from .detectors.bayes_pfl import BayesPFL
 from .imaging import open_image, to_model_input
 
@@ -45,15 +46,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    val_fraction: float = 0.2
-    patience: int = 3
-    val_samples: int = 5
-    mosaic: float = 0.0
-    augment: bool = True
-    seed: int = 333
+class TrainConfig(TrainSettings):
+    """[train] settings plus the recipe's constants (learning rates, schedule, loss weights)."""
+
     lr_prompt: float = 1e-3
     lr_temperature: float = 1e-2
     lr_flow: float = 1e-3
@@ -187,6 +182,16 @@ def orthogonality_loss(t: torch.Tensor, bank: int) -> torch.Tensor:
     return total
 
 
+def classification_loss(model: BayesPFL, g: torch.Tensor, patch_tokens: Sequence[torch.Tensor], t: torch.Tensor,
+                        labels: torch.Tensor, pair: list[int]) -> torch.Tensor:
+    """L_cls: cross-entropy of (l_beta,n, l_beta,a) with l = exp(tau_img)·cos(class_mapping(t), v)."""
+    head = model.head
+    v = F.normalize(head.image_embedding(g, list(patch_tokens)).float(), dim=-1)
+    text = F.normalize(head.class_mapping(t[:, pair]), dim=-1)  # [N, 2, E]
+    logits = head.log_tau_image.exp() * torch.einsum("nse,ne->ns", text, v)
+    return F.cross_entropy(logits, labels.long())
+
+
 def stage1_losses(model: BayesPFL, pixels: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
                   class_names: Sequence[str], gen: torch.Generator, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     head, c = model.head, model.config
@@ -204,10 +209,7 @@ def stage1_losses(model: BayesPFL, pixels: torch.Tensor, masks: torch.Tensor, la
     t = model.encode_prompt_samples(isd["zk"], class_names, [states] * n)  # [N, 2B, E]
     beta = int(torch.randint(bank, (1,), generator=gen))
     pair = [beta, bank + beta]
-    v = F.normalize(head.image_embedding(g, patch_tokens).float(), dim=-1)
-    text = F.normalize(head.class_mapping(t[:, pair]), dim=-1)  # [N, 2, E]
-    logits = head.log_tau_image.exp() * torch.einsum("nse,ne->ns", text, v)
-    loss_cls = F.cross_entropy(logits, labels.long())
+    loss_cls = classification_loss(model, g, patch_tokens, t, labels, pair)
     query = head.rca.q_proj(t)
     size, grid = pixels.shape[-1], model.backbone.grid
     loss_seg = t.new_zeros(())
@@ -238,10 +240,7 @@ def stage2_losses(model: BayesPFL, pixels: torch.Tensor, labels: torch.Tensor, c
         states = model._state_inputs(eps_iad[0], eps_iad[1])
         t = model.encode_prompts(g, eps, class_names, [states] * n)
     beta = int(torch.randint(bank, (1,), generator=gen))
-    v = F.normalize(head.image_embedding(g, patch_tokens).float(), dim=-1)
-    text = F.normalize(head.class_mapping(t[:, [beta, bank + beta]]), dim=-1)
-    logits = head.log_tau_image.exp() * torch.einsum("nse,ne->ns", text, v)
-    loss = F.cross_entropy(logits, labels.long())
+    loss = classification_loss(model, g, patch_tokens, t, labels, [beta, bank + beta])
     return {"loss": loss, "cls": loss.detach()}
 
 
