@@ -220,3 +220,6 @@ def test_separable_upsampling_equals_interpolate(grid, size):
     expected = torch.sigmoid(torch.nn.functional.interpolate(diff, size=(size, size), mode="bilinear",
                                                              align_corners=True)).sum(1)
     torch.testing.assert_close(upsampled_sigmoid_sum(diff, size), expected, atol=6 * 1e-5, rtol=0)
+    # the single-block path that CUDA takes, and an uneven block size
+    torch.testing.assert_close(upsampled_sigmoid_sum(diff, size, block_rows=size), expected, atol=6e-5, rtol=0)
+    torch.testing.assert_close(upsampled_sigmoid_sum(diff, size, block_rows=7), expected, atol=6e-5, rtol=0)

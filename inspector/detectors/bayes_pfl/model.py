@@ -412,7 +412,7 @@ def bilinear_matrix(grid: int, size: int, device: torch.device) -> torch.Tensor:
     return matrix.float().to(device)
 
 
-def upsampled_sigmoid_sum(diff: torch.Tensor, size: int) -> torch.Tensor:
+def upsampled_sigmoid_sum(diff: torch.Tensor, size: int, block_rows: int | None = None) -> torch.Tensor:
     """sum_c sigmoid(up(diff[:, c])): [N, C, G, G] logit differences -> [N, S, S], in fp32.
 
     Bilinear upsampling (align_corners=True) is separable, so up(X) = A X A^T. Doing it as two matrix
@@ -423,13 +423,15 @@ def upsampled_sigmoid_sum(diff: torch.Tensor, size: int) -> torch.Tensor:
     with torch.autocast(diff.device.type, enabled=False):
         matrix = bilinear_matrix(grid, size, diff.device)  # [S, G]
         half_up = diff.float() @ matrix.T  # [N, C, G, S]: columns upsampled
+        if block_rows is None:
+            block_rows = size if diff.device.type == "cuda" else 32
+        if block_rows >= size:  # one block: [N, C, S, S] at once (GPU memory is not the constraint)
+            return torch.sigmoid_(matrix @ half_up).sum(1)
         out = torch.empty(n, size, size, device=diff.device)
-        if diff.device.type == "cuda":
-            return torch.sigmoid_(matrix @ half_up).sum(1, out=out)
         for i in range(n):
-            for start in range(0, size, 32):
-                rows = matrix[start:start + 32] @ half_up[i]  # [C, rows, S]
-                out[i, start:start + 32] = rows.sigmoid_().sum(0)
+            for start in range(0, size, block_rows):
+                rows = matrix[start:start + block_rows] @ half_up[i]  # [C, rows, S]
+                out[i, start:start + block_rows] = rows.sigmoid_().sum(0)
     return out
 
 
