@@ -39,11 +39,16 @@ def check_weights_allowed(settings: Settings) -> None:
             "and pretrained, or pass --allow-random-weights for a test run")
 
 
-def load_detector(settings: Settings) -> Any:
-    from .registry import load_model
+def load_detector(settings: Settings, class_name: str | None = None) -> Any:
+    """The configured model; with no [model] name or head, the version promoted for ``class_name`` (or for
+    the site)."""
+    from .registry import active_version, load_model
 
     check_weights_allowed(settings)
-    detector = load_model(settings=settings)
+    name = None
+    if not settings.model.name and not settings.model.head and class_name:
+        name = active_version(settings.registry.path, class_name)
+    detector = load_model(name, settings=settings)
     if detector.provenance.get("random_weights") and not settings.model.allow_random_weights:
         raise RandomWeightsRefused(f"model '{settings.model.name}' has random or untrained weights; pass "
                                    "--allow-random-weights for a test run")
@@ -116,7 +121,8 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
     """Intake plus a worker. ``once``: score the backlog, then return. Returns counts for the caller."""
     stop = stop or threading.Event()
     engine = open_store(settings.database.url, auto_upgrade=True)
-    detector = load_detector(settings)
+    class_names = {f.class_name for f in folders}
+    detector = load_detector(settings, class_names.pop() if len(class_names) == 1 else None)
     metrics = Metrics(metrics_port, engine) if metrics_port else None
     worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
     w = settings.watch
