@@ -103,10 +103,9 @@ def review_page(reviewer: str) -> None:
         limit=settings.dashboard.page_size, offset=st.session_state.get("offset", 0))
     if not rows:
         st.info("Nothing to review with these filters.")
-        if st.session_state.get("offset"):
-            if st.button("Back to the first page"):
-                st.session_state["offset"] = 0
-                st.rerun()
+        if st.session_state.get("offset") and st.button("Back to the first page"):
+            st.session_state["offset"] = 0
+            st.rerun()
         return
     position = min(st.session_state.get("position", 0), len(rows) - 1)
     row = rows[position]

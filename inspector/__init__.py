@@ -9,4 +9,4 @@ from .detectors.bayes_pfl import BayesPFL, BayesPFLHead, official_image_scores
 from .registry import load_model
 
 __version__ = "0.1.0"
-__all__ = ["BayesPFL", "BayesPFLHead", "load_model", "official_image_scores", "__version__"]
+__all__ = ["BayesPFL", "BayesPFLHead", "__version__", "load_model", "official_image_scores"]

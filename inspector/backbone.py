@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +77,7 @@ class BackboneSpec:
 def _openai_fp16_keys(key: str) -> bool:
     """Tensors that OpenAI's loader (and the official Bayes-PFL loader) round through fp16 before use."""
     return (
-        key == "visual.conv1.weight"
-        or key in ("text_projection", "visual.proj")
-        or key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias"))
-        or key.endswith((".attn.out_proj.weight", ".attn.out_proj.bias"))
-        or key.endswith((".mlp.c_fc.weight", ".mlp.c_fc.bias", ".mlp.c_proj.weight", ".mlp.c_proj.bias"))
+        key == "visual.conv1.weight" or key in ("text_projection", "visual.proj") or key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias", ".attn.out_proj.weight", ".attn.out_proj.bias", ".mlp.c_fc.weight", ".mlp.c_fc.bias", ".mlp.c_proj.weight", ".mlp.c_proj.bias"))
     )
 
 
@@ -183,7 +179,7 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
 
     The antialiased bicubic kernel (a = -0.5) is what the official code uses, also when upsampling.
     """
-    old = int(round(math.sqrt(pos.shape[0] - 1)))
+    old = round(math.sqrt(pos.shape[0] - 1))
     if old == grid:
         return pos
     cls, img = pos[:1], pos[1:]
@@ -269,7 +265,7 @@ class ClipBackbone(nn.Module):
             for block in tower.resblocks:
                 block.mlp.gelu = act()
 
-    def train(self, mode: bool = True) -> "ClipBackbone":  # frozen: never in training mode
+    def train(self, mode: bool = True) -> ClipBackbone:  # frozen: never in training mode
         return super().train(False)
 
     # vision --------------------------------------------------------------------------------------

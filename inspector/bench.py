@@ -26,9 +26,11 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,14 +74,14 @@ class _PeakRSS:
             self.peak = max(self.peak, self._rss())
             time.sleep(0.002)
 
-    def __enter__(self) -> "_PeakRSS":
+    def __enter__(self) -> _PeakRSS:  # noqa: PYI034 - typing.Self needs Python 3.11
         self.base = self._rss()
         self.peak = self.base
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -125,6 +127,11 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
     return statistics.median(times), peak
 
 
+def _backbone_floor(model: BayesPFL, pixels: torch.Tensor) -> None:
+    with torch.inference_mode(), model._autocast():
+        model.backbone.encode_image_floor(pixels)
+
+
 def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: int,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     device = model.device
@@ -136,24 +143,13 @@ def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: in
     class_name = "bench part"
     cases: list[Case] = []
 
-    def autocast():
-        return model._autocast()
-
     for n in batch_sizes:
         pixels = pixels_all[:n]
         names = [class_name] * n
-
-        def floor() -> None:
-            with torch.inference_mode(), autocast():
-                model.backbone.encode_image_floor(pixels)
-
-        def exact(r: int) -> Callable[[], None]:
-            return lambda: model.predict_tensors(pixels, names, samples=r)
-
-        def cached() -> None:
-            model.predict_tensors(pixels, names, samples=samples)
-
-        plan = [("floor", floor), ("exact R=1", exact(1)), (f"exact R={samples}", exact(samples))]
+        floor = partial(_backbone_floor, model, pixels)
+        exact = partial(model.predict_tensors, pixels, names)
+        plan = [("floor", floor), ("exact R=1", partial(exact, samples=1)),
+                (f"exact R={samples}", partial(exact, samples=samples))]
         for label, fn in plan:
             if progress:
                 progress(f"{label}, batch {n}")
@@ -164,7 +160,7 @@ def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: in
             model.clear_caches()
             if progress:
                 progress(f"class-cache R={samples}, batch {n}")
-            seconds, peak = _time(cached, repeats, device)  # warm-up fills the class cache
+            seconds, peak = _time(partial(exact, samples=samples), repeats, device)  # warm-up fills the cache
             cases.append(Case(f"class-cache R={samples}", n, seconds * 1000 / n, n / seconds, peak))
         finally:
             model.text_cache = "none"

@@ -6,12 +6,15 @@ exit code 2, never a stack trace. ``--verbose`` shows the trace for bug reports.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -33,7 +36,7 @@ out = Console()
 
 
 class _State:
-    config: Optional[Path] = None
+    config: Path | None = None
     verbose: bool = False
 
 
@@ -77,7 +80,7 @@ def settings() -> Settings:
 
 @app.callback()
 def main_options(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="config.toml to read (default ./config.toml "
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.toml to read (default ./config.toml "
                                           "or $INSPECTOR_CONFIG)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs and full tracebacks."),
 ) -> None:
@@ -91,9 +94,9 @@ def main_options(
     warnings.filterwarnings("ignore", message="RANDOM WEIGHTS")  # logged once by the loader instead
 
 
-def _model_flags(s: Settings, model: Optional[str], backbone: Optional[str], pretrained: Optional[str],
-                 head: Optional[str], samples: Optional[int], device: Optional[str], batch_size: Optional[int] = None,
-                 allow_random_weights: Optional[bool] = None) -> Settings:
+def _model_flags(s: Settings, model: str | None, backbone: str | None, pretrained: str | None,
+                 head: str | None, samples: int | None, device: str | None, batch_size: int | None = None,
+                 allow_random_weights: bool | None = None) -> Settings:
     return s.override("model", name=model, backbone=backbone, pretrained=pretrained, head=head, samples=samples,
                       device=device, batch_size=batch_size, allow_random_weights=allow_random_weights)
 
@@ -107,19 +110,19 @@ def _random_banner(provenance: dict[str, Any]) -> None:
 @app.command()
 @user_errors
 def score(
-    paths: List[Path] = typer.Argument(..., help="Image files or folders (folders: their images, not recursive)."),
+    paths: list[Path] = typer.Argument(..., help="Image files or folders (folders: their images, not recursive)."),
     class_name: str = typer.Option(..., "--class-name", "-n", help='Product class, e.g. "metal nut".'),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
-    maps: Optional[Path] = typer.Option(None, "--maps", help="Write each anomaly map as an 8-bit PNG here."),
-    model: Optional[str] = MODEL_OPTION,
-    backbone: Optional[str] = typer.Option(None, help="open_clip architecture (without --model)."),
-    pretrained: Optional[str] = typer.Option(None, help="Pretrained tag, checkpoint file, or 'random'."),
-    head: Optional[str] = typer.Option(None, help="Bayes-PFL head checkpoint (ours or official)."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
-    database: Optional[str] = DATABASE_OPTION,
-    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+    maps: Path | None = typer.Option(None, "--maps", help="Write each anomaly map as an 8-bit PNG here."),
+    model: str | None = MODEL_OPTION,
+    backbone: str | None = typer.Option(None, help="open_clip architecture (without --model)."),
+    pretrained: str | None = typer.Option(None, help="Pretrained tag, checkpoint file, or 'random'."),
+    head: str | None = typer.Option(None, help="Bayes-PFL head checkpoint (ours or official)."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
+    batch_size: int | None = typer.Option(None, help="Images per batch."),
+    database: str | None = DATABASE_OPTION,
+    allow_random_weights: bool | None = RANDOM_OPTION,
 ) -> None:
     """Score images now (a progress bar), store the results like `watch` does, and print them."""
     from rich.progress import Progress
@@ -164,15 +167,15 @@ def score(
 @app.command()
 @user_errors
 def bench(
-    backbone: Optional[str] = typer.Option(None, help="open_clip architecture; default the configured one "
+    backbone: str | None = typer.Option(None, help="open_clip architecture; default the configured one "
                                            "(ViT-L-14-336). 'test-tiny' for a quick run."),
     pretrained: str = typer.Option("random", help="Weights; random by default (speed does not depend on them)."),
-    batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes, e.g. 1,2,8."),
-    repeats: Optional[int] = typer.Option(None, help="Timed repetitions per case (median reported)."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-R", help="R of the 'exact R' and cache cases."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16 (CUDA autocast)."),
-    output: Optional[Path] = typer.Option(None, help="JSON report path."),
+    batch_sizes: str | None = typer.Option(None, help="Comma-separated batch sizes, e.g. 1,2,8."),
+    repeats: int | None = typer.Option(None, help="Timed repetitions per case (median reported)."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="R of the 'exact R' and cache cases."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, ..."),
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16, fp16 (CUDA autocast)."),
+    output: Path | None = typer.Option(None, help="JSON report path."),
 ) -> None:
     """Time the backbone floor, the exact path at R=1 and R=10 and the class-cache mode; print and save JSON."""
     from .bench import run_bench, write_report
@@ -209,7 +212,7 @@ def import_official(
     clip: Path = typer.Option(..., help="OpenAI CLIP checkpoint, e.g. ViT-L-14-336px.pt (TorchScript or state dict)."),
     head: Path = typer.Option(..., help="Official Bayes-PFL head, e.g. train_visa.pth ({'MyModel': ...})."),
     name: str = typer.Option(..., help="Name of the new model version."),
-    stage: Optional[int] = typer.Option(None, help="1 or 2; default: the official rule from the file name."),
+    stage: int | None = typer.Option(None, help="1 or 2; default: the official rule from the file name."),
 ) -> None:
     """Register the published Bayes-PFL checkpoints as a model version under models/."""
     from .backbone import BackboneSpec, read_openai_state_dict
@@ -234,9 +237,9 @@ def import_official(
 @user_errors
 def models_promote(
     name: str = typer.Argument(..., help="Model version to make active."),
-    class_name: Optional[str] = typer.Option(None, "--class-name", "-n", help="Only for this class (default: site)."),
-    who: Optional[str] = typer.Option(None, "--by", help="Who promotes (default: the OS user)."),
-    note: Optional[str] = typer.Option(None, help="Why, for the history."),
+    class_name: str | None = typer.Option(None, "--class-name", "-n", help="Only for this class (default: site)."),
+    who: str | None = typer.Option(None, "--by", help="Who promotes (default: the OS user)."),
+    note: str | None = typer.Option(None, help="Why, for the history."),
 ) -> None:
     """Make a version the active one (site-wide or for one class); the history is kept."""
     from .registry import promote
@@ -283,22 +286,23 @@ def config_show() -> None:
 @app.command()
 @user_errors
 def watch(
-    folders: List[Path] = typer.Argument(..., help="Folders to watch (a camera's drop folder)."),
+    folders: list[Path] = typer.Argument(..., help="Folders to watch (a camera's drop folder)."),
     class_name: str = typer.Option(..., "--class-name", "-n", help='Product class of these images, e.g. "metal nut".'),
-    model: Optional[str] = MODEL_OPTION,
+    model: str | None = MODEL_OPTION,
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also watch sub-folders (cameras that file by date)."),
-    polling: Optional[bool] = typer.Option(None, "--polling", help="Poll instead of inotify (network shares)."),
+    polling: bool | None = typer.Option(None, "--polling", help="Poll instead of inotify (network shares)."),
     once: bool = typer.Option(False, "--once", help="Score the backlog and exit 0."),
-    line: Optional[str] = typer.Option(None, help="Line label stored with the source."),
-    database: Optional[str] = DATABASE_OPTION,
-    metrics_port: Optional[int] = METRICS_OPTION,
-    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+    line: str | None = typer.Option(None, help="Line label stored with the source."),
+    database: str | None = DATABASE_OPTION,
+    metrics_port: int | None = METRICS_OPTION,
+    allow_random_weights: bool | None = RANDOM_OPTION,
 ) -> None:
     """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C)."""
     import threading
 
     from .intake import WatchedFolder
-    from .pipeline import install_signal_handlers, watch as run_watch
+    from .pipeline import install_signal_handlers
+    from .pipeline import watch as run_watch
 
     s = settings().override("model", name=model, allow_random_weights=allow_random_weights)
     s.override("watch", polling=polling)
@@ -322,10 +326,10 @@ def watch(
 @app.command()
 @user_errors
 def worker(
-    model: Optional[str] = MODEL_OPTION,
-    database: Optional[str] = DATABASE_OPTION,
-    metrics_port: Optional[int] = METRICS_OPTION,
-    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+    model: str | None = MODEL_OPTION,
+    database: str | None = DATABASE_OPTION,
+    metrics_port: int | None = METRICS_OPTION,
+    allow_random_weights: bool | None = RANDOM_OPTION,
 ) -> None:
     """Score queued images only (no intake): extra GPU boxes sharing one Postgres."""
     import threading
@@ -344,7 +348,7 @@ def worker(
 @user_errors
 def status(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
-    database: Optional[str] = DATABASE_OPTION,
+    database: str | None = DATABASE_OPTION,
 ) -> None:
     """Queue depth, throughput, errors and the active model."""
     from .pipeline import status_json
@@ -367,7 +371,7 @@ def status(
 
 @db_app.command("upgrade")
 @user_errors
-def db_upgrade(database: Optional[str] = DATABASE_OPTION) -> None:
+def db_upgrade(database: str | None = DATABASE_OPTION) -> None:
     """Create the schema, or migrate it to the current version."""
     from .store.db import upgrade
 
@@ -381,7 +385,7 @@ def db_upgrade(database: Optional[str] = DATABASE_OPTION) -> None:
 def demo(
     out_dir: Path = typer.Option(Path("inspector-demo"), "--out", help="Folder for the generated images."),
     count: int = typer.Option(8, help="How many sample images to generate."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
 ) -> None:
     """Generate sample images, run `watch --once` on them with the configured model (test-tiny random weights
     when no trained model is configured, with a banner saying so) and print the results."""
@@ -438,16 +442,16 @@ def _dataset_path(s: Settings, name_or_path: str) -> str:
 @user_errors
 def retrain(
     aux: str = typer.Option(..., "--aux", help="Auxiliary dataset: a name from [datasets.NAME] or a path/archive."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name of the new model version (default: retrain-<aux>-<date>)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default [train] epochs)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default [train] batch_size)."),
+    name: str | None = typer.Option(None, "--name", help="Name of the new model version (default: retrain-<aux>-<date>)."),
+    epochs: int | None = typer.Option(None, help="Epochs (default [train] epochs)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default [train] batch_size)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same --name."),
-    backbone: Optional[str] = typer.Option(None, help="open_clip architecture of the frozen backbone."),
-    pretrained: Optional[str] = typer.Option(None, help="Backbone weights: tag, checkpoint file, or 'random'."),
-    head: Optional[str] = typer.Option(None, help="Start from this head instead of the official initialisation."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, ..."),
+    backbone: str | None = typer.Option(None, help="open_clip architecture of the frozen backbone."),
+    pretrained: str | None = typer.Option(None, help="Backbone weights: tag, checkpoint file, or 'random'."),
+    head: str | None = typer.Option(None, help="Start from this head instead of the official initialisation."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, ..."),
     orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
-    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+    allow_random_weights: bool | None = RANDOM_OPTION,
 ) -> None:
     """Train Bayes-PFL's learnable parts on an auxiliary dataset (its test split, as the paper does) and
     register the result as a new model version."""
@@ -473,7 +477,7 @@ def retrain(
     name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
     s.model.name = ""
     model = load_model(settings=s, use_active=False)  # a fresh head (or --head), never the promoted one
-    cfg = TrainConfig(**dataclasses_asdict(s.train))
+    cfg = TrainConfig(**dataclasses.asdict(s.train))
     run_dir = Path(s.registry.path) / ".runs" / name
     console.print(f"retrain {name}: {len(records)} images of {len({r.class_name for r in records})} classes "
                   f"from {path}; checkpoints in {run_dir}", highlight=False)
@@ -488,35 +492,29 @@ def retrain(
         state = train(model, records, cfg, run_dir, resume=resume, progress=on_step)
     try:
         code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+                              cwd=Path(__file__).parent, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         code = None
     origin = {"kind": "retrain", "dataset": str(path), "dataset_sha256": content_hash(records),
-              "dataset_summary": dataset_summary(records), "hyperparameters": dataclasses_asdict(cfg),
+              "dataset_summary": dataset_summary(records), "hyperparameters": dataclasses.asdict(cfg),
               "history": state.history, "final_stage": state.stage, "seed": cfg.seed, "code_version": code,
               "random_backbone": model.backbone.spec.is_random}
     folder = register(s.registry.path, name, model.head, model.backbone.spec, origin)
     out.print(f"registered [bold]{name}[/] in {folder} after {state.epoch} epochs (stage {state.stage})")
 
 
-def dataclasses_asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
-
-
 @app.command("eval")
 @user_errors
 def eval_(
     data: str = typer.Option(..., "--data", help="Dataset: a name from [datasets.NAME] or a path/archive."),
-    model: Optional[str] = MODEL_OPTION,
-    samples: Optional[int] = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    model: str | None = MODEL_OPTION,
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
     score: str = typer.Option("official", help="Image score: 'official' (per-class min-max fusion, for "
                               "comparison with papers) or 'live' (the per-image score inspector stores)."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Write image ROC and PR curves as PNG here."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    plots: Path | None = typer.Option(None, "--plots", help="Write image ROC and PR curves as PNG here."),
     orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
-    allow_random_weights: Optional[bool] = RANDOM_OPTION,
+    allow_random_weights: bool | None = RANDOM_OPTION,
 ) -> None:
     """Image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO per class and mean on a labelled test split."""
     from rich.progress import Progress
@@ -542,7 +540,7 @@ def eval_(
     report["image_score"] = score
     names = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
     table = Table("class", *[n.replace("_", " ") for n in names], title=f"{path} ({score} image score)")
-    fmt = (lambda v: f"{100 * v:.1f}" if isinstance(v, (int, float)) and v == v else "-")
+    fmt = (lambda v: f"{100 * v:.1f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-")
     for class_name, metrics in sorted(report["per_class"].items()):
         table.add_row(class_name, *[fmt(metrics.get(n)) for n in names])
     table.add_row("[bold]mean[/]", *[fmt(report["mean"].get(n)) for n in names])
@@ -575,9 +573,9 @@ def demo_data(
 @app.command()
 @user_errors
 def dashboard(
-    port: Optional[int] = typer.Option(None, help=escape("Port (default: [dashboard] port, 8501).")),
+    port: int | None = typer.Option(None, help=escape("Port (default: [dashboard] port, 8501).")),
     address: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 to serve the network)."),
-    database: Optional[str] = DATABASE_OPTION,
+    database: str | None = DATABASE_OPTION,
 ) -> None:
     """Start the review and threshold dashboard (Streamlit) on the configured database."""
     import os

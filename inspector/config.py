@@ -14,9 +14,10 @@ import dataclasses
 import os
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -173,7 +174,7 @@ class Settings:
             raise ConfigError(f"unknown key '{key}' in [{section}] ({origin}); known: {known}")
         setattr(target, key, _coerce(value, types[key], f"[{section}] {key} ({origin})"))
 
-    def override(self, section: str, **values: Any) -> "Settings":
+    def override(self, section: str, **values: Any) -> Settings:
         """Apply command-line flags: ``None`` means the flag was not given."""
         for key, value in values.items():
             if value is not None:

@@ -7,7 +7,8 @@ Pixel metrics use the maps smoothed with a Gaussian of sigma 8, as the paper doe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -10,9 +10,10 @@ neighbour, which would alias).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from PIL import Image, ImageOps
 
 from .backbone import CLIP_MEAN, CLIP_STD
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+log = logging.getLogger(__name__)
+ImageInput = str | os.PathLike | Image.Image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -52,8 +54,8 @@ def open_image(source: ImageInput, name: str | None = None) -> Image.Image:
             raise ImageDecodeError(f"{path}: not a readable image ({exc})") from None
     try:
         image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
-        pass
+    except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        log.debug("ignoring an unreadable EXIF orientation: %s", exc)
     if image.mode.startswith("I;16") or image.mode == "I":
         array = np.asarray(image, dtype=np.float64)
         hi = max(float(array.max()), 1.0)
@@ -90,7 +92,7 @@ def preprocess(images: Iterable[ImageInput], size: int) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def as_list(images: Union[ImageInput, Sequence[ImageInput], torch.Tensor]) -> list:
+def as_list(images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> list:
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
     return list(images)

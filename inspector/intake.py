@@ -117,7 +117,7 @@ class Intake:
         intake = self
 
         class Handler(FileSystemEventHandler):
-            def on_any_event(self, event):  # noqa: ANN001
+            def on_any_event(self, event):
                 if event.event_type in ("deleted", "opened", "closed_no_write"):
                     return
                 path = getattr(event, "dest_path", "") or event.src_path
@@ -272,7 +272,7 @@ class Intake:
                 except OperationalError as exc:  # the database is down: files are found again by the rescan
                     log.warning("intake: database unavailable (%s); retrying", str(exc).splitlines()[0])
                     stop.wait(2.0)
-                except Exception:  # noqa: BLE001 - never let one bad moment kill discovery
+                except Exception:
                     log.exception("intake tick failed; retrying")
                     stop.wait(2.0)
                 stop.wait(interval)

@@ -8,8 +8,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -79,7 +80,7 @@ def make_worker(engine: Engine, detector: Any, settings: Settings, on_batch=None
 def install_signal_handlers(stop: threading.Event) -> None:
     """First SIGTERM/SIGINT: finish the current batch and exit. Second: exit now (leases make it safe)."""
 
-    def handler(signum, _frame):  # noqa: ANN001
+    def handler(signum, _frame):
         if stop.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             raise SystemExit(130)

@@ -29,9 +29,10 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def split_records(records: Sequence[Any], val_fraction: float, seed: int) -> tup
     for key in sorted(groups):
         items = sorted(groups[key], key=lambda r: str(r.image))
         rng.shuffle(items)
-        k = int(round(len(items) * val_fraction)) if len(items) > 1 else 0
+        k = round(len(items) * val_fraction) if len(items) > 1 else 0
         val.extend(items[:k])
         train.extend(items[k:])
     return train, val
@@ -192,20 +193,24 @@ def classification_loss(model: BayesPFL, g: torch.Tensor, patch_tokens: Sequence
     return F.cross_entropy(logits, labels.long())
 
 
+def _frozen_features(model: BayesPFL, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(g [N, E] fp32, [F_l]) from the frozen backbone, without autograd."""
+    with torch.no_grad():
+        g, patch_tokens = model.backbone.encode_image(pixels)
+    return g.float(), patch_tokens
+
+
 def stage1_losses(model: BayesPFL, pixels: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
                   class_names: Sequence[str], gen: torch.Generator, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     head, c = model.head, model.config
     n, e, bank = pixels.shape[0], c.text_width, c.bank_size
-    with torch.no_grad():
-        g, patch_tokens = model.backbone.encode_image(pixels)
-    g = g.float()
+    g, patch_tokens = _frozen_features(model, pixels)
     eps = torch.randn(n, 1, e, generator=gen).to(pixels.device)
     isd = head.isd(g, eps)
     eps_iad = torch.randn(2, 1, e, generator=gen).to(pixels.device)
     iad_n = head.iad_normal(head.iad_base, eps_iad[0])
     iad_a = head.iad_abnormal(head.iad_base, eps_iad[1])
-    banks = torch.stack([head.state_normal, head.state_abnormal])  # [2, B, Q, E]
-    states = banks[:, None] + torch.stack([iad_n["zk"], iad_a["zk"]])[:, :, None, None, :]  # [2, 1, B, Q, E]
+    states = model.state_inputs_from_samples(iad_n["zk"], iad_a["zk"])  # [2, 1, B, Q, E]
     t = model.encode_prompt_samples(isd["zk"], class_names, [states] * n)  # [N, 2B, E]
     beta = int(torch.randint(bank, (1,), generator=gen))
     pair = [beta, bank + beta]
@@ -230,11 +235,10 @@ def stage1_losses(model: BayesPFL, pixels: torch.Tensor, masks: torch.Tensor, la
 
 def stage2_losses(model: BayesPFL, pixels: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
                   gen: torch.Generator) -> dict[str, torch.Tensor]:
-    head, c = model.head, model.config
+    c = model.config
     n, e, bank = pixels.shape[0], c.text_width, c.bank_size
-    with torch.no_grad():
-        g, patch_tokens = model.backbone.encode_image(pixels)
-        g = g.float()
+    g, patch_tokens = _frozen_features(model, pixels)
+    with torch.no_grad():  # stage 2 trains the image head only: the prompts are fixed
         eps = torch.randn(n, 1, e, generator=gen).to(pixels.device)
         eps_iad = torch.randn(2, 1, e, generator=gen)
         states = model._state_inputs(eps_iad[0], eps_iad[1])

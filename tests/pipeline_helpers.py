@@ -43,15 +43,15 @@ def cli_env(db_url: str, **extra: str) -> dict[str, str]:
 
 
 def start_cli(args: list[str], db_url: str, cwd: Path, prefix: list[str] | None = None, **extra: str):
-    log = open(cwd / f"cli-{time.monotonic_ns()}.log", "w")
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "inspector.cli", *args], cwd=cwd,
-                            env=cli_env(db_url, **extra), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(cwd / f"cli-{time.monotonic_ns()}.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([*(prefix or []), sys.executable, "-m", "inspector.cli", *args], cwd=cwd,
+                                env=cli_env(db_url, **extra), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def run_cli(args: list[str], db_url: str, cwd: Path, timeout: float = 300, prefix: list[str] | None = None):
     return subprocess.run([*(prefix or []), sys.executable, "-m", "inspector.cli", *args], cwd=cwd,
-                          env=cli_env(db_url), capture_output=True, text=True, timeout=timeout)
+                          env=cli_env(db_url), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def kill9(process: subprocess.Popen) -> None:
@@ -79,6 +79,14 @@ def result_counts(db_url: str) -> dict[str, int]:
             results, results.c.image_id == images.c.id, isouter=True).group_by(images.c.path)).all()
     engine.dispose()
     return {r[0]: r[1] for r in rows}
+
+
+def table_rows(db_url: str, table) -> list[dict]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(table)).mappings()]
+    engine.dispose()
+    return rows
 
 
 def image_rows(db_url: str) -> dict[str, dict]:
@@ -124,3 +132,15 @@ def schema_ready(db_url: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - not created yet
         return False
+
+
+def scored_database(root: Path, count: int, seed: int, size: int = 64, class_name: str = "screw") -> str:
+    """A SQLite database filled by a real `inspector watch --once` over ``count`` generated images."""
+    folder = root / "line1"
+    folder.mkdir()
+    for i in range(count):
+        small_png(folder / f"part_{i}.png", seed + i, size=size)
+    db = f"sqlite:///{root / 'inspector.sqlite'}"
+    done = run_cli(["watch", str(folder), "--class-name", class_name, "--once"], db, root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return db

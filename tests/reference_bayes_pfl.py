@@ -18,7 +18,6 @@ an official ``MyModel`` head state dict with all 131 keys (spec §8).
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 import open_clip
@@ -239,7 +238,7 @@ def _fp16_round_trip(clip_state):
 def _resize_positional_embedding(pos, new_grid):
     """spec §1: bicubic, align_corners=False, antialias=True; the CLS position is kept."""
     cls_pos, grid_pos = pos[:1], pos[1:]
-    old_grid = int(round(math.sqrt(grid_pos.shape[0])))
+    old_grid = round(math.sqrt(grid_pos.shape[0]))
     width = pos.shape[1]
     if old_grid == new_grid:
         return pos
@@ -260,7 +259,7 @@ def _gelu_exact(x):
 
 def _self_attention(x, state, prefix, heads, mask=None):
     """nn.MultiheadAttention written out: x [L, C]; softmax(q k^T / sqrt(d) + mask) v per head."""
-    L, C = x.shape
+    _, C = x.shape
     d = C // heads
     qkv = x @ state[prefix + "in_proj_weight"].t() + state[prefix + "in_proj_bias"]
     q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]

@@ -9,7 +9,7 @@ import torch
 
 from inspector.backbone import BackboneError, BackboneSpec, load_backbone, resize_position_embedding
 
-TINY = dict(arch="test-tiny", pretrained="random")
+TINY = {"arch": "test-tiny", "pretrained": "random"}
 
 
 def test_random_weights_warn_loudly_and_are_repeatable():

@@ -40,7 +40,7 @@ def make_garbage(folder, outside):
     bad["bomb.png"] = "too many pixels"
     Image.new("L", (10000, 10000), 128).save(folder / "huge.jpg", quality=50)
     good["huge.jpg"] = (10000, 10000)
-    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(folder / "deep16.png")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(folder / "deep16.png")
     good["deep16.png"] = (64, 48)
     rgb(3).convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
     good["palette.png"] = (60, 40)
@@ -92,7 +92,6 @@ def test_garbage_never_kills_the_run_and_good_images_are_scored(tmp_path):
     # a second run finds nothing new and scores nothing twice
     again = run_cli(["watch", str(folder), "--class-name", "metal nut", "--once"], db, tmp_path, prefix=prefix)
     assert again.returncode == 0
-    assert result_counts(db) == {p: n for p, n in result_counts(db).items()}
     assert {os.path.basename(p): n for p, n in result_counts(db).items()} == counts
 
 

@@ -9,8 +9,11 @@ import torch
 
 from inspector.backbone import EOT_TOKEN, tokenize
 from inspector.detectors.bayes_pfl import BayesPFL, BayesPFLHead, official_image_scores
-from inspector.detectors.bayes_pfl.head import (HeadFormatError, head_from_official_state,
-                                                head_to_official_state)
+from inspector.detectors.bayes_pfl.head import (
+    HeadFormatError,
+    head_from_official_state,
+    head_to_official_state,
+)
 from inspector.detectors.bayes_pfl.model import prompt_name
 from inspector.imaging import preprocess
 

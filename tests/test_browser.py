@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,43 +16,23 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
 
 from inspector.store import reviews, thresholds
 
-from .pipeline_helpers import cli_env, run_cli, small_png, wait_for
+from .pgcluster import free_port
+from .pipeline_helpers import cli_env, scored_database, table_rows, wait_for
 
 ARTIFACTS = Path(os.environ.get("INSPECTOR_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def table_rows(db: str, table) -> list[dict]:
-    engine = create_engine(db)
-    with engine.connect() as conn:
-        out = [dict(r) for r in conn.execute(select(table)).mappings()]
-    engine.dispose()
-    return out
-
-
 @pytest.fixture
 def dashboard(tmp_path):
-    folder = tmp_path / "line1"
-    folder.mkdir()
-    for i in range(5):
-        small_png(folder / f"part_{i}.png", 900 + i, size=96)
-    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
-    done = run_cli(["watch", str(folder), "--class-name", "screw", "--once"], db, tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    db = scored_database(tmp_path, count=5, seed=900, size=96)
     port = free_port()
-    log = open(tmp_path / "dashboard.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "inspector.cli", "dashboard", "--port", str(port)],
-                               cwd=tmp_path, env=cli_env(db), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    with open(tmp_path / "dashboard.log", "w") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen([sys.executable, "-m", "inspector.cli", "dashboard", "--port", str(port)],
+                                   cwd=tmp_path, env=cli_env(db), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
 
     def healthy():
         try:

@@ -18,7 +18,7 @@ def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> s
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("INSPECTOR_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "inspector.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.parametrize("verb", [[], ["score"], ["bench"], ["demo"], ["models"], ["models", "import-official"],
@@ -130,14 +130,12 @@ def test_watch_refuses_random_weights_and_missing_folders(tmp_path):
 
 
 def test_metrics_endpoint(tmp_path):
-    import socket
     import urllib.request
 
+    from .pgcluster import free_port
     from .pipeline_helpers import start_cli, wait_for
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (tmp_path / "imgs").mkdir()
     daemon = start_cli(["watch", "imgs", "-n", "screw", "--metrics-port", str(port)],
                        f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)

@@ -5,26 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
 
 from inspector.store import reviews, thresholds
 
-from .pipeline_helpers import run_cli, small_png
+from .pipeline_helpers import scored_database, table_rows
 
 APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
 
 
 @pytest.fixture(scope="module")
 def scored_db(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dash")
-    folder = root / "line1"
-    folder.mkdir()
-    for i in range(6):
-        small_png(folder / f"part_{i}.png", 500 + i, size=64)
-    db = f"sqlite:///{root / 'inspector.sqlite'}"
-    done = run_cli(["watch", str(folder), "--class-name", "screw", "--once"], db, root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return db
+    return scored_database(tmp_path_factory.mktemp("dash"), count=6, seed=500)
 
 
 @pytest.fixture
@@ -40,27 +31,19 @@ def app(scored_db, monkeypatch):
     return at
 
 
-def rows(db, table):
-    engine = create_engine(db)
-    with engine.connect() as conn:
-        out = [dict(r) for r in conn.execute(select(table)).mappings()]
-    engine.dispose()
-    return out
-
-
 def test_review_needs_a_name_then_records_verdicts(app, scored_db):
     assert len(app.get("image")) == 1, "the current image with its heatmap overlay is shown"
     assert app.button(key="reject").disabled and any("Enter your name" in w.value for w in app.warning)
     first = app.caption[0].value
     app.sidebar.text_input(key="reviewer").input("ana").run()
-    app.text_input(key=[k for k in [w.key for w in app.text_input] if k.startswith("reason_")][0]).input("burr")
+    app.text_input(key=next(w.key for w in app.text_input if w.key.startswith("reason_"))).input("burr")
     app.button(key="reject").click().run()
     assert not app.exception
-    saved = rows(scored_db, reviews)
+    saved = table_rows(scored_db, reviews)
     assert [(r["verdict"], r["reviewer"], r["reason"]) for r in saved] == [("defect", "ana", "burr")]
     assert app.caption[0].value != first, "the next unreviewed image follows at once"
     app.button(key="accept").click().run()
-    assert [r["verdict"] for r in rows(scored_db, reviews)] == ["defect", "normal"]
+    assert [r["verdict"] for r in table_rows(scored_db, reviews)] == ["defect", "normal"]
 
 
 def test_thresholds_save_and_rollback(app, scored_db):
@@ -73,12 +56,12 @@ def test_thresholds_save_and_rollback(app, scored_db):
     app.button(key="t_save").click().run()
     app.slider(key="t_value").set_value(0.6).run()
     app.button(key="t_save").click().run()
-    saved = sorted(rows(scored_db, thresholds), key=lambda r: r["version"])
+    saved = sorted(table_rows(scored_db, thresholds), key=lambda r: r["version"])
     assert [(r["version"], r["value"], r["created_by"]) for r in saved][-2:] == [
         (saved[-2]["version"], 0.42, "ben"), (saved[-1]["version"], 0.6, "ben")]
     app.selectbox(key="t_rollback_version").set_value(saved[-2]["version"]).run()
     app.button(key="t_rollback").click().run()
-    latest = max(rows(scored_db, thresholds), key=lambda r: r["version"])
+    latest = max(table_rows(scored_db, thresholds), key=lambda r: r["version"])
     assert latest["value"] == 0.42 and latest["note"] == f"rollback to v{saved[-2]['version']}"
 
 

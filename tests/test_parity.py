@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_bayes_pfl as ref  # noqa: E402
+import reference_bayes_pfl as ref
 
-from inspector import BayesPFL  # noqa: E402
-from inspector.imaging import preprocess  # noqa: E402
+from inspector import BayesPFL
+from inspector.imaging import preprocess
 
 R = 2  # Monte-Carlo samples: small keeps the tests fast
 B, P, Q, K = 3, 5, 5, 10
@@ -161,8 +161,11 @@ DUPLICATES = {"PFL_context.encoder.": "context_encoder.", "PFL_context.decoder."
 
 
 def test_official_head_layout_round_trip(tmp_path):
-    from inspector.detectors.bayes_pfl.head import (BayesPFLHead, head_from_official_state,
-                                                    head_to_official_state)
+    from inspector.detectors.bayes_pfl.head import (
+        BayesPFLHead,
+        head_from_official_state,
+        head_to_official_state,
+    )
 
     state = ref.make_official_head_state(64, 128, B=B, P=P, Q=Q, K=K, seed=5)
     assert len(state) == 131

@@ -8,8 +8,15 @@ import warnings
 import pytest
 
 from inspector.backbone import BackboneSpec
-from inspector.registry import (RegistryError, active_version, list_versions, promote, promotions, read_manifest,
-                                register)
+from inspector.registry import (
+    RegistryError,
+    active_version,
+    list_versions,
+    promote,
+    promotions,
+    read_manifest,
+    register,
+)
 
 
 def test_register_promote_and_active_versions(tiny_model, tmp_path):

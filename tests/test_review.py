@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 
-import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
@@ -13,9 +12,21 @@ from sqlalchemy import func, select
 from inspector.store import make_engine, results, upgrade
 from inspector.store.maps import encode_map
 from inspector.store.queue import Outcome, claim, complete, ensure_model_version, ensure_source, register_file
-from inspector.store.review import (ReviewError, export_csv, image_path_allowed, overview, record_review,
-                                    review_history, review_queue, reviewed_scores, rollback_threshold,
-                                    save_threshold, threshold_effect, threshold_for_recall, threshold_history)
+from inspector.store.review import (
+    ReviewError,
+    export_csv,
+    image_path_allowed,
+    overview,
+    record_review,
+    review_history,
+    review_queue,
+    reviewed_scores,
+    rollback_threshold,
+    save_threshold,
+    threshold_effect,
+    threshold_for_recall,
+    threshold_history,
+)
 
 from .test_store import db_url  # noqa: F401  (the SQLite / Postgres parametrised fixture)
 

@@ -12,8 +12,17 @@ from sqlalchemy import func, select
 from inspector.store import images, make_engine, results, upgrade
 from inspector.store.db import StoreError, check_schema, open_store
 from inspector.store.maps import decode_map, encode_map, mask_at
-from inspector.store.queue import (Outcome, claim, complete, ensure_model_version, ensure_source, pending_count,
-                                   register_file, release, status)
+from inspector.store.queue import (
+    Outcome,
+    claim,
+    complete,
+    ensure_model_version,
+    ensure_source,
+    pending_count,
+    register_file,
+    release,
+    status,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

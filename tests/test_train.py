@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_to_the_same_result(model, tmp_path):
 def test_validation_split_is_per_class_and_deterministic(tmp_path):
     records = make_class(tmp_path, "a", 10, 2, 90) + make_class(tmp_path, "b", 10, 3, 140)
     train_a, val_a = split_records(records, 0.2, 333)
-    train_b, val_b = split_records(records, 0.2, 333)
+    _, val_b = split_records(records, 0.2, 333)
     assert val_a == val_b and len(val_a) == 4 and not set(val_a) & set(train_a)
     assert {(r.class_name, r.label) for r in val_a} == {("a", 0), ("a", 1), ("b", 0), ("b", 1)}
 

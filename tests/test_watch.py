@@ -14,8 +14,18 @@ from PIL import Image
 from inspector.intake import Intake, WatchedFolder
 from inspector.store import open_store
 
-from .pipeline_helpers import (db_ping, drop_atomically, image_list, image_rows, kill9, result_counts, schema_ready,
-                               small_png, start_cli, wait_for)
+from .pipeline_helpers import (
+    db_ping,
+    drop_atomically,
+    image_list,
+    image_rows,
+    kill9,
+    result_counts,
+    schema_ready,
+    small_png,
+    start_cli,
+    wait_for,
+)
 
 
 def _all_scored(db_url: str, expected: int):
@@ -80,7 +90,7 @@ def test_slowly_written_files_are_scored_once_after_they_are_complete(tmp_path):
             Image.fromarray(np.random.default_rng(k).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buf, "PNG")
             payloads.append(buf.getvalue())
         paths = [folder / "slow_a.png", folder / "slow_b.png"]
-        handles = [open(p, "wb") for p in paths]
+        handles = [open(p, "wb") for p in paths]  # noqa: SIM115 - both stay open while written in chunks
         for step in range(8):  # eight chunks, 0.5 s apart: never stable for 1.5 s until the end
             for handle, data in zip(handles, payloads):
                 chunk = len(data) // 8 + 1

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .records import DatasetError, Record, check_split, finish, missing_mask_error, require_dir
+from .records import DatasetError, Record, check_split, finish, indexed_record, require_dir
 
 
 def find_meta_index(root: Path) -> Path | None:
@@ -78,18 +78,9 @@ def entry_record(root: Path, where: str, split: str, class_name: str, entry: Any
     label = entry_label(entry, where)
     image = resolve(root, entry.get("img_path"))
     mask = resolve(root, entry.get("mask_path"))
-    if image is None or not image.is_file():
-        if mask is not None:
-            raise DatasetError(f"{where}: {mask}: a mask without an image ({image or 'no image path'} not found)")
-        raise DatasetError(f"{where}: image not found: {image or '(no img_path)'}")
-    if label == 0:
-        return Record(image, None, class_name, 0, "good", split)
     defect = str(entry.get("specie_name") or "anomaly")
-    if mask is not None and not mask.is_file():
-        raise DatasetError(f"{where}: mask not found: {mask} (for image {image})")
-    if mask is None and require_masks:
-        raise missing_mask_error(image, "a mask_path in the index")
-    return Record(image, mask, class_name, 1, defect, split)
+    return indexed_record(image, mask, class_name, label, defect, split, where, require_masks,
+                          "a mask_path in the index")
 
 
 def entry_label(entry: dict[str, Any], where: str) -> int:

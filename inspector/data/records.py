@@ -87,6 +87,26 @@ def missing_mask_error(image: Path, expected: str) -> DatasetError:
                         "pass require_masks=False for a classification-only dataset")
 
 
+def indexed_record(image: Path | None, mask: Path | None, class_name: str, label: int, defect: str, split: str,
+                   where: str, require_masks: bool, mask_column: str) -> Record:
+    """The record of one line of an index file (VisA csv, meta.json), its files checked.
+
+    A listed mask whose image is missing is "a mask without an image"; a listed mask that is missing is an
+    error even when masks are optional; an anomalous image without a mask is an error if ``require_masks``.
+    """
+    if image is None or not image.is_file():
+        if mask is not None:
+            raise DatasetError(f"{where}: {mask}: a mask without an image ({image or 'no image path'} not found)")
+        raise DatasetError(f"{where}: image not found: {image or '(no image path)'}")
+    if label == 0:
+        return Record(image, None, class_name, 0, "good", split)
+    if mask is not None and not mask.is_file():
+        raise DatasetError(f"{where}: mask not found: {mask} (for image {image})")
+    if mask is None and require_masks:
+        raise missing_mask_error(image, mask_column)
+    return Record(image, mask, class_name, 1, defect, split)
+
+
 def sort_records(records: Iterable[Record]) -> list[Record]:
     """Records in a stable order: class, split, defect, image path."""
     return sorted(records, key=lambda r: (r.class_name, SPLITS.index(r.split), r.defect, str(r.image)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .records import DatasetError, Record, check_split, finish, missing_mask_error, require_dir
+from .records import DatasetError, Record, check_split, finish, indexed_record, require_dir
 
 INDEX = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
@@ -57,14 +57,5 @@ def row_record(root: Path, index: Path, line: int, row: dict[str, str], require_
     split = check_split(row["split"].strip(), where)
     image = root / row["image"].strip() if row["image"].strip() else None
     mask = root / row["mask"].strip() if row["mask"].strip() else None
-    if image is None or not image.is_file():
-        if mask is not None:
-            raise DatasetError(f"{where}: {mask}: a mask without an image ({image or 'no image path'} not found)")
-        raise DatasetError(f"{where}: image not found: {image or '(empty)'}")
-    if label == 0:
-        return Record(image, None, class_name, 0, "good", split)
-    if mask is not None and not mask.is_file():
-        raise DatasetError(f"{where}: mask not found: {mask} (for image {image})")
-    if mask is None and require_masks:
-        raise missing_mask_error(image, f"a mask path in {index}")
-    return Record(image, mask, class_name, 1, "anomaly", split)
+    return indexed_record(image, mask, class_name, label, "anomaly", split, where, require_masks,
+                          f"a mask path in {index}")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -28,7 +29,7 @@ class Prediction:
     def __len__(self) -> int:
         return self.image_score.shape[0]
 
-    def cpu(self) -> "Prediction":
+    def cpu(self) -> Prediction:
         return Prediction(
             self.anomaly_map.float().cpu(), self.image_score.float().cpu(), self.text_score.float().cpu(),
             self.topk_score.float().cpu(), dict(self.provenance),

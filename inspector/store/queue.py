@@ -13,14 +13,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_sqlite, utcnow
-from .schema import (CLAIMED, DONE, DUPLICATE, FAILED, PENDING, images, model_versions, results, sources)
+from .schema import CLAIMED, DONE, DUPLICATE, FAILED, PENDING, images, model_versions, results, sources
 
 
 @dataclass
@@ -97,8 +98,8 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
     * ``error`` (unreadable, symlink out of the folder...): recorded as failed, never scored.
     """
     now = utcnow()
-    base = dict(source_id=source_id, class_name=class_name, path=path, sha256=sha256, size=size,
-                mtime_ns=mtime_ns, attempts=0, next_attempt_at=now, discovered_at=now, updated_at=now)
+    base = {"source_id": source_id, "class_name": class_name, "path": path, "sha256": sha256, "size": size,
+                "mtime_ns": mtime_ns, "attempts": 0, "next_attempt_at": now, "discovered_at": now, "updated_at": now}
     try:
         with engine.begin() as conn:
             if error is not None:
@@ -158,8 +159,8 @@ def complete(engine: Engine, worker: str, model_version_id: int, outcomes: Seque
         for o in outcomes:
             mine = and_(images.c.id == o.image_id, images.c.claimed_by == worker, images.c.status == CLAIMED)
             if o.result is not None:
-                values: dict[str, Any] = dict(status=DONE, claimed_by=None, lease_until=None, error=None,
-                                              width=o.width, height=o.height, updated_at=now)
+                values: dict[str, Any] = {"status": DONE, "claimed_by": None, "lease_until": None, "error": None,
+                                              "width": o.width, "height": o.height, "updated_at": now}
                 if o.sha256:
                     values["sha256"] = o.sha256
                 if conn.execute(update(images).where(mine).values(**values)).rowcount != 1:
@@ -170,10 +171,10 @@ def complete(engine: Engine, worker: str, model_version_id: int, outcomes: Seque
             else:
                 attempts = conn.execute(select(images.c.attempts).where(images.c.id == o.image_id)).scalar_one()
                 if o.permanent or attempts >= max_attempts:
-                    values = dict(status=FAILED, error=o.error, claimed_by=None, lease_until=None, updated_at=now)
+                    values = {"status": FAILED, "error": o.error, "claimed_by": None, "lease_until": None, "updated_at": now}
                 else:
-                    values = dict(status=PENDING, error=o.error, claimed_by=None, lease_until=None, updated_at=now,
-                                  next_attempt_at=now + dt.timedelta(seconds=backoff_seconds(attempts)))
+                    values = {"status": PENDING, "error": o.error, "claimed_by": None, "lease_until": None, "updated_at": now,
+                                  "next_attempt_at": now + dt.timedelta(seconds=backoff_seconds(attempts))}
                 conn.execute(update(images).where(mine).values(**values))
     return stored
 

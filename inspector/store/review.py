@@ -11,13 +11,25 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, and_, case, func, select
 
 from .db import utcnow
-from .schema import DONE, FAILED, PENDING, CLAIMED, images, model_versions, results, reviews, sources, thresholds
+from .schema import (
+    CLAIMED,
+    DONE,
+    FAILED,
+    PENDING,
+    images,
+    model_versions,
+    results,
+    reviews,
+    sources,
+    thresholds,
+)
 
 VERDICTS = ("normal", "defect", "skip")
 
@@ -275,7 +287,24 @@ def image_path_allowed(engine: Engine, path: str) -> bool:
     return registered or any(os.path.commonpath([real, root]) == root for root in roots)
 
 
-__all__: Sequence[str] = ["ReviewError", "VERDICTS", "anomaly_map", "class_scores", "classes", "current_threshold",
-                          "export_csv", "image_path_allowed", "overview", "record_review", "review_history",
-                          "review_queue", "reviewed_scores", "rollback_threshold", "save_threshold", "source_list",
-                          "threshold_effect", "threshold_for_recall", "threshold_history"]
+__all__: Sequence[str] = [
+    "VERDICTS",
+    "ReviewError",
+    "anomaly_map",
+    "class_scores",
+    "classes",
+    "current_threshold",
+    "export_csv",
+    "image_path_allowed",
+    "overview",
+    "record_review",
+    "review_history",
+    "review_queue",
+    "reviewed_scores",
+    "rollback_threshold",
+    "save_threshold",
+    "source_list",
+    "threshold_effect",
+    "threshold_for_recall",
+    "threshold_history",
+]

@@ -112,7 +112,7 @@ class BayesPFLHead(nn.Module):
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, stage: int | None = None) -> "BayesPFLHead":
+    def load(cls, path: str | Path, stage: int | None = None) -> BayesPFLHead:
         """Read our format or the official one (detected from the content)."""
         path = Path(path)
         if not path.is_file():

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,7 @@ class BayesPFL(nn.Module):
     @classmethod
     def from_official(cls, clip: str | Path, head: str | Path, stage: int | None = None, *,
                       device: str = "auto", feature_layers: Sequence[int] = (6, 12, 18, 24),
-                      **options: Any) -> "BayesPFL":
+                      **options: Any) -> BayesPFL:
         """An OpenAI CLIP checkpoint (``ViT-L-14-336px.pt``) + an official ``{'MyModel': ...}`` head file.
 
         The stage follows the official rule (file name) unless given; exact GELU as the checkpoints need.
@@ -195,10 +196,14 @@ class BayesPFL(nn.Module):
     def _state_inputs(self, eps_normal: torch.Tensor, eps_abnormal: torch.Tensor) -> torch.Tensor:
         """S^s_b + z_r^s for both states: [2, R, B, Q, E], from IAD draws eps_s [R, E]."""
         head = self.head
-        z = [head.iad_normal(head.iad_base, eps_normal.to(self.device).float())["zk"],
-             head.iad_abnormal(head.iad_base, eps_abnormal.to(self.device).float())["zk"]]  # [R, E] each
-        banks = torch.stack([head.state_normal, head.state_abnormal])  # [2, B, Q, E]
-        return banks[:, None] + torch.stack(z)[:, :, None, None, :]
+        return self.state_inputs_from_samples(
+            head.iad_normal(head.iad_base, eps_normal.to(self.device).float())["zk"],
+            head.iad_abnormal(head.iad_base, eps_abnormal.to(self.device).float())["zk"])
+
+    def state_inputs_from_samples(self, z_normal: torch.Tensor, z_abnormal: torch.Tensor) -> torch.Tensor:
+        """S^s_b + z_r^s from IAD samples z_s [R, E] (differentiable): [2, R, B, Q, E]."""
+        banks = torch.stack([self.head.state_normal, self.head.state_abnormal])  # [2, B, Q, E]
+        return banks[:, None] + torch.stack([z_normal, z_abnormal])[:, :, None, None, :]
 
     def _class_state_inputs(self, class_name: str, samples: int) -> torch.Tensor:
         key = (class_name, samples)
@@ -301,7 +306,7 @@ class BayesPFL(nn.Module):
         s_text = mean_{b,r} sigmoid(l_a - l_n), l = exp(tau_img)·<normalize(class_mapping(t)), normalize(v)>.
         map = mean_{l,b,r} sigmoid(up(Z_l,a - Z_l,n)), Z_l = exp(tau_pix)·F'_l·T'_l^T (RCA-refined text).
         """
-        head, c = self.head, self.config
+        head = self.head
         n, m, _ = t.shape
         half = m // 2
         with self._autocast():
