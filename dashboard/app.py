@@ -235,6 +235,8 @@ def overview_page() -> None:
     c1.metric("Queue depth", info["queue_depth"])
     c2.metric("Scored", info["scored"])
     c3.metric("Active model", info["active_model"] or "–")
+    if info["fallback"]:
+        st.warning(f"Day one: {info['fallback']}.")
     if info["random_weights"]:
         st.error("The active model has RANDOM or untrained weights: its scores mean nothing.")
     if info["per_hour"]:

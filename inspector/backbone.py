@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,9 @@ class BackboneSpec:
     activation: str = "gelu"
     image_size: int = 518
     feature_layers: tuple[int, ...] = (6, 12, 18, 24)
+    #: optional open_clip-style JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``) for an OpenAI checkpoint
+    #: whose architecture the tensors do not say in full (e.g. attention heads not 64 wide)
+    model_config: str = ""
 
     @property
     def is_random(self) -> bool:
@@ -102,18 +105,71 @@ def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def build_openai_clip(state: dict[str, torch.Tensor], activation: str = "gelu") -> nn.Module:
-    """Build an open_clip ``CLIP`` from an OpenAI-layout state dict, architecture read from the tensors.
+def build_openai_clip(state: dict[str, torch.Tensor], activation: str = "gelu",
+                      model_config: str | Path | dict | None = None, image_size: int | None = None) -> nn.Module:
+    """Build an open_clip ``CLIP`` from an OpenAI-layout state dict.
 
-    Mirrors OpenAI's loader: heads = width // 64 in both towers, and the linear/attention/projection
-    weights are rounded through fp16 (a no-op for the fp16 files OpenAI ships) before the model is used
-    in fp32.
+    Mirrors OpenAI's loader: the linear/attention/projection weights are rounded through fp16 (a no-op for
+    the fp16 files OpenAI ships) before the model is used in fp32. The architecture is read from the
+    tensors with heads = width // 64 in both towers, or, with ``model_config`` (an open_clip-style JSON
+    file or dict), taken from that config, as the official AA-CLIP loader does.
     """
     from open_clip.model import build_model_from_openai_state_dict
 
     state = {k: (v.half().float() if _openai_fp16_keys(k) else v.float()) if v.is_floating_point() else v
              for k, v in state.items()}
+    if model_config:
+        return build_clip_from_config(state, model_config, activation, image_size)
     model = build_model_from_openai_state_dict(dict(state), quick_gelu=activation == "quick_gelu", cast_dtype=None)
+    return model.float().eval()
+
+
+def read_model_config(model_config: str | Path | dict) -> dict:
+    """An open_clip model config: a dict, a JSON file, or the name of a config open_clip knows."""
+    import json
+
+    if isinstance(model_config, dict):
+        return dict(model_config)
+    path = Path(model_config).expanduser()
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BackboneError(f"{path}: not a readable JSON model config ({exc})") from None
+    from open_clip.factory import get_model_config
+
+    register_model_configs()
+    config = get_model_config(str(model_config))
+    if config is None:
+        raise BackboneError(f"model config '{model_config}' is neither a JSON file nor an open_clip architecture")
+    return dict(config)
+
+
+def build_clip_from_config(state: dict[str, torch.Tensor], model_config: str | Path | dict,
+                           activation: str = "gelu", image_size: int | None = None) -> nn.Module:
+    """An open_clip ``CLIP(**config)`` loaded strictly with an OpenAI-layout ``state`` (already fp32).
+
+    ``image_size`` replaces the config's vision input size (as the official AA-CLIP loader sets 518), and
+    the position embedding is resized once, from the checkpoint's grid to that one. Unused OpenAI keys
+    (``input_resolution``, ``context_length``, ``vocab_size``) are dropped, as OpenAI's loader does.
+    """
+    from open_clip.model import CLIP
+
+    config = read_model_config(model_config)
+    if image_size:
+        config["vision_cfg"] = {**config.get("vision_cfg", {}), "image_size": image_size}
+    config.pop("custom_text", None)
+    config["quick_gelu"] = activation == "quick_gelu"
+    model = CLIP(**config)
+    state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    pos = state.get("visual.positional_embedding")
+    wanted = model.visual.positional_embedding.shape[0]
+    if pos is not None and pos.shape[0] != wanted:
+        state["visual.positional_embedding"] = resize_position_embedding(pos, round(math.sqrt(wanted - 1)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BackboneError(f"the checkpoint does not fit the model config: {str(exc).splitlines()[0]}") from None
     return model.float().eval()
 
 
@@ -156,7 +212,8 @@ def create_clip(spec: BackboneSpec) -> nn.Module:
         if fmt == "auto":
             fmt = "open_clip" if _is_open_clip_file(path) else "openai"
         if fmt == "openai":
-            return build_openai_clip(read_openai_state_dict(path), spec.activation)
+            return build_openai_clip(read_openai_state_dict(path), spec.activation, spec.model_config or None,
+                                     spec.image_size)
         if fmt != "open_clip":
             raise BackboneError(f"unknown clip_format '{spec.clip_format}' (auto, openai, open_clip)")
         return open_clip.create_model(spec.arch, pretrained=str(path)).float().eval()
@@ -193,19 +250,42 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
 # forward
 
 
-def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, causal: bool) -> torch.Tensor:
-    """x: [N, L, C] -> [N, L, C]; the weights of ``nn.MultiheadAttention`` with fused SDPA."""
+def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, causal: bool,
+                    attention: str = "sdpa") -> torch.Tensor:
+    """x: [N, L, C] -> [N, L, C] with the weights of ``nn.MultiheadAttention``.
+
+    ``attention="sdpa"``: fused scaled-dot-product attention (fast). ``"explicit"``: the arithmetic of
+    ``nn.MultiheadAttention`` called with ``need_weights=True`` (q pre-scaled by 1/sqrt(head width), then
+    q·k^T, softmax, ·v), which the official AA-CLIP code runs; the two differ by about 1e-6 relative on CPU.
+    """
     n, length, width = x.shape
     heads = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # each [N, H, L, d]
+    if attention == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    elif attention == "explicit":
+        q = q.reshape(n * heads, length, -1) * math.sqrt(1.0 / q.shape[-1])
+        k, v = k.reshape(n * heads, length, -1), v.reshape(n * heads, length, -1)
+        if causal:
+            mask = torch.full((length, length), float("-inf"), device=x.device, dtype=q.dtype).triu_(1)
+            weights = torch.baddbmm(mask, q, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q, k.transpose(-2, -1))
+        out = torch.bmm(weights.softmax(dim=-1), v).view(n, heads, length, -1)
+    else:
+        raise ValueError(f"attention must be 'sdpa' or 'explicit', not '{attention}'")
     return attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
-def _run_block(block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
-    x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x), causal))
+def _run_block(block: nn.Module, x: torch.Tensor, causal: bool, attention: str = "sdpa") -> torch.Tensor:
+    x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x), causal, attention))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+#: ``after_block(index, x) -> x``: called with the residual stream after each block (1-indexed) in the
+#: vision and text forwards, so a detector can adapt it (AA-CLIP's residual adapters) without its own loop.
+BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class ClipBackbone(nn.Module):
@@ -269,24 +349,40 @@ class ClipBackbone(nn.Module):
         return super().train(False)
 
     # vision --------------------------------------------------------------------------------------
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: [N, 3, S, S] normalised -> tokens [N, 1 + G*G, W]: patch embedding, CLS prepended,
+        position embedding added (before ``ln_pre``). Patch p = row·G + col."""
+        visual = self.clip.visual
+        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))  # [N, W, G, G]
+        x = x.flatten(2).transpose(1, 2)  # [N, G*G, W]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+
+    def run_vision(self, tokens: torch.Tensor, layers: Sequence[int] = (), after_block: BlockHook | None = None,
+                   attention: str = "sdpa") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """tokens: [N, T, W] from ``embed_image`` (any subset of its tokens) -> (x after the last block
+        [N, T, W], [x[:, 1:] after block l for l in layers]). ``ln_pre`` is applied here."""
+        x = self.clip.visual.ln_pre(tokens)
+        taps = []
+        for index, block in enumerate(self.clip.visual.transformer.resblocks, start=1):
+            x = _run_block(block, x, causal=False, attention=attention)
+            if after_block is not None:
+                x = after_block(index, x)
+            if index in layers:
+                taps.append(x[:, 1:, :])
+        return x, taps
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """x after the last block [N, T, W] -> g = LN_post(CLS) @ W_proj: [N, D], not normalised."""
+        return self.clip.visual.ln_post(x[:, 0, :]) @ self.clip.visual.proj
+
     def encode_image(
         self, pixels: torch.Tensor, layers: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """pixels: [N, 3, S, S] normalised -> (g: [N, D], [F_l: [N, G*G, W] for l in layers])."""
-        visual = self.clip.visual
         layers = tuple(self.spec.feature_layers if layers is None else layers)
-        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))  # [N, W, G, G]
-        x = x.flatten(2).transpose(1, 2)  # [N, G*G, W]
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.ln_pre(x)
-        patch_tokens = []
-        for index, block in enumerate(visual.transformer.resblocks, start=1):
-            x = _run_block(block, x, causal=False)
-            if index in layers:
-                patch_tokens.append(x[:, 1:, :])
-        g = visual.ln_post(x[:, 0, :]) @ visual.proj  # [N, D]
-        return g, patch_tokens
+        x, patch_tokens = self.run_vision(self.embed_image(pixels), layers)
+        return self.pool(x), patch_tokens
 
     def encode_image_floor(self, pixels: torch.Tensor) -> torch.Tensor:
         """The plain backbone forward (the benchmark's floor): g only."""
@@ -297,21 +393,25 @@ class ClipBackbone(nn.Module):
         """token ids [..., L] -> embeddings [..., L, E]."""
         return self.clip.token_embedding(token_ids)
 
-    def encode_text(self, embeddings: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, embeddings: torch.Tensor, last_index: torch.Tensor, after_block: BlockHook | None = None,
+                    attention: str = "sdpa", project: bool = True) -> torch.Tensor:
         """embeddings: [S, L, E] (positional embedding not yet added); last_index: [S] -> [S, D].
 
-        Each sequence is read at its own ``last_index`` after LN_final and the text projection. Under the
-        causal mask anything after that position cannot change it, so callers may cut sequences right
-        after their EOT and pad shorter ones.
+        Each sequence is read at its own ``last_index`` after LN_final and (``project``) the text
+        projection; ``project=False`` returns the [S, E] token after LN_final. Under the causal mask
+        anything after that position cannot change it, so callers may cut sequences right after their
+        EOT and pad shorter ones.
         """
         length = embeddings.shape[1]
         if length > self.context_length:
             raise ValueError(f"text sequence of {length} tokens exceeds the context length {self.context_length}")
         x = embeddings + self.clip.positional_embedding[:length].to(embeddings.dtype)
-        for block in self.clip.transformer.resblocks:
-            x = _run_block(block, x, causal=True)
-        x = x[torch.arange(x.shape[0], device=x.device), last_index]  # [S, E]
-        return self.clip.ln_final(x) @ self.clip.text_projection
+        for index, block in enumerate(self.clip.transformer.resblocks, start=1):
+            x = _run_block(block, x, causal=True, attention=attention)
+            if after_block is not None:
+                x = after_block(index, x)
+        x = self.clip.ln_final(x[torch.arange(x.shape[0], device=x.device), last_index])  # [S, E]
+        return x @ self.clip.text_projection if project else x
 
 
 def load_backbone(spec: BackboneSpec) -> ClipBackbone:

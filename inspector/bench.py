@@ -1,14 +1,15 @@
 """``inspector bench``: speed and memory of the scoring engine, as ratios to a floor measured in the same run.
 
-Cases, each over the configured batch sizes, on the current device, on the same synthetic images:
+Each detector is timed on the same synthetic images (resized to its own input size), over the configured
+batch sizes, on the current device:
 
-* ``floor``        the backbone alone (one vision forward, global embedding only): nothing can be faster
-* ``exact R=1``    the full exact path with one Monte-Carlo sample
-* ``exact R=10``   the full exact path at the paper's R (``[model] samples``)
-* ``class-cache``  the approximate mode: text embeddings from a class prototype, computed once per class
+* ``floor``        its backbone alone (one vision forward, global embedding only): nothing can be faster
+* the detector     ``aa-clip``, ``winclip`` (zero-shot, and ``winclip k=K`` few-shot on K references), or for
+                   Bayes-PFL ``exact R=1``, ``exact R=10`` (the paper's R) and ``class-cache R=10`` (text
+                   embeddings from a class prototype, computed once per class)
 * ``pipeline``     `watch --once` end to end on PNG files (640 px) at the largest batch size: intake, hashing,
                    decoding, scoring, map encoding and SQLite writes, with the same loaded model; its ratio
-                   to ``exact`` at that batch size is the pipeline's overhead
+                   to the detector case at that batch size is the pipeline's overhead
 
 Timings start from preprocessed pixels on the device (decoding is I/O and the same for every case), take
 the median of ``repeats`` runs after one warm-up, and synchronise CUDA. Peak memory is
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .detectors.bayes_pfl import BayesPFL
+from .detectors.base import Detector
 
 
 def synthetic_images(count: int, size: int = 640, seed: int = 0) -> list[Image.Image]:
@@ -127,15 +128,12 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
     return statistics.median(times), peak
 
 
-def _backbone_floor(model: BayesPFL, pixels: torch.Tensor) -> None:
-    with torch.inference_mode(), model._autocast():
-        model.backbone.encode_image_floor(pixels)
-
-
-def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: int,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: int,
+              progress: Callable[[str], None] | None = None, references: int = 0) -> dict[str, Any]:
+    """Time ``model`` (any detector); ``samples`` is Bayes-PFL's R; ``references``: WinCLIP's few-shot
+    case on that many synthetic normal references (0: zero-shot only)."""
     device = model.device
-    size = model.backbone.image_size
+    size = model.image_size
     from .imaging import to_model_input
 
     count = max(max(batch_sizes), 4)
@@ -146,15 +144,30 @@ def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: in
     for n in batch_sizes:
         pixels = pixels_all[:n]
         names = [class_name] * n
-        floor = partial(_backbone_floor, model, pixels)
         exact = partial(model.predict_tensors, pixels, names)
-        plan = [("floor", floor), ("exact R=1", partial(exact, samples=1)),
-                (f"exact R={samples}", partial(exact, samples=samples))]
+        plan: list[tuple[str, Callable[[], Any]]] = [("floor", partial(model.encode_floor, pixels))]
+        if model.name == "bayes-pfl":
+            plan += [("exact R=1", partial(exact, samples=1)), (f"exact R={samples}", partial(exact, samples=samples))]
+        else:
+            plan.append((model.name, exact))
         for label, fn in plan:
             if progress:
-                progress(f"{label}, batch {n}")
+                progress(f"{model.name}: {label}, batch {n}")
             seconds, peak = _time(fn, repeats, device)
             cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+        if model.name == "winclip" and references:
+            refs = torch.stack([to_model_input(im, size) for im in synthetic_images(references, seed=50)])
+            model.set_references(class_name, refs.to(device))
+            try:
+                label = f"winclip k={references}"
+                if progress:
+                    progress(f"{model.name}: {label}, batch {n}")
+                seconds, peak = _time(exact, repeats, device)
+                cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+            finally:
+                model.set_references(class_name, None)
+        if model.name != "bayes-pfl":
+            continue
         model.text_cache = "class"
         try:
             model.clear_caches()
@@ -168,30 +181,34 @@ def run_bench(model: BayesPFL, batch_sizes: list[int], repeats: int, samples: in
     for c in cases:
         c.ratio_to_floor = c.ms_per_image / floors[c.batch_size]
 
-    # agreement of the class-cache mode with the exact path on the same images
-    names = [class_name] * count
-    exact_pred = model.predict_tensors(pixels_all, names, samples=samples)
-    model.text_cache = "class"
-    try:
-        model.clear_caches()
-        model._prototypes.pop(class_name, None)
-        cached_pred = model.predict_tensors(pixels_all, names, samples=samples)
-    finally:
-        model.text_cache = "none"
-    agreement = {
-        "images": count,
-        "spearman_image_score": spearman(exact_pred.image_score.cpu(), cached_pred.image_score.cpu()),
-        "max_abs_map_diff": float((exact_pred.anomaly_map - cached_pred.anomaly_map).abs().max()),
-        "max_abs_image_score_diff": float((exact_pred.image_score - cached_pred.image_score).abs().max()),
-    }
+    agreement = None
+    if model.name == "bayes-pfl":  # agreement of the class-cache mode with the exact path on the same images
+        names = [class_name] * count
+        exact_pred = model.predict_tensors(pixels_all, names, samples=samples)
+        model.text_cache = "class"
+        try:
+            model.clear_caches()
+            model._prototypes.pop(class_name, None)
+            cached_pred = model.predict_tensors(pixels_all, names, samples=samples)
+        finally:
+            model.text_cache = "none"
+        agreement = {
+            "images": count,
+            "spearman_image_score": spearman(exact_pred.image_score.cpu(), cached_pred.image_score.cpu()),
+            "max_abs_map_diff": float((exact_pred.anomaly_map - cached_pred.anomaly_map).abs().max()),
+            "max_abs_image_score_diff": float((exact_pred.image_score - cached_pred.image_score).abs().max()),
+        }
     pipeline = pipeline_case(model, max(batch_sizes), samples, count=max(6 * max(batch_sizes), 24))
-    exact = next(c for c in cases if c.name == f"exact R={samples}" and c.batch_size == max(batch_sizes))
+    main_case = f"exact R={samples}" if model.name == "bayes-pfl" else model.name
+    exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
     pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
     cases.append(pipeline)
     return {
+        "detector": model.name,
+        "main_case": main_case,
         "pipeline_overhead": pipeline.ms_per_image / exact.ms_per_image - 1.0,
         "device": device_name(device),
-        "precision": "fp32" if device.type != "cuda" else model.precision,
+        "precision": "fp32" if device.type != "cuda" else getattr(model, "precision", "auto"),
         "backbone": model.provenance.get("backbone"),
         "random_weights": bool(model.provenance.get("random_weights", True)),
         "image_size": size,
@@ -217,7 +234,24 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def pipeline_case(model: BayesPFL, batch_size: int, samples: int, count: int) -> Case:
+def side_by_side(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (detector case, batch size) from several ``run_bench`` reports made on the same images:
+    ms/image, the detector's own backbone floor, and the ratio to it."""
+    rows = []
+    for report in reports:
+        floors = {c["batch_size"]: c["ms_per_image"] for c in report["cases"] if c["name"] == "floor"}
+        for c in report["cases"]:
+            if c["name"] in ("floor",) or c["name"].startswith("pipeline") or c["name"] == "exact R=1":
+                continue
+            rows.append({"detector": report["detector"], "case": c["name"], "backbone": report["backbone"],
+                         "image_size": report["image_size"], "batch_size": c["batch_size"],
+                         "ms_per_image": c["ms_per_image"], "floor_ms_per_image": floors[c["batch_size"]],
+                         "ratio_to_floor": c["ms_per_image"] / floors[c["batch_size"]],
+                         "peak_memory_mb": c["peak_memory_mb"]})
+    return rows
+
+
+def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) -> Case:
     """Time `watch --once` on ``count`` PNG files with the already-loaded ``model`` (no load time)."""
     import tempfile
     import threading
@@ -227,8 +261,9 @@ def pipeline_case(model: BayesPFL, batch_size: int, samples: int, count: int) ->
     from .store.queue import ensure_model_version, pending_count
     from .worker import Worker
 
-    old_samples = model.samples
-    model.samples = samples
+    old_samples = getattr(model, "samples", None)
+    if old_samples is not None:
+        model.samples = samples
     with tempfile.TemporaryDirectory(prefix="inspector-bench-") as tmp:
         folder = Path(tmp) / "line"
         folder.mkdir()
@@ -251,5 +286,6 @@ def pipeline_case(model: BayesPFL, batch_size: int, samples: int, count: int) ->
                 raise RuntimeError(f"pipeline bench stored {worker.stored} of {count} images")
         finally:
             engine.dispose()
-            model.samples = old_samples
+            if old_samples is not None:
+                model.samples = old_samples
     return Case("pipeline (watch --once)", batch_size, seconds * 1000 / count, count / seconds, rss.peak / 2**20)

@@ -23,7 +23,8 @@ from rich.table import Table
 
 from .config import ConfigError, Settings, load_settings
 
-app = typer.Typer(help="Batch visual inspection: Bayes-PFL anomaly detection on CLIP.", no_args_is_help=True,
+app = typer.Typer(help="Batch visual inspection: zero-shot anomaly detection on CLIP (Bayes-PFL, AA-CLIP, WinCLIP).",
+                  no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model versions in the registry (models/).", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
@@ -31,6 +32,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 db_app = typer.Typer(help="The database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+references_app = typer.Typer(help="Normal reference images per class (few-shot WinCLIP+).", no_args_is_help=True)
+app.add_typer(references_app, name="references")
 console = Console(stderr=True)
 out = Console()
 
@@ -45,6 +48,8 @@ state = _State()
 
 # options shared by several verbs (one definition, one help text)
 MODEL_OPTION = typer.Option(None, "--model", "-m", help="Registered model name or version folder.")
+DETECTOR_OPTION = typer.Option(None, "--detector", "-d",
+                               help="bayes-pfl, aa-clip or winclip (default: [model] detector).")
 DATABASE_OPTION = typer.Option(None, "--database", help=escape("Database URL (default: [database] url)."))
 METRICS_OPTION = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port.")
 RANDOM_OPTION = typer.Option(None, "--allow-random-weights",
@@ -96,9 +101,14 @@ def main_options(
 
 def _model_flags(s: Settings, model: str | None, backbone: str | None, pretrained: str | None,
                  head: str | None, samples: int | None, device: str | None, batch_size: int | None = None,
-                 allow_random_weights: bool | None = None) -> Settings:
+                 allow_random_weights: bool | None = None, detector: str | None = None) -> Settings:
+    if detector is not None:
+        from .detectors import detector_class
+
+        detector_class(detector)  # an unknown name is the user's mistake, said before anything loads
     return s.override("model", name=model, backbone=backbone, pretrained=pretrained, head=head, samples=samples,
-                      device=device, batch_size=batch_size, allow_random_weights=allow_random_weights)
+                      device=device, batch_size=batch_size, allow_random_weights=allow_random_weights,
+                      detector=detector)
 
 
 def _random_banner(provenance: dict[str, Any]) -> None:
@@ -117,12 +127,13 @@ def score(
     model: str | None = MODEL_OPTION,
     backbone: str | None = typer.Option(None, help="open_clip architecture (without --model)."),
     pretrained: str | None = typer.Option(None, help="Pretrained tag, checkpoint file, or 'random'."),
-    head: str | None = typer.Option(None, help="Bayes-PFL head checkpoint (ours or official)."),
-    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    head: str | None = typer.Option(None, help="Trained head of the detector (Bayes-PFL: ours or official)."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (Bayes-PFL)."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     batch_size: int | None = typer.Option(None, help="Images per batch."),
     database: str | None = DATABASE_OPTION,
     allow_random_weights: bool | None = RANDOM_OPTION,
+    detector: str | None = DETECTOR_OPTION,
 ) -> None:
     """Score images now (a progress bar), store the results like `watch` does, and print them."""
     from rich.progress import Progress
@@ -130,7 +141,8 @@ def score(
     from .imaging import IMAGE_SUFFIXES
     from .pipeline import score_files
 
-    s = _model_flags(settings(), model, backbone, pretrained, head, samples, device, batch_size, allow_random_weights)
+    s = _model_flags(settings(), model, backbone, pretrained, head, samples, device, batch_size, allow_random_weights,
+                     detector)
     s.override("database", url=database)
     files: list[Path] = []
     for path in paths:
@@ -167,69 +179,139 @@ def score(
 @app.command()
 @user_errors
 def bench(
-    backbone: str | None = typer.Option(None, help="open_clip architecture; default the configured one "
-                                           "(ViT-L-14-336). 'test-tiny' for a quick run."),
+    detectors: str = typer.Option("bayes-pfl,aa-clip,winclip", "--detectors",
+                                  help="Comma-separated detectors timed side by side on the same images."),
+    backbone: str | None = typer.Option(None, help="open_clip architecture for every detector; default each "
+                                           "detector's own (ViT-L-14-336, ViT-B-16-plus-240). 'test-tiny' for a "
+                                           "quick run."),
     pretrained: str = typer.Option("random", help="Weights; random by default (speed does not depend on them)."),
     batch_sizes: str | None = typer.Option(None, help="Comma-separated batch sizes, e.g. 1,2,8."),
     repeats: int | None = typer.Option(None, help="Timed repetitions per case (median reported)."),
-    samples: int | None = typer.Option(None, "--samples", "-R", help="R of the 'exact R' and cache cases."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Bayes-PFL's R of the 'exact R' and cache "
+                                       "cases."),
+    references: int = typer.Option(4, help="WinCLIP few-shot case with this many references (0: zero-shot only)."),
+    image_size: int | None = typer.Option(None, help="Input side for every detector (default: each one's own)."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, ..."),
     precision: str | None = typer.Option(None, help="auto, fp32, bf16, fp16 (CUDA autocast)."),
     output: Path | None = typer.Option(None, help="JSON report path."),
 ) -> None:
-    """Time the backbone floor, the exact path at R=1 and R=10 and the class-cache mode; print and save JSON."""
-    from .bench import run_bench, write_report
+    """Time each detector against its own backbone floor (and Bayes-PFL's R=1, R=10 and class-cache modes,
+    WinCLIP zero- and few-shot, and `watch --once` end to end); print the tables and save JSON."""
+    import gc
+
+    from .bench import run_bench, side_by_side, write_report
+    from .detectors import detector_class
     from .registry import load_model
 
-    s = settings()
-    s.override("model", backbone=backbone, pretrained=pretrained, device=device, precision=precision, head="",
-               name="")
-    s.override("bench", batch_sizes=batch_sizes, repeats=repeats, output=str(output) if output else None)
-    r = samples or s.model.samples
-    detector = load_model(settings=s)
-    console.print(f"bench: {s.model.backbone} ({s.model.pretrained}) at {s.model.image_size}px on {detector.device}")
-    report = run_bench(detector, s.bench.batch_sizes, s.bench.repeats, r,
-                       progress=lambda msg: console.print(f"  timing {msg}", highlight=False))
-    report["backbone"] = s.model.backbone
-    path = write_report(report, s.bench.output)
-    table = Table("case", "batch", "ms/image", "images/s", "peak MB", "x floor",
-                  title=f"{report['device']}, {report['precision']}, {s.model.backbone} @ {report['image_size']}px")
-    for c in report["cases"]:
-        table.add_row(c["name"], str(c["batch_size"]), f"{c['ms_per_image']:.1f}", f"{c['images_per_s']:.2f}",
-                      f"{c['peak_memory_mb']:.0f}", f"{c['ratio_to_floor']:.2f}")
+    names = [d.strip() for d in detectors.split(",") if d.strip()]
+    for name in names:
+        detector_class(name)
+    reports = []
+    for name in names:
+        s = settings()
+        s.override("model", detector=name, backbone=backbone, pretrained=pretrained, device=device,
+                   precision=precision, image_size=image_size, head="", name="")
+        s.override("bench", batch_sizes=batch_sizes, repeats=repeats, output=str(output) if output else None)
+        r = samples or s.model.samples
+        model = load_model(settings=s, use_active=False)
+        console.print(f"bench {name}: {model.backbone.spec.arch} ({model.backbone.spec.pretrained}) at "
+                      f"{model.image_size}px on {model.device}", highlight=False)
+        report = run_bench(model, s.bench.batch_sizes, s.bench.repeats, r, references=references,
+                           progress=lambda msg: console.print(f"  timing {msg}", highlight=False))
+        report["backbone"] = model.backbone.spec.arch
+        reports.append(report)
+        del model
+        gc.collect()
+        if torch_cuda_available():
+            import torch
+
+            torch.cuda.empty_cache()
+    combined = {"device": reports[0]["device"], "precision": reports[0]["precision"], "detectors": reports,
+                "side_by_side": side_by_side(reports)}
+    path = write_report(combined, s.bench.output)
+    for report in reports:
+        table = Table("case", "batch", "ms/image", "images/s", "peak MB", "x floor",
+                      title=f"{report['detector']}: {report['device']}, {report['precision']}, {report['backbone']} "
+                            f"@ {report['image_size']}px")
+        for c in report["cases"]:
+            table.add_row(c["name"], str(c["batch_size"]), f"{c['ms_per_image']:.1f}", f"{c['images_per_s']:.2f}",
+                          f"{c['peak_memory_mb']:.0f}", f"{c['ratio_to_floor']:.2f}")
+        out.print(table)
+        a = report.get("class_cache_agreement")
+        if a:
+            out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "
+                      f"max map diff {a['max_abs_map_diff']:.4f}, max image-score diff "
+                      f"{a['max_abs_image_score_diff']:.4f}")
+        out.print(f"pipeline overhead over the {report['main_case']} case (watch --once, PNG files, SQLite): "
+                  f"{100 * report['pipeline_overhead']:.1f}%")
+    table = Table("detector", "case", "backbone", "px", "batch", "ms/image", "floor ms/image", "x floor",
+                  title="side by side, same images")
+    for row in combined["side_by_side"]:
+        table.add_row(row["detector"], row["case"], row["backbone"], str(row["image_size"]), str(row["batch_size"]),
+                      f"{row['ms_per_image']:.1f}", f"{row['floor_ms_per_image']:.1f}", f"{row['ratio_to_floor']:.2f}")
     out.print(table)
-    a = report["class_cache_agreement"]
-    out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "
-              f"max map diff {a['max_abs_map_diff']:.4f}, max image-score diff {a['max_abs_image_score_diff']:.4f}")
-    out.print(f"pipeline overhead over the exact engine (watch --once, PNG files, SQLite): "
-              f"{100 * report['pipeline_overhead']:.1f}%")
     out.print(f"report: {path}")
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @models_app.command("import-official")
 @user_errors
 def import_official(
     clip: Path = typer.Option(..., help="OpenAI CLIP checkpoint, e.g. ViT-L-14-336px.pt (TorchScript or state dict)."),
-    head: Path = typer.Option(..., help="Official Bayes-PFL head, e.g. train_visa.pth ({'MyModel': ...})."),
     name: str = typer.Option(..., help="Name of the new model version."),
-    stage: int | None = typer.Option(None, help="1 or 2; default: the official rule from the file name."),
+    detector: str = typer.Option("bayes-pfl", "--detector", "-d", help="bayes-pfl or aa-clip."),
+    head: Path | None = typer.Option(None, help="Bayes-PFL: official head, e.g. train_visa.pth ({'MyModel': ...})."),
+    stage: int | None = typer.Option(None, help="Bayes-PFL: 1 or 2; default: the official rule from the file name."),
+    text_adapter: Path | None = typer.Option(None, help="AA-CLIP: text_adapter.pth (absent: the frozen CLIP text "
+                                                 "encoder, as the official code does)."),
+    image_adapter: Path | None = typer.Option(None, help="AA-CLIP: image_adapter_<epoch>.pth."),
+    model_config: Path | None = typer.Option(None, help="Open_clip-style JSON architecture of the checkpoint "
+                                                  "(only for heads that are not 64 wide)."),
 ) -> None:
-    """Register the published Bayes-PFL checkpoints as a model version under models/."""
+    """Register published checkpoints (Bayes-PFL head, or AA-CLIP adapters) as a model version under models/."""
     from .backbone import BackboneSpec, read_openai_state_dict
-    from .detectors.bayes_pfl import BayesPFLHead
-    from .registry import register, sha256_of
+    from .registry import register, register_model, sha256_of
 
     s = settings()
     state_dict = read_openai_state_dict(clip)  # validates the file before anything is written
+    if detector == "aa-clip":
+        from .detectors.aa_clip import AACLIP
+
+        if image_adapter is None:
+            raise ValueError("AA-CLIP needs --image-adapter (image_adapter_<epoch>.pth)")
+        del state_dict
+        model = AACLIP.from_official(clip=clip, text_adapter=text_adapter, image_adapter=image_adapter,
+                                     model_config=model_config)
+        origin = {"kind": "official-aa-clip", "image_adapter_file": str(image_adapter.resolve()),
+                  "image_adapter_sha256": sha256_of(image_adapter),
+                  "text_adapter_file": str(text_adapter.resolve()) if text_adapter else None,
+                  "text_adapter_sha256": sha256_of(text_adapter) if text_adapter else None}
+        folder = register_model(s.registry.path, name, model, origin)
+        out.print(f"registered [bold]{name}[/] (aa-clip) in {folder}")
+        return
+    if detector != "bayes-pfl":
+        raise ValueError(f"--detector must be bayes-pfl or aa-clip (winclip needs no trained files), not '{detector}'")
+    if head is None:
+        raise ValueError("Bayes-PFL needs --head (train_visa.pth or train_mvtec.pth)")
+    from .detectors.bayes_pfl import BayesPFLHead
+    from .detectors.bayes_pfl.head import describe
+
     head_module = BayesPFLHead.load(head, stage=stage)
     width = state_dict["visual.conv1.weight"].shape[0]
     if head_module.config.vision_width != width:
         raise ValueError(f"{head} was trained for a vision width of {head_module.config.vision_width}, "
                          f"{clip} has {width}")
-    spec = BackboneSpec(arch="openai-checkpoint", pretrained=str(clip), clip_format="openai", activation="gelu")
+    spec = BackboneSpec(arch="openai-checkpoint", pretrained=str(clip), clip_format="openai", activation="gelu",
+                        model_config=str(model_config.resolve()) if model_config else "")
     origin = {"kind": "official-bayes-pfl", "head_file": str(head.resolve()), "head_file_sha256": sha256_of(head),
               "stage": head_module.config.stage}
-    folder = register(s.registry.path, name, head_module, spec, origin)
+    folder = register(s.registry.path, name, detector="bayes-pfl", backbone=spec, origin=origin,
+                      save_head=head_module.save, head_info=describe(head_module))
     out.print(f"registered [bold]{name}[/] in {folder} (stage {head_module.config.stage})")
 
 
@@ -296,15 +378,18 @@ def watch(
     database: str | None = DATABASE_OPTION,
     metrics_port: int | None = METRICS_OPTION,
     allow_random_weights: bool | None = RANDOM_OPTION,
+    detector: str | None = DETECTOR_OPTION,
 ) -> None:
-    """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C)."""
+    """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C).
+
+    One watcher runs one detector: give each line its own with --detector (or a promoted version)."""
     import threading
 
     from .intake import WatchedFolder
     from .pipeline import install_signal_handlers
     from .pipeline import watch as run_watch
 
-    s = settings().override("model", name=model, allow_random_weights=allow_random_weights)
+    s = _model_flags(settings(), model, None, None, None, None, None, None, allow_random_weights, detector)
     s.override("watch", polling=polling)
     s.override("database", url=database)
     watched = []
@@ -330,13 +415,14 @@ def worker(
     database: str | None = DATABASE_OPTION,
     metrics_port: int | None = METRICS_OPTION,
     allow_random_weights: bool | None = RANDOM_OPTION,
+    detector: str | None = DETECTOR_OPTION,
 ) -> None:
     """Score queued images only (no intake): extra GPU boxes sharing one Postgres."""
     import threading
 
     from .pipeline import install_signal_handlers, run_worker
 
-    s = settings().override("model", name=model, allow_random_weights=allow_random_weights)
+    s = _model_flags(settings(), model, None, None, None, None, None, None, allow_random_weights, detector)
     s.override("database", url=database)
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -365,6 +451,8 @@ def status(
               + (f", {rate:.2f} images/s" if rate else ""))
     out.print(f"active model     {data['active_model']}" + (" (RANDOM WEIGHTS)" if data["active_model_random_weights"]
                                                          else ""))
+    if data.get("active_model_fallback"):
+        out.print(f"day one          {data['active_model_fallback']}", highlight=False, markup=False)
     for e in data["errors"]:
         out.print(f"error x{e['count']:<6} {e['error']}", highlight=False, markup=False)
 
@@ -406,9 +494,11 @@ def demo(
         if not target.exists():
             image.save(target)
     if not (s.model.name or s.model.head):
-        console.print("[bold yellow]No trained model configured: falling back to the test-tiny backbone with "
-                      "random weights. Scores show the plumbing, not accuracy.[/]")
-        s.override("model", backbone="test-tiny", pretrained="random", allow_random_weights=True)
+        console.print("[bold yellow]No trained model configured: scoring with the training-free fallback "
+                      f"({s.model.fallback}) on the test-tiny backbone with random weights (no weights can be "
+                      "assumed on this machine). Scores show the plumbing, not accuracy.[/]")
+        s.override("model", backbone="test-tiny", pretrained="random", image_size=s.model.image_size or 224,
+                   allow_random_weights=True)
     summary = run_watch(s, [WatchedFolder(images_dir.resolve(), "demo part")], once=True, stop=threading.Event())
     engine = make_engine(s.database.url)
     with engine.connect() as conn:
@@ -452,21 +542,29 @@ def retrain(
     device: str | None = typer.Option(None, help="auto, cpu, cuda, ..."),
     orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
     allow_random_weights: bool | None = RANDOM_OPTION,
+    detector: str | None = DETECTOR_OPTION,
+    text_epochs: int | None = typer.Option(None, "--text-epochs", help="AA-CLIP: epochs of stage 1 (text "
+                                           "adapters; the paper: 5). --epochs sets stage 2 (image adapters; 20)."),
 ) -> None:
-    """Train Bayes-PFL's learnable parts on an auxiliary dataset (its test split, as the paper does) and
-    register the result as a new model version."""
+    """Train a detector's learnable parts on an auxiliary dataset (its test split, as the papers do) and
+    register the result as a new model version. Bayes-PFL: both flow stages with validation-driven stage
+    switch; AA-CLIP: text adapters, then image adapters (the official two stages)."""
     import datetime as dt
     import subprocess
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .data import content_hash, dataset_summary, load_dataset
-    from .registry import load_model, register
+    from .registry import load_model, register_model
     from .train import TrainConfig, train
 
-    s = settings().override("model", backbone=backbone, pretrained=pretrained, head=head, device=device,
-                            allow_random_weights=allow_random_weights)
+    s = _model_flags(settings(), None, backbone, pretrained, head, None, device, None, allow_random_weights, detector)
     s.override("train", epochs=epochs, batch_size=batch_size)
+    from .detectors import detector_class
+
+    if not detector_class(s.model.detector).trainable:
+        raise ValueError(f"{s.model.detector} is training-free: nothing to retrain (few-shot references: "
+                         "`inspector references add`)")
     if s.model.pretrained == "random" and not s.model.allow_random_weights:
         raise ValueError("training on a random backbone gives a useless model; pass --allow-random-weights for a "
                          "smoke run")
@@ -477,10 +575,20 @@ def retrain(
     name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
     s.model.name = ""
     model = load_model(settings=s, use_active=False)  # a fresh head (or --head), never the promoted one
-    cfg = TrainConfig(**dataclasses.asdict(s.train))
     run_dir = Path(s.registry.path) / ".runs" / name
-    console.print(f"retrain {name}: {len(records)} images of {len({r.class_name for r in records})} classes "
-                  f"from {path}; checkpoints in {run_dir}", highlight=False)
+    console.print(f"retrain {name} ({model.name}): {len(records)} images of {len({r.class_name for r in records})} "
+                  f"classes from {path}; checkpoints in {run_dir}", highlight=False)
+    if model.name == "aa-clip":
+        from .detectors.aa_clip.train import AACLIPTrainConfig, train_aa_clip
+
+        cfg = AACLIPTrainConfig()
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in {
+            "text_epochs": text_epochs, "image_epochs": epochs, "seed": s.train.seed, "augment": s.train.augment,
+            "val_fraction": s.train.val_fraction}.items() if v is not None and hasattr(cfg, k)})
+        train_fn = train_aa_clip
+    else:
+        cfg = TrainConfig(**dataclasses.asdict(s.train))
+        train_fn = train
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[losses]}"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("epoch 1", total=1, losses="")
@@ -489,7 +597,7 @@ def retrain(
             bar.update(task, total=steps, completed=step,
                        losses=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
-        state = train(model, records, cfg, run_dir, resume=resume, progress=on_step)
+        state = train_fn(model, records, cfg, run_dir, resume=resume, progress=on_step)
     try:
         code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5, check=False).stdout.strip() or None
@@ -499,7 +607,7 @@ def retrain(
               "dataset_summary": dataset_summary(records), "hyperparameters": dataclasses.asdict(cfg),
               "history": state.history, "final_stage": state.stage, "seed": cfg.seed, "code_version": code,
               "random_backbone": model.backbone.spec.is_random}
-    folder = register(s.registry.path, name, model.head, model.backbone.spec, origin)
+    folder = register_model(s.registry.path, name, model, origin)
     out.print(f"registered [bold]{name}[/] in {folder} after {state.epoch} epochs (stage {state.stage})")
 
 
@@ -515,15 +623,17 @@ def eval_(
     plots: Path | None = typer.Option(None, "--plots", help="Write image ROC and PR curves as PNG here."),
     orphan_masks: str = typer.Option("error", help="Masks without an image: 'error' or 'ignore'."),
     allow_random_weights: bool | None = RANDOM_OPTION,
+    detector: str | None = DETECTOR_OPTION,
 ) -> None:
-    """Image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO per class and mean on a labelled test split."""
+    """Image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO per class and mean on a labelled test split,
+    with the protocol of the detector's paper ('official') or the stored per-image score ('live')."""
     from rich.progress import Progress
 
     from .data import load_dataset
     from .evaluation import evaluate_rows, score_dataset
     from .pipeline import load_detector
 
-    s = settings().override("model", name=model, samples=samples, allow_random_weights=allow_random_weights)
+    s = _model_flags(settings(), model, None, None, None, samples, None, None, allow_random_weights, detector)
     path = _dataset_path(s, data)
     records = [r for r in load_dataset(path, orphan_masks=orphan_masks) if r.split == "test"]
     if not records:
@@ -532,10 +642,10 @@ def eval_(
     _random_banner(detector.provenance)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=len(records))
-        rows = score_dataset(detector, records, s.model.samples, s.model.batch_size,
-                             progress=lambda n: bar.advance(task, n))
-    report = evaluate_rows(rows, score)
+        rows = score_dataset(detector, records, None, s.model.batch_size, progress=lambda n: bar.advance(task, n))
+    report = evaluate_rows(rows, score, detector.eval_protocol)
     report["model"] = detector.provenance
+    report["detector"] = detector.name
     report["dataset"] = str(path)
     report["image_score"] = score
     names = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
@@ -548,12 +658,57 @@ def eval_(
     if plots:
         from .evaluation import write_plots
 
-        for written in write_plots(rows, plots, score):
+        for written in write_plots(rows, plots, score, detector.eval_protocol):
             out.print(f"plot: {written}")
     if json_file:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
         out.print(f"metrics: {json_file}")
+
+
+@references_app.command("add")
+@user_errors
+def references_add(
+    images: list[Path] = typer.Argument(..., help="Normal (defect-free) images of the class."),
+    class_name: str = typer.Option(..., "--class-name", "-n", help='Product class, e.g. "metal nut".'),
+) -> None:
+    """Store normal reference images of a class: WinCLIP scores that class few-shot (WinCLIP+) from then on.
+
+    Every file is checked first; a bad one stops the command and nothing is added."""
+    from .references import ReferenceStore
+
+    store = ReferenceStore(settings().winclip.references)
+    added = store.add(class_name, images)
+    total = len(store.list(class_name))
+    out.print(f"{len(added)} reference image(s) added for '{class_name}' ({total} in all) in {store.folder}",
+              highlight=False)
+
+
+@references_app.command("list")
+@user_errors
+def references_list(as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
+    """Classes with reference images, and how many each has."""
+    from .references import ReferenceStore
+
+    store = ReferenceStore(settings().winclip.references)
+    counts = {name: len(store.list(name)) for name in store.classes()}
+    if as_json:
+        print(json.dumps(counts))
+        return
+    table = Table("class", "references")
+    for name, count in sorted(counts.items()):
+        table.add_row(name, str(count))
+    out.print(table)
+
+
+@references_app.command("remove")
+@user_errors
+def references_remove(class_name: str = typer.Option(..., "--class-name", "-n", help="Product class.")) -> None:
+    """Forget the reference images of a class (WinCLIP scores it zero-shot again)."""
+    from .references import ReferenceStore
+
+    ReferenceStore(settings().winclip.references).remove(class_name)
+    out.print(f"references of '{class_name}' removed", highlight=False)
 
 
 @app.command("demo-data")

@@ -33,26 +33,36 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSettings:
-    #: Detector behind the engine. Only "bayes-pfl" exists today.
+    #: Detector behind the engine: "bayes-pfl", "aa-clip" or "winclip" (training-free).
     detector: str = "bayes-pfl"
+    #: Training-free detector that scores while the configured one has no trained head ("winclip"), or
+    #: "none" to refuse (or, with allow_random_weights, to score with the untrained head).
+    fallback: str = "winclip"
     #: Registered model version (folder under ``registry.path``) to load; empty = build from the keys below.
     name: str = ""
-    #: open_clip architecture name ("ViT-L-14-336", "test-tiny", ...). Ignored for OpenAI checkpoints,
-    #: whose architecture is read from the tensors.
-    backbone: str = "ViT-L-14-336"
-    #: Backbone weights: an open_clip pretrained tag ("openai"), a local checkpoint file, or "random".
-    pretrained: str = "openai"
+    #: open_clip architecture name ("ViT-L-14-336", "test-tiny", ...); empty = the detector's own (ViT-L-14-336
+    #: for Bayes-PFL and AA-CLIP, ViT-B-16-plus-240 for WinCLIP). Ignored for OpenAI checkpoints, whose
+    #: architecture is read from the tensors (or from model_config).
+    backbone: str = ""
+    #: Backbone weights: an open_clip pretrained tag ("openai"), a local checkpoint file, or "random";
+    #: empty = the detector's own ("openai"; "laion400m_e31" for WinCLIP).
+    pretrained: str = ""
+    #: Optional open_clip-style JSON for an OpenAI checkpoint whose attention heads are not 64 wide.
+    model_config: str = ""
     #: How to read a checkpoint file: "auto", "openai" (TorchScript or plain OpenAI state dict) or "open_clip".
     clip_format: str = "auto"
-    #: Trained Bayes-PFL head (our format or the official ``{'MyModel': ...}`` file); empty = untrained.
+    #: Trained head of the detector (our format; for Bayes-PFL also the official ``{'MyModel': ...}`` file);
+    #: empty = none (WinCLIP needs none; the others fall back to [model] fallback).
     head: str = ""
     #: MLP activation of the backbone: "gelu" (exact, what the Bayes-PFL checkpoints were trained with) or
     #: "quick_gelu" (what OpenAI CLIP was trained with).
     activation: str = "gelu"
-    #: Input side in pixels (square, bicubic resize without keeping the aspect ratio, as the paper does).
-    image_size: int = 518
-    #: 1-indexed transformer blocks whose patch tokens feed the pixel branch.
-    feature_layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    #: Input side in pixels (square, bicubic resize without keeping the aspect ratio, as the papers do);
+    #: 0 = the detector's own (518; 240 for WinCLIP).
+    image_size: int = 0
+    #: 1-indexed transformer blocks whose patch tokens feed the pixel branch; empty = the detector's own
+    #: (6, 12, 18, 24).
+    feature_layers: list[int] = field(default_factory=list)
     #: Monte-Carlo samples R of the prompt distributions per image.
     samples: int = 10
     #: "none" = exact per-image text path; "class" = approximate, text embeddings from a class prototype.
@@ -72,6 +82,24 @@ class ModelSettings:
     batch_size: int = 8
     #: Allow randomly initialised weights in production verbs (tests and demos only).
     allow_random_weights: bool = False
+
+
+@dataclass
+class AAClipSettings:
+    #: "industrial" (blur kernel 7, sigma 1; image score from text and map) or "medical" (9, 1.5; map only).
+    domain: str = "industrial"
+    #: k of the top-k map score (mean of the k largest pixel probabilities).
+    topk: int = 100
+
+
+@dataclass
+class WinCLIPSettings:
+    #: Folder of normal reference images per class (`inspector references add`), for few-shot WinCLIP+.
+    references: str = "references"
+    #: Reference images used per class; 0 = all stored ones.
+    k_shot: int = 0
+    #: Window sizes in patches (the paper: 2 and 3).
+    scales: list[int] = field(default_factory=lambda: [2, 3])
 
 
 @dataclass
@@ -149,6 +177,8 @@ class BenchSettings:
 @dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
+    aa_clip: AAClipSettings = field(default_factory=AAClipSettings)
+    winclip: WinCLIPSettings = field(default_factory=WinCLIPSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

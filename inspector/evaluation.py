@@ -1,8 +1,10 @@
 """`inspector eval`: score a labelled dataset and report the field's metrics, per class and mean.
 
-Image metrics use the official transductive fusion (min-max per class of s_text and s_topk, spec §5.3)
-by default, so numbers compare with the paper; ``score="live"`` uses the per-image product score instead.
-Pixel metrics use the maps smoothed with a Gaussian of sigma 8, as the paper does.
+Every detector says how its paper evaluates (``detector.eval_protocol``): by default image metrics use
+that paper's transductive fusion (Bayes-PFL: min-max per class of s_text and s_topk; AA-CLIP: min-max of the
+map maximum and the text score; WinCLIP: the image score itself) and pixel metrics the paper's map
+(Bayes-PFL smooths it with a Gaussian of sigma 8; AA-CLIP and WinCLIP do not smooth), so numbers compare with
+the papers. ``score="live"`` uses the per-image score inspector stores instead.
 """
 
 from __future__ import annotations
@@ -13,43 +15,55 @@ from typing import Any
 import numpy as np
 import torch
 
-from .detectors.bayes_pfl import official_image_scores
+from .detectors.base import EvalProtocol
 from .imaging import open_image, to_model_input
 from .train import load_mask
 
 
 def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None, batch_size: int = 8,
                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """One dict per image: class_name, label, text, topk, live score, map [S, S] float32, mask [S, S] bool."""
-    size = model.backbone.image_size
+    """One dict per image: class_name, label, text, topk, live score, map [S, S] float32 (the detector's
+    own map), map_max / map_min of it, mask [S, S] bool."""
+    size = model.image_size
     rows: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         pixels = torch.stack([to_model_input(open_image(r.image), size) for r in chunk])
-        pred = model.predict_tensors(pixels, [r.class_name for r in chunk], samples=samples).cpu()
+        options = {} if samples is None else {"samples": samples}  # Bayes-PFL's R; None: the model's own
+        pred = model.predict_tensors(pixels, [r.class_name for r in chunk], **options).cpu()
         for j, r in enumerate(chunk):
             rows.append({"path": str(r.image), "class_name": r.class_name, "label": int(r.label),
                          "text": float(pred.text_score[j]), "topk": float(pred.topk_score[j]),
                          "live": float(pred.image_score[j]), "map": pred.anomaly_map[j].numpy(),
+                         "map_max": float(pred.anomaly_map[j].max()), "map_min": float(pred.anomaly_map[j].min()),
                          "mask": load_mask(r, size).numpy() > 0.5 if r.mask is not None or r.label == 0 else None})
         if progress:
             progress(len(chunk))
     return rows
 
 
-def evaluate_rows(rows: list[dict[str, Any]], score: str = "official") -> dict[str, Any]:
+def image_scores(rows: list[dict[str, Any]], protocol: EvalProtocol, score: str = "official") -> np.ndarray:
+    """One image score per row: the protocol's per-class fusion ("official") or the stored score ("live")."""
+    if score == "live":
+        return np.array([r["live"] for r in rows], dtype=np.float64)
+    if score != "official":
+        raise ValueError(f"score must be 'official' or 'live', not '{score}'")
+    fused = np.empty(len(rows))
+    for name in sorted({r["class_name"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["class_name"] == name]
+        fused[idx] = protocol.fuse([rows[i] for i in idx])
+    return fused
+
+
+def evaluate_rows(rows: list[dict[str, Any]], score: str = "official",
+                  protocol: EvalProtocol | None = None) -> dict[str, Any]:
     from .metrics import evaluate
 
-    if score == "official":
-        fused = official_image_scores(torch.tensor([r["text"] for r in rows]), torch.tensor([r["topk"] for r in rows]),
-                                      [r["class_name"] for r in rows]).numpy()
-    elif score == "live":
-        fused = np.array([r["live"] for r in rows])
-    else:
-        raise ValueError(f"score must be 'official' or 'live', not '{score}'")
+    protocol = protocol or EvalProtocol(smooth_sigma=8.0, fusion="text+topk")
+    fused = image_scores(rows, protocol, score)
     records = [{"class_name": r["class_name"], "label": r["label"], "score": float(s), "map": r["map"],
                 "mask": r["mask"]} for r, s in zip(rows, fused)]
-    return evaluate(records, smooth=True)
+    return evaluate(records, smooth=protocol.smooth_sigma > 0, sigma=protocol.smooth_sigma or 8.0)
 
 
 def _plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, xlabel: str, ylabel: str,
@@ -82,7 +96,8 @@ def _plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, xlabel: 
     image.save(path)
 
 
-def write_plots(rows: list[dict[str, Any]], out_dir, score: str = "official") -> list:
+def write_plots(rows: list[dict[str, Any]], out_dir, score: str = "official",
+                protocol: EvalProtocol | None = None) -> list:
     """Image-level ROC and precision-recall curves, one line per class, as PNG files in ``out_dir``."""
     from pathlib import Path
 
@@ -90,11 +105,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir, score: str = "official") ->
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if score == "official":
-        scores = official_image_scores(torch.tensor([r["text"] for r in rows]), torch.tensor([r["topk"] for r in rows]),
-                                       [r["class_name"] for r in rows]).numpy()
-    else:
-        scores = np.array([r["live"] for r in rows])
+    scores = image_scores(rows, protocol or EvalProtocol(smooth_sigma=8.0, fusion="text+topk"), score)
     roc, pr = [], []
     for name in sorted({r["class_name"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["class_name"] == name]

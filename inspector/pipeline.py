@@ -27,29 +27,62 @@ class RandomWeightsRefused(ValueError):
     pass
 
 
-def check_weights_allowed(settings: Settings) -> None:
-    """Production verbs refuse random backbones and untrained heads unless explicitly allowed."""
+def _has_trained_model(settings: Settings, class_name: str | None = None) -> bool:
+    from .detectors import detector_class
     from .registry import active_version
 
     m = settings.model
-    if m.allow_random_weights or m.name or (not m.head and active_version(settings.registry.path)):
+    return bool(m.name or m.head or active_version(settings.registry.path, class_name)
+                or not detector_class(m.detector).trainable)
+
+
+def fallback_reason(settings: Settings, class_name: str | None = None) -> str | None:
+    """Why the training-free fallback scores instead of the configured detector (None: it does not)."""
+    m = settings.model
+    if _has_trained_model(settings, class_name) or m.fallback in ("", "none") or m.fallback == m.detector:
+        return None
+    return (f"{m.detector} has no trained head yet ([model] head / name, or a promoted version); scoring with "
+            f"{m.fallback}, which needs no training, until one is configured")
+
+
+def check_weights_allowed(settings: Settings, class_name: str | None = None) -> None:
+    """Production verbs refuse random backbones and untrained heads unless explicitly allowed."""
+    m = settings.model
+    if m.allow_random_weights or m.name:
         return
-    if m.pretrained == "random" or not m.head:
+    if m.pretrained == "random":
         raise RandomWeightsRefused(
-            "no trained model configured (random backbone or no [model] head); configure [model] name, or head "
-            "and pretrained, or pass --allow-random-weights for a test run")
+            "the backbone has random weights ([model] pretrained = \"random\"); configure real weights, or pass "
+            "--allow-random-weights for a test run")
+    if not _has_trained_model(settings, class_name) and m.fallback in ("", "none"):
+        raise RandomWeightsRefused(
+            f"no trained {m.detector} model configured and [model] fallback = \"none\"; configure [model] name "
+            "or head, set fallback = \"winclip\", or pass --allow-random-weights for a test run")
 
 
 def load_detector(settings: Settings, class_name: str | None = None) -> Any:
     """The configured model; with no [model] name or head, the version promoted for ``class_name`` (or for
-    the site)."""
+    the site); with none of those, the training-free fallback (WinCLIP), saying so in the log and in the
+    provenance every result and the dashboard carry."""
     from .registry import active_version, load_model
 
-    check_weights_allowed(settings)
+    check_weights_allowed(settings, class_name)
     name = None
     if not settings.model.name and not settings.model.head and class_name:
         name = active_version(settings.registry.path, class_name)
-    detector = load_model(name, settings=settings)
+    reason = fallback_reason(settings, class_name)
+    if reason:
+        log.warning("DAY ONE: %s", reason)
+        wanted = settings.model.detector
+        settings.model.detector = settings.model.fallback
+        try:
+            detector = load_model(None, settings=settings, use_active=False)
+        finally:
+            settings.model.detector = wanted
+        detector.provenance["fallback"] = reason
+        detector.provenance["configured_detector"] = wanted
+    else:
+        detector = load_model(name, settings=settings)
     if detector.provenance.get("random_weights") and not settings.model.allow_random_weights:
         raise RandomWeightsRefused(f"model '{settings.model.name}' has random or untrained weights; pass "
                                    "--allow-random-weights for a test run")
@@ -61,7 +94,10 @@ def model_version_name(detector: Any) -> str:
     if p.get("model"):
         return str(p["model"])
     head = p.get("head")
-    tag = hashlib.sha256(Path(head).read_bytes()).hexdigest()[:12] if head and Path(head).is_file() else "untrained"
+    if head and Path(head).is_file():
+        tag = hashlib.sha256(Path(head).read_bytes()).hexdigest()[:12]
+    else:
+        tag = "untrained" if getattr(detector, "trainable", True) else "training-free"
     return f"{detector.name}:{p.get('backbone')}:{tag}"
 
 

@@ -1,7 +1,8 @@
 """The model registry: one folder per model version under ``[registry] path`` (default ``models/``).
 
     models/<name>/manifest.json   what the version is: detector, backbone source, head file and hash, origin
-    models/<name>/head.pt         the learnable part, our format (tens of MB; ignored by git)
+    models/<name>/head.pt         the learnable part, our format (tens of MB; ignored by git); absent for
+                                  a training-free detector (WinCLIP)
 
 The frozen CLIP backbone is *named* by the manifest (an open_clip tag or a local file with its size),
 never copied. A version folder is written once, through a temporary folder renamed into place, and is
@@ -18,15 +19,13 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .backbone import BackboneSpec, load_backbone
 from .config import Settings, load_settings
-from .detectors.bayes_pfl import BayesPFL, BayesPFLConfig, BayesPFLHead
-from .detectors.bayes_pfl.head import describe
+from .detectors import detector_class
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -50,9 +49,19 @@ def _check_name(name: str) -> None:
         raise RegistryError(f"invalid model name {name!r}: use letters, digits, '-', '_' or '.'")
 
 
-def register(registry: str | os.PathLike, name: str, head: BayesPFLHead, backbone: BackboneSpec,
-             origin: dict[str, Any], detector: str = "bayes-pfl") -> Path:
-    """Write a new version folder; refuses to replace an existing one."""
+def register_model(registry: str | os.PathLike, name: str, model: Any, origin: dict[str, Any]) -> Path:
+    """Register a loaded detector (any kind) as a new version."""
+    trainable = getattr(model, "trainable", True)
+    return register(registry, name, detector=model.name, backbone=model.backbone.spec, origin=origin,
+                    save_head=model.save_head if trainable else None,
+                    head_info=model.describe_head() if trainable else None)
+
+
+def register(registry: str | os.PathLike, name: str, *, detector: str, backbone: BackboneSpec,
+             origin: dict[str, Any], save_head: Callable[[Path], None] | None = None,
+             head_info: dict[str, Any] | None = None) -> Path:
+    """Write a new version folder; refuses to replace an existing one. ``save_head(path)`` writes the
+    learnable part (None for a training-free detector)."""
     _check_name(name)
     root = Path(registry)
     target = root / name
@@ -63,7 +72,10 @@ def register(registry: str | os.PathLike, name: str, head: BayesPFLHead, backbon
     staging = root / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    head.save(staging / HEAD_FILE)
+    head_entry = None
+    if save_head is not None:
+        save_head(staging / HEAD_FILE)
+        head_entry = {"file": HEAD_FILE, "sha256": sha256_of(staging / HEAD_FILE), **(head_info or {})}
     backbone_entry = dataclasses.asdict(backbone)
     source = Path(backbone.pretrained).expanduser()
     if source.is_file():
@@ -75,12 +87,12 @@ def register(registry: str | os.PathLike, name: str, head: BayesPFLHead, backbon
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "created_by": getpass.getuser(),
         "backbone": backbone_entry,
-        "head": {"file": HEAD_FILE, "sha256": sha256_of(staging / HEAD_FILE), **describe(head)},
+        "head": head_entry,
         "origin": origin,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     staging.rename(target)
-    log.info("registered model %s in %s", name, target)
+    log.info("registered %s model %s in %s", detector, name, target)
     return target
 
 
@@ -117,56 +129,56 @@ def resolve(name_or_path: str | os.PathLike, registry: str | os.PathLike = "mode
     raise RegistryError(f"no model '{name_or_path}' (looked for {candidate} and {by_name}); registered: {known}")
 
 
-def backbone_spec(settings: Settings) -> BackboneSpec:
+def backbone_spec(settings: Settings, detector: str | None = None) -> BackboneSpec:
+    """The backbone ``settings`` describe; empty keys take the detector's own defaults (its paper's)."""
     m = settings.model
-    return BackboneSpec(arch=m.backbone, pretrained=m.pretrained, clip_format=m.clip_format,
-                        activation=m.activation, image_size=m.image_size, feature_layers=tuple(m.feature_layers))
-
-
-def _detector_options(settings: Settings) -> dict[str, Any]:
-    m = settings.model
-    return {"samples": m.samples, "seed": m.seed, "topk": m.topk, "text_cache": m.text_cache,
-            "precision": m.precision, "prototype_images": m.prototype_images}
+    default = detector_class(detector or m.detector).default_backbone
+    # another architecture than the paper's: its input size need not suit it; 224 suits patches of 14, 16, 32
+    own_size = default.image_size if m.backbone in ("", default.arch) else 224
+    return BackboneSpec(arch=m.backbone or default.arch, pretrained=m.pretrained or default.pretrained,
+                        clip_format=m.clip_format, activation=m.activation,
+                        image_size=m.image_size or own_size,
+                        feature_layers=tuple(m.feature_layers) or default.feature_layers,
+                        model_config=m.model_config)
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,
-               device: str | None = None, use_active: bool = True) -> BayesPFL:
+               device: str | None = None, use_active: bool = True) -> Any:
     """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
-    describe (``[model] name``, or backbone + head keys). Options (samples, seed, ...) from ``settings``."""
+    describe (``[model] detector``, ``name``, or backbone + head keys). Options from ``settings``.
+
+    A trainable detector without a head is built untrained (with a loud warning); the production verbs go
+    through ``pipeline.load_detector``, which scores with the training-free fallback instead."""
     from .detectors.bayes_pfl.model import resolve_device
 
     settings = settings or load_settings()
     name_or_path = name_or_path or settings.model.name or None
     if not name_or_path and not settings.model.head and use_active:
         name_or_path = active_version(settings.registry.path)  # `inspector models promote` sets it
-    options = _detector_options(settings)
     if name_or_path:
         folder = resolve(name_or_path, settings.registry.path)
         manifest = read_manifest(folder)
-        if manifest.get("detector", "bayes-pfl") != "bayes-pfl":
-            raise RegistryError(f"model '{manifest['name']}' uses detector '{manifest['detector']}', not available")
+        kind = manifest.get("detector", "bayes-pfl")
         fields = {f.name for f in dataclasses.fields(BackboneSpec)}
         entry = {k: v for k, v in manifest["backbone"].items() if k in fields}
         entry["feature_layers"] = tuple(entry.get("feature_layers", (6, 12, 18, 24)))
         spec = BackboneSpec(**entry)
-        head_path = folder / manifest["head"]["file"]
-        head = BayesPFLHead.load(head_path)
-        provenance = {"model": manifest["name"], "backbone": spec.pretrained, "head_sha256": manifest["head"]["sha256"],
-                      "random_weights": spec.is_random}
+        head_path = folder / manifest["head"]["file"] if manifest.get("head") else None
+        provenance = {"model": manifest["name"], "backbone": spec.pretrained,
+                      "head_sha256": (manifest.get("head") or {}).get("sha256"), "random_weights": spec.is_random}
     else:
-        spec = backbone_spec(settings)
-        head_file = settings.model.head
-        head = BayesPFLHead.load(head_file) if head_file else None
-        provenance = {"model": None, "backbone": f"{spec.arch}/{spec.pretrained}", "head": head_file or None,
-                      "random_weights": spec.is_random or not head_file}
+        kind = settings.model.detector
+        spec = backbone_spec(settings, kind)
+        head_path = Path(settings.model.head) if settings.model.head else None
+        provenance = {"model": None, "backbone": f"{spec.arch}/{spec.pretrained}",
+                      "head": str(head_path) if head_path else None, "random_weights": spec.is_random}
+    cls = detector_class(kind)
+    if head_path is None and cls.trainable:
+        provenance["random_weights"] = True
+        log.warning("UNTRAINED HEAD: no trained %s head configured; its learnable parts are at their initial "
+                    "values and scores mean nothing", kind)
     backbone = load_backbone(spec)
-    if head is None:
-        log.warning("UNTRAINED HEAD: no [model] head configured; the prompts are at their initial values and "
-                    "scores mean nothing")
-        torch.manual_seed(settings.model.seed)
-        head = BayesPFLHead(BayesPFLConfig(text_width=backbone.text_width, vision_width=backbone.vision_width,
-                                           levels=len(spec.feature_layers)))
-    model = BayesPFL(backbone, head, provenance=provenance, **options)
+    model = cls.from_settings(backbone, head_path, settings, provenance)
     return model.to(resolve_device(device or settings.model.device))
 
 

@@ -108,7 +108,7 @@ class Worker:
         batch = claim(self.engine, self.name, self.batch_size, self.lease_seconds)
         if not batch:
             return None
-        size = self.detector.backbone.image_size
+        size = self.detector.image_size
         return batch, [self.pool.submit(load, item, size) for item in batch]
 
     def _finish(self, pending: tuple[list[Claimed], list[Future]], stop: threading.Event | None,
@@ -163,7 +163,7 @@ class Worker:
         for j, i in enumerate(good):
             outcomes[i] = Outcome(loaded[i].claimed.id, width=loaded[i].width, height=loaded[i].height, result={
                 "image_score": float(prediction.image_score[j]), "text_score": float(prediction.text_score[j]),
-                "topk_score": float(prediction.topk_score[j]), "anomaly_map_tensor": prediction.anomaly_map[j]})
+                "topk_score": float(prediction.topk_score[j]), "anomaly_map_tensor": prediction.probability_map[j]})
         return outcomes
 
     def _store(self, outcomes: list[Outcome], stop: threading.Event | None) -> int:

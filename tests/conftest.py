@@ -14,7 +14,8 @@ from inspector.config import Settings
 
 def tiny_settings(**model: object) -> Settings:
     s = Settings()
-    s.override("model", **{"backbone": "test-tiny", "pretrained": "random", "samples": 3, "device": "cpu", **model})
+    s.override("model", **{"backbone": "test-tiny", "pretrained": "random", "image_size": 518, "samples": 3,
+                            "device": "cpu", **model})
     return s
 
 

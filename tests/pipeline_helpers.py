@@ -26,6 +26,8 @@ FAST_ENV = {
     "INSPECTOR_MODEL__DEVICE": "cpu",
     "INSPECTOR_MODEL__BATCH_SIZE": "8",
     "INSPECTOR_MODEL__ALLOW_RANDOM_WEIGHTS": "true",
+    # these tests exercise the pipeline with an untrained Bayes-PFL; the day-one fallback has its own tests
+    "INSPECTOR_MODEL__FALLBACK": "none",
     "INSPECTOR_WATCH__STABLE_SECONDS": "0.5",
     "INSPECTOR_WATCH__RESCAN_SECONDS": "2",
     "INSPECTOR_WATCH__LEASE_SECONDS": "4",

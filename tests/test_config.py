@@ -12,7 +12,13 @@ def write(tmp_path, text):
 def test_defaults_without_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = load_settings(environ={})
-    assert s.model.backbone == "ViT-L-14-336" and s.model.samples == 10 and s.model.feature_layers == [6, 12, 18, 24]
+    # empty backbone keys mean "the detector's own" (its paper's backbone)
+    assert s.model.backbone == "" and s.model.samples == 10 and s.model.feature_layers == []
+    assert s.model.detector == "bayes-pfl" and s.model.fallback == "winclip"
+    from inspector.registry import backbone_spec
+
+    assert backbone_spec(s).arch == "ViT-L-14-336" and backbone_spec(s).feature_layers == (6, 12, 18, 24)
+    assert backbone_spec(s, "winclip").arch == "ViT-B-16-plus-240" and backbone_spec(s, "winclip").image_size == 240
     assert s.database.url.startswith("sqlite:///")
 
 

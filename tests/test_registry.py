@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 
-from inspector.backbone import BackboneSpec
 from inspector.registry import (
     RegistryError,
     active_version,
@@ -15,18 +14,17 @@ from inspector.registry import (
     promote,
     promotions,
     read_manifest,
-    register,
+    register_model,
 )
 
 
 def test_register_promote_and_active_versions(tiny_model, tmp_path):
-    spec = BackboneSpec(arch="test-tiny", pretrained="random")
     for name in ("v1", "v2", "v3"):
-        register(tmp_path, name, tiny_model.head, spec, {"kind": "test"})
+        register_model(tmp_path, name, tiny_model, {"kind": "test"})
     with pytest.raises(RegistryError, match="already exists"):
-        register(tmp_path, "v1", tiny_model.head, spec, {"kind": "test"})
+        register_model(tmp_path, "v1", tiny_model, {"kind": "test"})
     with pytest.raises(RegistryError, match="invalid model name"):
-        register(tmp_path, "../evil", tiny_model.head, spec, {"kind": "test"})
+        register_model(tmp_path, "../evil", tiny_model, {"kind": "test"})
     assert [v["name"] for v in list_versions(tmp_path)] == ["v1", "v2", "v3"]
     assert read_manifest(tmp_path / "v2")["head"]["sha256"]
     assert active_version(tmp_path) is None
@@ -52,9 +50,8 @@ def test_watch_uses_the_version_promoted_for_its_class(tiny_model, tmp_path):
 
     from .conftest import tiny_settings
 
-    spec = BackboneSpec(arch="test-tiny", pretrained="random", image_size=224)
-    register(tmp_path / "models", "site", tiny_model.head, spec, {"kind": "test"})
-    register(tmp_path / "models", "screw-v2", tiny_model.head, spec, {"kind": "test"})
+    register_model(tmp_path / "models", "site", tiny_model, {"kind": "test"})
+    register_model(tmp_path / "models", "screw-v2", tiny_model, {"kind": "test"})
     promote(tmp_path / "models", "site")
     promote(tmp_path / "models", "screw-v2", class_name="screw")
     settings = tiny_settings(allow_random_weights=True)

@@ -211,10 +211,15 @@ def status(engine: Engine, window_minutes: int = 60) -> dict[str, Any]:
             .group_by(images.c.error).order_by(func.count().desc()).limit(10))]
         oldest = conn.execute(select(func.min(images.c.discovered_at))
                               .where(images.c.status.in_([PENDING, CLAIMED]))).scalar()
-        active = conn.execute(select(model_versions.c.name, model_versions.c.random_weights)
+        active = conn.execute(select(model_versions.c.name, model_versions.c.random_weights,
+                                     model_versions.c.manifest)
                               .join(results, results.c.model_version_id == model_versions.c.id)
                               .order_by(results.c.id.desc()).limit(1)).first()
     scored, first, last = recent
+    try:
+        fallback = json.loads(active.manifest or "{}").get("fallback") if active else None
+    except (ValueError, AttributeError):
+        fallback = None
     rate = None
     if scored and first and last and last > first:
         rate = scored / (last - first).total_seconds()
@@ -228,4 +233,5 @@ def status(engine: Engine, window_minutes: int = 60) -> dict[str, Any]:
         "errors": errors,
         "active_model": active.name if active else None,
         "active_model_random_weights": bool(active.random_weights) if active else None,
+        "active_model_fallback": fallback,
     }

@@ -35,8 +35,8 @@ from torch import nn
 
 from ...backbone import EOT_TOKEN, BackboneSpec, ClipBackbone, load_backbone, tokenize
 from ...imaging import ImageInput, as_list, content_seed, preprocess
-from ..base import Prediction
-from .head import BayesPFLHead
+from ..base import EvalProtocol, Prediction
+from .head import BayesPFLConfig, BayesPFLHead, describe
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ class BayesPFL(nn.Module):
     """Zero-shot anomaly detector. ``predict(images, class_names)`` -> ``Prediction`` (batched)."""
 
     name = "bayes-pfl"
+    default_backbone = BackboneSpec(arch="ViT-L-14-336", pretrained="openai", image_size=518,
+                                    feature_layers=(6, 12, 18, 24))
+    trainable = True
+    #: the paper's protocol: maps smoothed with a Gaussian (sigma 8) before pixel metrics; image score =
+    #: per-class min-max fusion of s_text and s_topk
+    eval_protocol = EvalProtocol(smooth_sigma=8.0, fusion="text+topk")
 
     def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
                  topk: int = 0, text_cache: str = "none", precision: str = "auto", prototype_images: int = 8,
@@ -150,9 +156,39 @@ class BayesPFL(nn.Module):
                       "random_weights": False}
         return cls(backbone, head_module, provenance=provenance, **options).to(resolve_device(device))
 
+    @classmethod
+    def from_settings(cls, backbone: ClipBackbone, head: str | Path | None, settings: Any,
+                      provenance: Mapping[str, Any]) -> BayesPFL:
+        """``head``: our head file or the official ``{'MyModel': ...}`` file; None = the official
+        initialisation (untrained, seeded by ``[model] seed``)."""
+        m = settings.model
+        if head is not None:
+            module = BayesPFLHead.load(head)
+        else:
+            torch.manual_seed(m.seed)
+            module = BayesPFLHead(BayesPFLConfig(text_width=backbone.text_width, vision_width=backbone.vision_width,
+                                                 levels=len(backbone.spec.feature_layers)))
+        return cls(backbone, module, samples=m.samples, seed=m.seed, topk=m.topk, text_cache=m.text_cache,
+                   precision=m.precision, prototype_images=m.prototype_images, provenance=provenance)
+
+    def save_head(self, path: str | Path) -> None:
+        self.head.save(path)
+
+    def describe_head(self) -> dict[str, Any]:
+        return describe(self.head)
+
     @property
     def device(self) -> torch.device:
         return self.head.context.device
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    @torch.inference_mode()
+    def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.backbone.encode_image_floor(pixels)
 
     @property
     def config(self):
