@@ -478,9 +478,11 @@ class AACLIP(nn.Module):
         _, taps = self.backbone.run_vision(tokens, self.levels, after_block=self._vision_hook,
                                            attention=self._attention())
         ln_post = self.backbone.clip.visual.ln_post
-        taps = [ln_post(t) for t in taps]  # 4 x [N, L, Wv]
-        features = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], taps)]
-        det = F.normalize(self.image_adapter["det_proj"](taps[-1]), dim=-1).mean(1)
+        # in fp32 even under autocast (training on CUDA): the maps scale cosines by 100
+        with torch.autocast(pixels.device.type, enabled=False):
+            taps = [ln_post(t.float()) for t in taps]  # 4 x [N, L, Wv]
+            features = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], taps)]
+            det = F.normalize(self.image_adapter["det_proj"](taps[-1]), dim=-1).mean(1)
         return features, det
 
     def level_maps(self, features: Sequence[torch.Tensor], anchors: torch.Tensor) -> torch.Tensor:
