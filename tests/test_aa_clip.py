@@ -13,7 +13,6 @@ domain) is compared at 224 on a second architecture.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,12 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_aa_clip as ref
-
 from inspector.detectors.aa_clip import AACLIP, HeadFormatError
 from inspector.detectors.base import EvalProtocol
 from inspector.imaging import preprocess
+
+from . import reference_aa_clip as ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAP_ATOL = 1e-4
 TEXT_ATOL = 1e-5

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from inspector.backbone import BackboneSpec, ClipBackbone, read_model_config
+from inspector.backbone import BackboneSpec, ClipBackbone, load_backbone
 from inspector.data import load_dataset
 from inspector.data.synthetic import make_synthetic
 from inspector.detectors.aa_clip import AACLIP
@@ -32,27 +32,16 @@ from inspector.detectors.aa_clip.train import (
 SPEC = BackboneSpec(arch="test-tiny", pretrained="random", image_size=224, feature_layers=(6, 12, 18, 24))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run 10-20x faster on one thread than on two busy-waiting ones on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
-    """``test-tiny`` (24 vision blocks) with 3 text blocks instead of 2, so that the default AA-CLIP (text
-    adapters after blocks 1-3) builds and its files carry exactly the official keys."""
-    from open_clip.model import CLIP
-
-    config = read_model_config("test-tiny")
-    config["text_cfg"] = {**config["text_cfg"], "layers": 3}
-    torch.manual_seed(0)
+    """``test-tiny``: 24 vision blocks and 3 text blocks, so the default AA-CLIP (text adapters after blocks
+    1-3) builds and its files carry exactly the official keys."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ClipBackbone(CLIP(**config).float().eval(), SPEC)
+        return load_backbone(SPEC)
 
 
 def fresh_model(backbone: ClipBackbone, seed: int = 0) -> AACLIP:

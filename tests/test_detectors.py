@@ -19,6 +19,8 @@ from inspector.detectors.base import EvalProtocol, Prediction
 from .pipeline_helpers import run_cli
 from .test_cli import _images, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {"backbone": "test-tiny", "pretrained": "random", "image_size": 224, "device": "cpu", "samples": 1,
         "allow_random_weights": True}
 

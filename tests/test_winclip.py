@@ -24,13 +24,7 @@ SIZE = 112  # patch 14 -> an 8 x 8 grid: 49 + 36 windows, so the per-window refe
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of tiny per-window calls: one thread avoids OpenMP barrier stalls on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
