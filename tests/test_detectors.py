@@ -100,7 +100,7 @@ def test_day_one_falls_back_to_winclip_and_says_so(caplog):
     assert untrained.name == "bayes-pfl" and "fallback" not in untrained.provenance
 
 
-def test_day_one_watch_status_and_dashboard(tmp_path):
+def test_day_one_watch_status_and_dashboard(tmp_path, monkeypatch):
     """A fresh install's watcher scores with WinCLIP; status and the dashboard's overview say why."""
     _images(tmp_path / "line1", 3)
     db = f"sqlite:///{tmp_path}/day1.sqlite"
@@ -125,6 +125,16 @@ def test_day_one_watch_status_and_dashboard(tmp_path):
     finally:
         engine.dispose()
     assert info["active_detector"] == "winclip" and "scoring with winclip" in info["fallback"]
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("INSPECTOR_DATABASE__URL", db)
+    monkeypatch.delenv("INSPECTOR_DASHBOARD__PASSWORD", raising=False)
+    monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
+    app = AppTest.from_file(str(Path(__file__).parents[1] / "dashboard" / "app.py"), default_timeout=60)
+    app.run()
+    app.sidebar.radio(key="page").set_value("Overview").run()
+    assert not app.exception, app.exception
+    assert any("Day one" in w.value and "winclip" in w.value for w in app.warning)
 
 
 @pytest.mark.parametrize("name", ["aa-clip", "winclip"])
