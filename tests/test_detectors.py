@@ -230,3 +230,25 @@ def test_references_cli_turns_winclip_few_shot(tmp_path):
     assert after != before
     # the reference itself now looks normal: its few-shot term is 0, so its score drops
     assert after["img 0.png"] < before["img 0.png"]
+
+
+def test_retrain_aa_clip_registers_a_version_that_scores(tmp_path):
+    """`retrain --detector aa-clip` runs both official stages and registers a version eval and watch use."""
+    made = run("demo-data", "synthetic", "--classes", "2", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    env = {f"INSPECTOR_MODEL__{k.upper()}": str(v) for k, v in TINY.items()}
+    trained = run("retrain", "--aux", "synthetic", "--detector", "aa-clip", "--text-epochs", "1", "--epochs", "1",
+                  "--name", "aa-v1", "--allow-random-weights", cwd=tmp_path, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    manifest = json.loads((tmp_path / "models" / "aa-v1" / "manifest.json").read_text())
+    assert manifest["detector"] == "aa-clip" and manifest["head"]["format"] == "inspector-aa-clip"
+    assert [h["stage"] for h in manifest["origin"]["history"]] == [1, 2]
+    run_dir = tmp_path / "models" / ".runs" / "aa-v1"
+    assert {"text_adapter.pth", "image_adapter_1.pth"} <= {p.name for p in run_dir.iterdir()}
+    evaluated = run("eval", "--data", "synthetic", "--model", "aa-v1", "--json", "eval.json",
+                    "--allow-random-weights", cwd=tmp_path, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["detector"] == "aa-clip"
+    refused = run("retrain", "--aux", "synthetic", "--detector", "winclip", "--allow-random-weights",
+                  cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "training-free" in refused.stderr and "Traceback" not in refused.stderr
