@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from inspector.backbone import BackboneSpec, ClipBackbone, load_backbone
+from inspector.backbone import BackboneSpec, ClipBackbone, read_model_config
 from inspector.data import load_dataset
 from inspector.data.synthetic import make_synthetic
 from inspector.detectors.aa_clip import AACLIP
@@ -37,11 +37,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
-    """``test-tiny``: 24 vision blocks and 3 text blocks, so the default AA-CLIP (text adapters after blocks
-    1-3) builds and its files carry exactly the official keys."""
+    """``test-tiny`` (24 vision blocks) with 3 text blocks instead of 2, so that every adapter of the default
+    AA-CLIP (text adapters after blocks 1-3) is used and gets a gradient."""
+    from open_clip.model import CLIP
+
+    config = read_model_config("test-tiny")
+    config["text_cfg"] = {**config["text_cfg"], "layers": 3}
+    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_backbone(SPEC)
+        return ClipBackbone(CLIP(**config).float().eval(), SPEC)
 
 
 def fresh_model(backbone: ClipBackbone, seed: int = 0) -> AACLIP:
