@@ -244,10 +244,11 @@ def bench(
                       f"{a['max_abs_image_score_diff']:.4f}")
         out.print(f"pipeline overhead over the {report['main_case']} case (watch --once, PNG files, SQLite): "
                   f"{100 * report['pipeline_overhead']:.1f}%")
-    table = Table("detector", "case", "backbone", "px", "batch", "ms/image", "floor ms/image", "x floor",
-                  title="side by side, same images")
+    table = Table(title="side by side, same images (each detector against its own backbone's floor)")
+    for column in ("detector", "case", "backbone @ px", "batch", "ms/image", "floor", "x floor"):
+        table.add_column(column, no_wrap=True)
     for row in combined["side_by_side"]:
-        table.add_row(row["detector"], row["case"], row["backbone"], str(row["image_size"]), str(row["batch_size"]),
+        table.add_row(row["detector"], row["case"], f"{row['backbone']} @ {row['image_size']}", str(row["batch_size"]),
                       f"{row['ms_per_image']:.1f}", f"{row['floor_ms_per_image']:.1f}", f"{row['ratio_to_floor']:.2f}")
     out.print(table)
     out.print(f"report: {path}")
