@@ -195,6 +195,15 @@ def test_predict_parity_224(small, domain, text):
     _check_outputs(model, pred, domain)
 
 
+def test_literal_attention_mode_matches_too(small):
+    """``attention="explicit"`` (the official need_weights=True arithmetic) is a parity mode as well."""
+    pred = small.load(attention="explicit").predict(small.images, CLASSES)
+    ref_map, ref_score = small.ref_predict()
+    map_diff, text_diff = _diffs(pred, ref_map, ref_score)
+    print(f"224 explicit attention: max |map diff| {map_diff:.2e}, |text diff| {text_diff:.2e}")
+    assert map_diff <= MAP_ATOL and text_diff <= TEXT_ATOL, (map_diff, text_diff)
+
+
 def test_without_model_config_heads_are_64_wide(small):
     """No config: the architecture comes from the tensors, heads = width // 64 (OpenAI's files)."""
     model = AACLIP.from_official(small.clip_path, small.text_path, small.image_path, image_size=224)

@@ -22,7 +22,9 @@ def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> s
 
 
 @pytest.mark.parametrize("verb", [[], ["score"], ["bench"], ["demo"], ["models"], ["models", "import-official"],
-                                  ["models", "list"], ["models", "show"], ["config"], ["config", "show"]])
+                                  ["models", "list"], ["models", "show"], ["config"], ["config", "show"],
+                                  ["references"], ["references", "add"], ["references", "list"],
+                                  ["references", "remove"], ["retrain"], ["eval"], ["watch"]])
 def test_every_verb_has_help(verb, tmp_path):
     result = run(*verb, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
