@@ -342,3 +342,34 @@ def test_official_files_load_strictly_with_clear_errors(small, tmp_path):
 def _saved(path, obj):
     torch.save(obj, path)
     return path
+
+
+def test_import_official_registers_a_version_that_predicts_the_same(main, tmp_path):
+    """`inspector models import-official --detector aa-clip` -> a registry version equal to from_official."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    args = ["models", "import-official", "--detector", "aa-clip", "--clip", str(main.clip_path), "--text-adapter",
+            str(main.text_path), "--image-adapter", str(main.image_path), "--model-config", str(main.config_path),
+            "--name", "aa-official"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("INSPECTOR_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "inspector.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "models" / "aa-official" / "manifest.json").read_text())
+    assert manifest["detector"] == "aa-clip" and manifest["origin"]["kind"] == "official-aa-clip"
+    assert manifest["backbone"]["model_config"] == str(main.config_path.resolve())
+    from inspector import load_model
+    from inspector.config import Settings
+
+    settings = Settings()
+    settings.registry.path = str(tmp_path / "models")
+    settings.model.device = "cpu"
+    loaded = load_model("aa-official", settings=settings)
+    pixels = main.pixels
+    a, b = loaded.predict_tensors(pixels, CLASSES), main.model.predict_tensors(pixels, CLASSES)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.text_score, b.text_score, rtol=0, atol=1e-7)
