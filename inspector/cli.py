@@ -644,7 +644,7 @@ def eval_(
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("scoring", total=len(records))
         rows = score_dataset(detector, records, None, s.model.batch_size, progress=lambda n: bar.advance(task, n))
-    report = evaluate_rows(rows, score, detector.eval_protocol)
+    report = evaluate_rows(rows, detector.eval_protocol, score)
     report["model"] = detector.provenance
     report["detector"] = detector.name
     report["dataset"] = str(path)
@@ -659,7 +659,7 @@ def eval_(
     if plots:
         from .evaluation import write_plots
 
-        for written in write_plots(rows, plots, score, detector.eval_protocol):
+        for written in write_plots(rows, plots, detector.eval_protocol, score):
             out.print(f"plot: {written}")
     if json_file:
         json_file.parent.mkdir(parents=True, exist_ok=True)

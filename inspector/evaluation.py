@@ -26,10 +26,10 @@ def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None
     own map), map_max / map_min of it, mask [S, S] bool."""
     size = model.image_size
     rows: list[dict[str, Any]] = []
+    options = {} if samples is None else {"samples": samples}  # Bayes-PFL's R; None: the model's own
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         pixels = torch.stack([to_model_input(open_image(r.image), size) for r in chunk])
-        options = {} if samples is None else {"samples": samples}  # Bayes-PFL's R; None: the model's own
         pred = model.predict_tensors(pixels, [r.class_name for r in chunk], **options).cpu()
         for j, r in enumerate(chunk):
             rows.append({"path": str(r.image), "class_name": r.class_name, "label": int(r.label),
@@ -48,18 +48,13 @@ def image_scores(rows: list[dict[str, Any]], protocol: EvalProtocol, score: str 
         return np.array([r["live"] for r in rows], dtype=np.float64)
     if score != "official":
         raise ValueError(f"score must be 'official' or 'live', not '{score}'")
-    fused = np.empty(len(rows))
-    for name in sorted({r["class_name"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["class_name"] == name]
-        fused[idx] = protocol.fuse([rows[i] for i in idx])
-    return fused
+    return protocol.scores(rows)
 
 
-def evaluate_rows(rows: list[dict[str, Any]], score: str = "official",
-                  protocol: EvalProtocol | None = None) -> dict[str, Any]:
+def evaluate_rows(rows: list[dict[str, Any]], protocol: EvalProtocol, score: str = "official") -> dict[str, Any]:
+    """Per-class and mean metrics of scored rows under ``protocol`` (the detector's ``eval_protocol``)."""
     from .metrics import evaluate
 
-    protocol = protocol or EvalProtocol(smooth_sigma=8.0, fusion="text+topk")
     fused = image_scores(rows, protocol, score)
     records = [{"class_name": r["class_name"], "label": r["label"], "score": float(s), "map": r["map"],
                 "mask": r["mask"]} for r, s in zip(rows, fused)]
@@ -96,8 +91,7 @@ def _plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, xlabel: 
     image.save(path)
 
 
-def write_plots(rows: list[dict[str, Any]], out_dir, score: str = "official",
-                protocol: EvalProtocol | None = None) -> list:
+def write_plots(rows: list[dict[str, Any]], out_dir, protocol: EvalProtocol, score: str = "official") -> list:
     """Image-level ROC and precision-recall curves, one line per class, as PNG files in ``out_dir``."""
     from pathlib import Path
 
@@ -105,7 +99,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir, score: str = "official",
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scores = image_scores(rows, protocol or EvalProtocol(smooth_sigma=8.0, fusion="text+topk"), score)
+    scores = image_scores(rows, protocol, score)
     roc, pr = [], []
     for name in sorted({r["class_name"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["class_name"] == name]

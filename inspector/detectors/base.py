@@ -78,6 +78,14 @@ class EvalProtocol:
     smooth_sigma: float = 0.0
     fusion: str = "live"
 
+    def scores(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Image scores of rows of any classes: ``fuse`` over the rows of each class."""
+        out = np.empty(len(rows))
+        for name in sorted({r["class_name"] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r["class_name"] == name]
+            out[idx] = self.fuse([rows[i] for i in idx])
+        return out
+
     def fuse(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
         """Image scores of rows of one class."""
         text = np.array([r["text"] for r in rows], dtype=np.float64)

@@ -66,23 +66,22 @@ def _seed_of(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+#: Bayes-PFL's paper evaluates maps smoothed with a Gaussian (sigma 8) before pixel metrics, and the image
+#: score as the per-class min-max fusion of s_text and s_topk
+OFFICIAL_PROTOCOL = EvalProtocol(smooth_sigma=8.0, fusion="text+topk")
+
+
 def official_image_scores(text_scores: torch.Tensor, topk_scores: torch.Tensor,
                           class_names: Sequence[str]) -> torch.Tensor:
     """The official transductive fusion (spec §5.3), for evaluation parity only.
 
     0.5·minmax_c(s_text) + 0.5·minmax_c(s_topk), min-max over all test images of the same class c
-    (+1e-8 in the denominator). It needs the whole test set, so a live line cannot use it.
+    (+1e-8 in the denominator). It needs the whole test set, so a live line cannot use it. The same
+    function as ``inspector eval`` uses (``BayesPFL.eval_protocol``), on tensors; float64 [N].
     """
-    text_scores, topk_scores = text_scores.double(), topk_scores.double()
-    out = torch.empty_like(text_scores)
-    names = list(class_names)
-    for name in sorted(set(names)):
-        idx = torch.tensor([i for i, c in enumerate(names) if c == name])
-        parts = []
-        for scores in (text_scores[idx], topk_scores[idx]):
-            parts.append((scores - scores.min()) / (scores.max() - scores.min() + 1e-8))
-        out[idx] = 0.5 * parts[0] + 0.5 * parts[1]
-    return out
+    rows = [{"class_name": c, "text": float(t), "topk": float(k)}
+            for c, t, k in zip(class_names, text_scores.tolist(), topk_scores.tolist(), strict=True)]
+    return torch.from_numpy(OFFICIAL_PROTOCOL.scores(rows))
 
 
 @dataclass
@@ -106,9 +105,7 @@ class BayesPFL(nn.Module):
     default_backbone = BackboneSpec(arch="ViT-L-14-336", pretrained="openai", image_size=518,
                                     feature_layers=(6, 12, 18, 24))
     trainable = True
-    #: the paper's protocol: maps smoothed with a Gaussian (sigma 8) before pixel metrics; image score =
-    #: per-class min-max fusion of s_text and s_topk
-    eval_protocol = EvalProtocol(smooth_sigma=8.0, fusion="text+topk")
+    eval_protocol = OFFICIAL_PROTOCOL
 
     def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
                  topk: int = 0, text_cache: str = "none", precision: str = "auto", prototype_images: int = 8,
