@@ -211,15 +211,8 @@ def status(engine: Engine, window_minutes: int = 60) -> dict[str, Any]:
             .group_by(images.c.error).order_by(func.count().desc()).limit(10))]
         oldest = conn.execute(select(func.min(images.c.discovered_at))
                               .where(images.c.status.in_([PENDING, CLAIMED]))).scalar()
-        active = conn.execute(select(model_versions.c.name, model_versions.c.random_weights,
-                                     model_versions.c.manifest)
-                              .join(results, results.c.model_version_id == model_versions.c.id)
-                              .order_by(results.c.id.desc()).limit(1)).first()
+        active = active_model(conn)
     scored, first, last = recent
-    try:
-        fallback = json.loads(active.manifest or "{}").get("fallback") if active else None
-    except (ValueError, AttributeError):
-        fallback = None
     rate = None
     if scored and first and last and last > first:
         rate = scored / (last - first).total_seconds()
@@ -231,7 +224,25 @@ def status(engine: Engine, window_minutes: int = 60) -> dict[str, Any]:
         "images_per_second": rate,
         "oldest_unscored_age_seconds": (now - oldest).total_seconds() if oldest else None,
         "errors": errors,
-        "active_model": active.name if active else None,
-        "active_model_random_weights": bool(active.random_weights) if active else None,
-        "active_model_fallback": fallback,
+        "active_model": active["name"] if active else None,
+        "active_model_random_weights": active["random_weights"] if active else None,
+        "active_model_fallback": active["fallback"] if active else None,
     }
+
+
+def active_model(conn: Any) -> dict[str, Any] | None:
+    """The model version of the latest result: name, detector, random_weights, and ``fallback`` (why a
+    training-free fallback scores instead of the configured detector, or None); None before any result."""
+    row = conn.execute(select(model_versions.c.name, model_versions.c.detector, model_versions.c.random_weights,
+                              model_versions.c.manifest)
+                       .join(results, results.c.model_version_id == model_versions.c.id)
+                       .order_by(results.c.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    try:
+        manifest = json.loads(row.manifest or "{}")
+    except ValueError:
+        manifest = {}
+    fallback = manifest.get("fallback") if isinstance(manifest, dict) else None
+    return {"name": row.name, "detector": row.detector, "random_weights": bool(row.random_weights),
+            "fallback": fallback}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,13 +18,13 @@ import numpy as np
 from sqlalchemy import Engine, and_, case, func, select
 
 from .db import utcnow
+from .queue import active_model
 from .schema import (
     CLAIMED,
     DONE,
     FAILED,
     PENDING,
     images,
-    model_versions,
     results,
     reviews,
     sources,
@@ -243,24 +242,13 @@ def overview(engine: Engine, hours: int = 24) -> dict[str, Any]:
         errors = [dict(r) for r in conn.execute(
             select(images.c.error, func.count().label("count")).where(images.c.status == FAILED)
             .group_by(images.c.error).order_by(func.count().desc()).limit(20)).mappings()]
-        active = conn.execute(select(model_versions.c.name, model_versions.c.random_weights,
-                                     model_versions.c.detector, model_versions.c.manifest)
-                              .join(results, results.c.model_version_id == model_versions.c.id)
-                              .order_by(results.c.id.desc()).limit(1)).first()
+        active = active_model(conn)
         done = conn.execute(select(func.count()).select_from(images).where(images.c.status == DONE)).scalar_one()
     return {"per_hour": per_hour, "queue_depth": depth, "errors": errors, "scored": done,
-            "active_model": active.name if active else None,
-            "active_detector": active.detector if active else None,
-            "fallback": _manifest(active.manifest).get("fallback") if active else None,
-            "random_weights": bool(active.random_weights) if active else None}
-
-
-def _manifest(text: str | None) -> dict[str, Any]:
-    try:
-        value = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+            "active_model": active["name"] if active else None,
+            "active_detector": active["detector"] if active else None,
+            "fallback": active["fallback"] if active else None,
+            "random_weights": active["random_weights"] if active else None}
 
 
 def export_csv(engine: Engine, class_name: str | None = None) -> str:
