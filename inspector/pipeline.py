@@ -73,14 +73,9 @@ def load_detector(settings: Settings, class_name: str | None = None) -> Any:
     reason = fallback_reason(settings, class_name)
     if reason:
         log.warning("DAY ONE: %s", reason)
-        wanted = settings.model.detector
-        settings.model.detector = settings.model.fallback
-        try:
-            detector = load_model(None, settings=settings, use_active=False)
-        finally:
-            settings.model.detector = wanted
+        detector = load_model(None, settings=settings, use_active=False, detector=settings.model.fallback)
         detector.provenance["fallback"] = reason
-        detector.provenance["configured_detector"] = wanted
+        detector.provenance["configured_detector"] = settings.model.detector
     else:
         detector = load_model(name, settings=settings)
     if detector.provenance.get("random_weights") and not settings.model.allow_random_weights:

@@ -143,9 +143,10 @@ def backbone_spec(settings: Settings, detector: str | None = None) -> BackboneSp
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,
-               device: str | None = None, use_active: bool = True) -> Any:
+               device: str | None = None, use_active: bool = True, detector: str | None = None) -> Any:
     """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
-    describe (``[model] detector``, ``name``, or backbone + head keys). Options from ``settings``.
+    describe (``detector`` or ``[model] detector``, ``name``, or backbone + head keys). Options from
+    ``settings``.
 
     A trainable detector without a head is built untrained (with a loud warning); the production verbs go
     through ``pipeline.load_detector``, which scores with the training-free fallback instead."""
@@ -167,7 +168,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
         provenance = {"model": manifest["name"], "backbone": spec.pretrained,
                       "head_sha256": (manifest.get("head") or {}).get("sha256"), "random_weights": spec.is_random}
     else:
-        kind = settings.model.detector
+        kind = detector or settings.model.detector
         spec = backbone_spec(settings, kind)
         head_path = Path(settings.model.head) if settings.model.head else None
         provenance = {"model": None, "backbone": f"{spec.arch}/{spec.pretrained}",
