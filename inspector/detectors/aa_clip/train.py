@@ -552,29 +552,17 @@ def train_aa_clip(model: AACLIP, records: Sequence[Any], cfg: AACLIPTrainConfig,
 def _text_stage(model, train_records, val_records, classes, cfg, state, text_opt, text_steps, run_dir, autocast,
                 progress, should_stop) -> bool:
     """Stage 1: the text adapters against the V-V features. Returns True when ``should_stop`` stopped it."""
-    device = model.device
-    size = model.backbone.image_size
     model.text_adapter.requires_grad_(True)
     while state.text_epoch < cfg.text_epochs:
         state.stage, epoch = 1, state.text_epoch
-        order = _order(len(train_records), cfg.seed, 1, epoch)
-        sums: dict[str, float] = {}
-        started = time.perf_counter()
-        for step in range(text_steps):
-            rng = random.Random(f"{cfg.seed}-aa-clip-1-aug-{epoch}-{step}") if cfg.augment else None
-            batch = [train_records[i] for i in order[step * cfg.text_batch_size:(step + 1) * cfg.text_batch_size]]
-            pixels, masks, _, names = _batch(batch, size, rng, False, device)
-            with torch.autocast(**autocast):
-                losses = stage1_losses(model, pixels, masks, names, cfg)
-            text_opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            text_opt.step()
-            _accumulate(sums, losses, step, text_steps, "text", progress)
+        sums, seconds = _train_epoch(
+            model, train_records, cfg, 1, epoch, cfg.text_batch_size, text_steps, text_opt, autocast, progress,
+            lambda pixels, masks, labels, names: stage1_losses(model, pixels, masks, names, cfg))
         state.text_epoch = epoch + 1
         _atomic_save({"epoch": state.text_epoch, "text_adapter": model.text_adapter.state_dict(),
                       "text_optimizer": text_opt.state_dict()}, run_dir / TEXT_FILE)
         metrics = validate(model, val_records, 1, cfg, class_anchors(model, classes)) if val_records else {}
-        _record(state, 1, epoch + 1, sums, text_steps, metrics, cfg.text_lr, time.perf_counter() - started)
+        _record(state, 1, epoch + 1, sums, text_steps, metrics, cfg.text_lr, seconds)
         _write_state(run_dir, state, cfg)
         if should_stop is not None and should_stop(state):
             return True
@@ -585,29 +573,17 @@ def _text_stage(model, train_records, val_records, classes, cfg, state, text_opt
 def _image_stage(model, train_records, val_records, classes, cfg, state, image_opt, schedule, image_steps, run_dir,
                  autocast, progress, should_stop) -> None:
     """Stage 2: the image adapters against anchors computed once and frozen."""
-    device = model.device
-    size = model.backbone.image_size
     if state.image_epoch >= cfg.image_epochs:
         return
     anchors = class_anchors(model, classes)
     model.image_adapter.requires_grad_(True)
     while state.image_epoch < cfg.image_epochs:
         state.stage, epoch = 2, state.image_epoch
-        order = _order(len(train_records), cfg.seed, 2, epoch)
-        sums: dict[str, float] = {}
-        started = time.perf_counter()
-        for step in range(image_steps):
-            rng = random.Random(f"{cfg.seed}-aa-clip-2-aug-{epoch}-{step}") if cfg.augment else None
-            batch = [train_records[i] for i in order[step * cfg.image_batch_size:(step + 1) * cfg.image_batch_size]]
-            pixels, masks, labels, names = _batch(batch, size, rng, True, device)
-            t = torch.stack([anchors[c] for c in names])
-            with torch.autocast(**autocast):
-                losses = stage2_losses(model, pixels, masks, labels, t)
-            image_opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            image_opt.step()
-            schedule.step()
-            _accumulate(sums, losses, step, image_steps, "image", progress)
+        sums, seconds = _train_epoch(
+            model, train_records, cfg, 2, epoch, cfg.image_batch_size, image_steps, image_opt, autocast, progress,
+            lambda pixels, masks, labels, names: stage2_losses(model, pixels, masks, labels,
+                                                               torch.stack([anchors[c] for c in names])),
+            schedule)
         state.image_epoch = epoch + 1
         blob = {"epoch": state.image_epoch, "image_adapter": model.image_adapter.state_dict(),
                 "image_optimizer": image_opt.state_dict()}
@@ -615,13 +591,36 @@ def _image_stage(model, train_records, val_records, classes, cfg, state, image_o
         _atomic_save(blob, run_dir / f"image_adapter_{state.image_epoch}.pth")
         metrics = validate(model, val_records, 2, cfg, anchors) if val_records else {}
         lr = image_opt.param_groups[0]["lr"]
-        _record(state, 2, epoch + 1, sums, image_steps, metrics, lr, time.perf_counter() - started)
+        _record(state, 2, epoch + 1, sums, image_steps, metrics, lr, seconds)
         values = [v for v in metrics.values() if not math.isnan(v)]
         if values and float(np.mean(values)) > state.best:
             state.best, state.best_epoch = float(np.mean(values)), state.image_epoch
         _write_state(run_dir, state, cfg)
         if should_stop is not None and should_stop(state):
             return
+
+
+def _train_epoch(model, records, cfg, stage: int, epoch: int, batch_size: int, steps: int, optimizer, autocast,
+                 progress, loss_fn, schedule=None) -> tuple[dict[str, float], float]:
+    """One epoch of one stage: order and augmentation seeded by (seed, stage, epoch, step), colour jitter in
+    stage 2 only, ``loss_fn(pixels, masks, labels, names)`` under ``autocast``, one optimiser (and schedule)
+    step per batch. Returns (summed losses, seconds)."""
+    order = _order(len(records), cfg.seed, stage, epoch)
+    sums: dict[str, float] = {}
+    started = time.perf_counter()
+    for step in range(steps):
+        rng = random.Random(f"{cfg.seed}-aa-clip-{stage}-aug-{epoch}-{step}") if cfg.augment else None
+        batch = [records[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+        pixels, masks, labels, names = _batch(batch, model.backbone.image_size, rng, stage == 2, model.device)
+        with torch.autocast(**autocast):
+            losses = loss_fn(pixels, masks, labels, names)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        _accumulate(sums, losses, step, steps, "text" if stage == 1 else "image", progress)
+    return sums, time.perf_counter() - started
 
 
 def _accumulate(sums: dict[str, float], losses: dict[str, torch.Tensor], step: int, steps: int, phase: str,
