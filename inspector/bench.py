@@ -142,6 +142,13 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
     class_name = "bench part"
     cases: list[Case] = []
 
+    def time_case(label: str, fn: Callable[[], Any], n: int) -> None:
+        if progress:
+            progress(f"{model.name}: {label}, batch {n}")
+        # the first case of a process also pays for the allocator's first growth: warm it up twice
+        seconds, peak = _time(fn, repeats, device, warmup=2 if not cases else 1)
+        cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+
     for n in batch_sizes:
         pixels = pixels_all[:n]
         names = [class_name] * n
@@ -152,20 +159,12 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         else:
             plan.append((model.name, exact))
         for label, fn in plan:
-            if progress:
-                progress(f"{model.name}: {label}, batch {n}")
-            # the first case of a process also pays for the allocator's first growth: warm it up twice
-            seconds, peak = _time(fn, repeats, device, warmup=2 if not cases else 1)
-            cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+            time_case(label, fn, n)
         if model.name == "winclip" and references:
             refs = torch.stack([to_model_input(im, size) for im in synthetic_images(references, seed=50)])
             model.set_references(class_name, refs.to(device))
             try:
-                label = f"winclip k={references}"
-                if progress:
-                    progress(f"{model.name}: {label}, batch {n}")
-                seconds, peak = _time(exact, repeats, device)
-                cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+                time_case(f"winclip k={references}", exact, n)
             finally:
                 model.set_references(class_name, None)
         if model.name != "bayes-pfl":
@@ -173,10 +172,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         model.text_cache = "class"
         try:
             model.clear_caches()
-            if progress:
-                progress(f"class-cache R={samples}, batch {n}")
-            seconds, peak = _time(partial(exact, samples=samples), repeats, device)  # warm-up fills the cache
-            cases.append(Case(f"class-cache R={samples}", n, seconds * 1000 / n, n / seconds, peak))
+            time_case(f"class-cache R={samples}", partial(exact, samples=samples), n)  # warm-up fills the cache
         finally:
             model.text_cache = "none"
     floors = {c.batch_size: c.ms_per_image for c in cases if c.name == "floor"}
