@@ -199,6 +199,8 @@ def bench(
     WinCLIP zero- and few-shot, and `watch --once` end to end); print the tables and save JSON."""
     import gc
 
+    import torch
+
     from .bench import run_bench, side_by_side, write_report
     from .detectors import detector_class
     from .registry import load_model
@@ -222,9 +224,7 @@ def bench(
         reports.append(report)
         del model
         gc.collect()
-        if torch_cuda_available():
-            import torch
-
+        if torch.cuda.is_available():  # the next detector's backbone gets the memory back
             torch.cuda.empty_cache()
     combined = {"device": reports[0]["device"], "precision": reports[0]["precision"], "detectors": reports,
                 "side_by_side": side_by_side(reports)}
@@ -252,12 +252,6 @@ def bench(
                       f"{row['ms_per_image']:.1f}", f"{row['floor_ms_per_image']:.1f}", f"{row['ratio_to_floor']:.2f}")
     out.print(table)
     out.print(f"report: {path}")
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 @models_app.command("import-official")
