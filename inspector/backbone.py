@@ -20,6 +20,7 @@ checkpoint (TorchScript archive or plain state dict; architecture read from the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -67,6 +68,9 @@ class BackboneSpec:
     #: optional open_clip-style JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``) for an OpenAI checkpoint
     #: whose architecture the tensors do not say in full (e.g. attention heads not 64 wide)
     model_config: str = ""
+    #: resize the position embedding to the input grid with the antialiased bicubic kernel (open_clip,
+    #: Bayes-PFL, AA-CLIP) or, False, with plain bicubic (what the official MuSc loader ends up doing)
+    pos_embed_antialias: bool = True
 
     @property
     def is_random(self) -> bool:
@@ -231,17 +235,19 @@ def create_clip(spec: BackboneSpec) -> nn.Module:
         ) from None
 
 
-def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """``[1 + g*g, W] -> [1 + grid*grid, W]``: bicubic, antialias, align_corners=False, CLS kept.
+def resize_position_embedding(pos: torch.Tensor, grid: int, antialias: bool = True) -> torch.Tensor:
+    """``[1 + g*g, W] -> [1 + grid*grid, W]``: bicubic, align_corners=False, CLS kept.
 
-    The antialiased bicubic kernel (a = -0.5) is what the official code uses, also when upsampling.
+    ``antialias=True``: the antialiased bicubic kernel (a = -0.5), what the Bayes-PFL and AA-CLIP official
+    code uses, also when upsampling. ``False``: PyTorch's plain bicubic (a = -0.75), what the official
+    MuSc loader runs (its resize takes an ``antialias`` argument but never passes it on).
     """
     old = round(math.sqrt(pos.shape[0] - 1))
     if old == grid:
         return pos
     cls, img = pos[:1], pos[1:]
     img = img.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    img = F.interpolate(img, size=(grid, grid), mode="bicubic", antialias=antialias, align_corners=False)
     img = img.permute(0, 2, 3, 1).reshape(grid * grid, -1)
     return torch.cat([cls.float(), img], dim=0)
 
@@ -302,9 +308,11 @@ class ClipBackbone(nn.Module):
         if spec.image_size % self.patch_size:
             raise BackboneError(f"image_size {spec.image_size} is not a multiple of the patch size {self.patch_size}")
         self.grid = spec.image_size // self.patch_size
+        self._source_position_embedding = visual.positional_embedding.data.detach().clone()  # checkpoint grid
         with torch.no_grad():
             visual.positional_embedding = nn.Parameter(
-                resize_position_embedding(visual.positional_embedding.data, self.grid), requires_grad=False
+                resize_position_embedding(visual.positional_embedding.data, self.grid, spec.pos_embed_antialias),
+                requires_grad=False,
             )
         self.vision_layers = len(visual.transformer.resblocks)
         bad = [layer for layer in spec.feature_layers if not 1 <= layer <= self.vision_layers]
@@ -344,6 +352,18 @@ class ClipBackbone(nn.Module):
         for tower in (self.clip.visual.transformer, self.clip.transformer):
             for block in tower.resblocks:
                 block.mlp.gelu = act()
+
+    def set_pos_embed_antialias(self, antialias: bool) -> None:
+        """Resize the position embedding again from the checkpoint's grid, with or without antialias (a
+        detector whose paper used the other kernel than the spec it was loaded with); ``spec`` follows."""
+        if antialias == self.spec.pos_embed_antialias:
+            return
+        visual = self.clip.visual
+        pos = resize_position_embedding(self._source_position_embedding, self.grid, antialias)
+        with torch.no_grad():
+            visual.positional_embedding.data = pos.to(visual.positional_embedding.device,
+                                                      visual.positional_embedding.dtype)
+        self.spec = dataclasses.replace(self.spec, pos_embed_antialias=antialias)
 
     def train(self, mode: bool = True) -> ClipBackbone:  # frozen: never in training mode
         return super().train(False)
