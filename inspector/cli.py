@@ -732,7 +732,9 @@ def dashboard(
     import sys
 
     s = settings().override("dashboard", port=port).override("database", url=database)
-    app_path = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+    from importlib import resources
+
+    app_path = Path(str(resources.files("inspector._dashboard") / "app.py"))  # the top-level dashboard/
     if not app_path.is_file():
         raise FileNotFoundError(f"dashboard app not found at {app_path}")
     env = dict(os.environ, INSPECTOR_DATABASE__URL=s.database.url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -16,7 +17,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 log = logging.getLogger(__name__)
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
 class StoreError(RuntimeError):
@@ -66,10 +66,12 @@ def make_engine(url: str) -> Engine:
 def alembic_config(url: str):
     from alembic.config import Config
 
-    if not (MIGRATIONS / "env.py").is_file():
-        raise StoreError(f"migrations not found at {MIGRATIONS}")
+    # the top-level migrations/ folder, installed as the package inspector._migrations (pyproject.toml)
+    migrations = Path(str(resources.files("inspector._migrations")))
+    if not (migrations / "env.py").is_file():
+        raise StoreError(f"migrations not found at {migrations}")
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 

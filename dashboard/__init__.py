@@ -1,0 +1,1 @@
+"""The Streamlit dashboard, installed as the package ``inspector._dashboard`` (see pyproject.toml)."""

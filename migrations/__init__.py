@@ -1,0 +1,1 @@
+"""Alembic scripts, installed as the package ``inspector._migrations`` (see pyproject.toml)."""
