@@ -20,13 +20,21 @@ checkpoint (TorchScript archive or plain state dict; architecture read from the 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import io
 import logging
 import math
+import pickle
+import re
+import sys
 import warnings
+import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,24 +97,219 @@ def _openai_fp16_keys(key: str) -> bool:
 
 
 def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an OpenAI CLIP checkpoint: a TorchScript archive or a plain state dict."""
+    """Read an OpenAI CLIP checkpoint: a TorchScript archive (read as data, never run) or a plain state dict."""
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"CLIP checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, OpenAI ships jit
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-            raise BackboneError(f"{path}: neither a TorchScript archive nor a state dict ({exc})") from None
+    state = read_torchscript_state_dict(path) if is_torchscript_archive(path) else _load_plain(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or "visual.proj" not in state:
         raise BackboneError(f"{path}: not an OpenAI ViT CLIP state dict (no 'visual.proj')")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_plain(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, no code from the file."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported (?:global|operand)[^\n]*", str(exc))
+        detail = found.group(0) if found else str(exc).splitlines()[0]
+        raise BackboneError(f"{path}: refusing to load a checkpoint that holds more than tensors ({detail})") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise BackboneError(f"{path}: neither a TorchScript archive nor a state dict ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# TorchScript archives, read as data
+#
+# A TorchScript file (what OpenAI ships) is a zip: ``<root>/data.pkl`` pickles the module tree, each tensor's
+# bytes are a record ``<root>/data/<key>``, and ``<root>/code/`` holds the modules' TorchScript source.
+# ``torch.jit.load`` compiles and runs that source (a ``__setstate__`` runs at load, and can write files).
+# We never run it: the pickle is read by an unpickler that builds nothing but tensors, plain containers and
+# inert placeholders, and the source is only *parsed* (``ast``) for each class's ``__parameters__`` and
+# ``__buffers__``, to name the state dict exactly as the module's ``state_dict()`` after ``torch.jit.load`` does.
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _ScriptClass:
+    """What the serialized source says of one TorchScript class (parsed, never executed)."""
+
+    parameters: tuple[str, ...]
+    buffers: tuple[str, ...]
+    is_module: bool
+    runs_on_load: bool  # defines __setstate__, which torch.jit.load would run
+
+
+class _ScriptObject:
+    """An unpickled TorchScript object as inert data: its class's qualified name and its attributes."""
+
+    qualname = ""
+
+    def __init__(self) -> None:
+        self.attributes: Any = None
+
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD: keep the state, run nothing
+        self.attributes = state
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript zip (a ``data.pkl`` next to ``code/`` or ``constants.pkl``)."""
+    return _archive_root(path) is not None
+
+
+def _archive_root(path: Path) -> str | None:
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+    for name in names:
+        root = name[: -len("data.pkl")]
+        if name.endswith("data.pkl") and root.count("/") == 1 and root.endswith("/") and (
+                root + "constants.pkl" in names or any(n.startswith(root + "code/") for n in names)):
+            return root
+    return None
+
+
+def _script_classes(archive: zipfile.ZipFile, root: str, path: Path) -> dict[str, _ScriptClass]:
+    """Every class defined in ``<root>/code/``: qualified name -> parameters, buffers, kind."""
+    classes = {}
+    for name in archive.namelist():
+        if not (name.startswith(root + "code/") and name.endswith(".py")):
+            continue
+        qualifier = name[len(root + "code/"): -len(".py")].replace("/", ".")
+        try:
+            tree = ast.parse(archive.read(name).decode("utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+            raise BackboneError(f"{path}: unreadable TorchScript source {name} ({exc})") from None
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                classes[f"{qualifier}.{node.name}"] = _parse_script_class(node)
+    return classes
+
+
+def _parse_script_class(node: ast.ClassDef) -> _ScriptClass:
+    names: dict[str, tuple[str, ...]] = {"__parameters__": (), "__buffers__": ()}
+    for item in node.body:
+        if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name) \
+                and item.targets[0].id in names:
+            value = ast.literal_eval(item.value)
+            names[item.targets[0].id] = tuple(str(v) for v in value)
+    return _ScriptClass(
+        parameters=names["__parameters__"], buffers=names["__buffers__"],
+        is_module=any(isinstance(b, ast.Name) and b.id == "Module" for b in node.bases),
+        runs_on_load=any(isinstance(f, ast.FunctionDef) and f.name == "__setstate__" for f in node.body))
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor_v2``'s job, on checked arguments: a strided view of a storage."""
+    ints = (lambda v: isinstance(v, tuple) and all(isinstance(i, int) and i >= 0 for i in v))
+    if not (isinstance(storage, torch.Tensor) and isinstance(offset, int) and ints(size) and ints(stride)):
+        raise pickle.UnpicklingError("malformed tensor record")
+    return storage.as_strided(size, stride, offset)  # raises if the view runs past the storage
+
+
+_ALLOWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch.jit._pickle", "restore_type_tag"): lambda value, _type: value,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
+}
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Builds tensors (from the archive's records), dicts, lists, tuples, numbers, strings and inert
+    ``_ScriptObject`` placeholders; every other global the pickle names is refused."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.root = archive, root
+        self.storages: dict[str, torch.Tensor] = {}
+        self.placeholders: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self.placeholders:
+                self.placeholders[qualname] = type(name, (_ScriptObject,), {"qualname": qualname})
+            return self.placeholders[qualname]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only tensors are read from a model file")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"refusing persistent id {pid!r:.80}: not a tensor storage")
+        _, dtype, key, _location, numel = pid
+        if key not in self.storages:
+            try:
+                raw = self.archive.read(f"{self.root}data/{key}")
+            except KeyError:
+                raise pickle.UnpicklingError(f"storage record data/{key} is missing") from None
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if len(raw) != numel * itemsize:
+                raise pickle.UnpicklingError(f"storage data/{key} holds {len(raw)} bytes, not {numel} x {itemsize}")
+            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            self.storages[key] = flat
+        return self.storages[key]
+
+
+def read_torchscript_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a TorchScript archive, equal to ``state_dict()`` of the module ``torch.jit.load`` would
+    give, without running any of the archive's code. An archive with a ``__setstate__`` (code that runs at load) is refused."""
+    path = Path(path)
+    root = _archive_root(path)
+    if root is None:
+        raise BackboneError(f"{path}: not a TorchScript archive")
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        if root + "byteorder" in names and archive.read(root + "byteorder").decode().strip() != sys.byteorder:
+            raise BackboneError(f"{path}: tensors stored {archive.read(root + 'byteorder').decode()}-endian")
+        classes = _script_classes(archive, root, path)
+        hooks = sorted(q for q, c in classes.items() if c.runs_on_load)
+        if hooks:
+            raise BackboneError(f"{path}: the TorchScript archive defines __setstate__ ({', '.join(hooks)}), code "
+                                "that would run when loaded; refusing (only plain weights are read)")
+        try:
+            tree = _WeightsUnpickler(archive.read(root + "data.pkl"), archive, root).load()
+        except pickle.UnpicklingError as exc:
+            raise BackboneError(f"{path}: refusing to read this TorchScript archive ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - any malformed pickle is the same user error
+            raise BackboneError(f"{path}: unreadable TorchScript archive ({type(exc).__name__}: {exc})") from None
+    if not isinstance(tree, _ScriptObject):
+        raise BackboneError(f"{path}: the TorchScript archive does not hold a module")
+    state: dict[str, torch.Tensor] = {}
+    _collect_state(tree, classes, "", state, path)
+    return state
+
+
+def _collect_state(obj: _ScriptObject, classes: dict[str, _ScriptClass], prefix: str,
+                   state: dict[str, torch.Tensor], path: Path) -> None:
+    """Parameters, then buffers, then sub-modules in attribute order: ``nn.Module.state_dict``'s order."""
+    info = classes.get(obj.qualname)
+    if info is None or not isinstance(obj.attributes, dict):
+        raise BackboneError(f"{path}: the TorchScript archive has no plain definition of {obj.qualname}")
+    attributes = obj.attributes
+    for names in (info.parameters, info.buffers):
+        for name, value in attributes.items():
+            if name in names and isinstance(value, torch.Tensor):
+                state[prefix + name] = value
+    for name, value in attributes.items():
+        if isinstance(value, _ScriptObject) and classes.get(value.qualname, info).is_module:
+            _collect_state(value, classes, f"{prefix}{name}.", state, path)
 
 
 def build_openai_clip(state: dict[str, torch.Tensor], activation: str = "gelu",
@@ -178,14 +381,9 @@ def build_clip_from_config(state: dict[str, torch.Tensor], model_config: str | P
 
 
 def _is_open_clip_file(path: Path) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.load(str(path), map_location="cpu")
+    if is_torchscript_archive(path):
         return False
-    except (RuntimeError, ValueError):
-        pass
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = _load_plain(path)
     if isinstance(state, dict) and "state_dict" in state:
         return True
     return isinstance(state, dict) and any(k.startswith("module.") for k in state)

@@ -28,7 +28,9 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +354,7 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
     best_head = copy.deepcopy(model.head.state_dict())
     checkpoint = run_dir / "checkpoint.pt"
     if resume and checkpoint.is_file():
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        blob = load_checkpoint(checkpoint)
         model.head.load_state_dict(blob["head"])
         optimizer.load_state_dict(blob["optimizer"])
         optimizer2.load_state_dict(blob["optimizer2"])
@@ -431,6 +433,21 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
     model.head.eval()
     model.clear_caches()
     return state
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A resumable checkpoint, read with ``weights_only=True``: tensors, numbers, strings and plain containers
+    only, so a crafted file cannot run code (what :func:`_save_checkpoint` writes is all of that kind)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported (?:global|operand)[^\n]*", str(exc))
+        raise ValueError(f"{path}: refusing a checkpoint that holds more than tensors and plain data "
+                         f"({found.group(0) if found else str(exc).splitlines()[0]}); delete it or train without "
+                         "--resume") from None
+    if not isinstance(blob, dict) or not {"head", "state"} <= set(blob):
+        raise ValueError(f"{path}: not a retrain checkpoint; delete it or train without --resume")
+    return blob
 
 
 def _save_checkpoint(path: Path, model: BayesPFL, optimizer, optimizer2, schedule, best_head, state) -> None:

@@ -1,0 +1,216 @@
+"""Security hardening (issue 12, items 1-5): no code runs from a model file or checkpoint, the dashboard's
+path guard cannot be widened, the password gate, bind addresses, and archive bombs.
+
+Every attack here is a real crafted file: a TorchScript archive whose ``__setstate__`` writes a file, pickles
+whose ``__reduce__`` would, symlinks swapped in after registration, zip and tar.gz bombs.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from inspector.backbone import BackboneError, BackboneSpec, load_backbone, read_openai_state_dict
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _jit_state(path: Path) -> dict[str, torch.Tensor]:
+    """What ``torch.jit.load`` (which runs the archive's code) gives: the reference for our reader."""
+    return _quiet(torch.jit.load, str(path), map_location="cpu").state_dict()
+
+
+def _assert_same_state(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert list(ours) == list(reference)
+    for key, value in reference.items():
+        assert ours[key].dtype == value.dtype, key
+        assert ours[key].shape == value.shape, key
+        assert torch.equal(ours[key], value), key
+
+
+# --- 1. no code execution from model files ----------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """Parameters, an int buffer, a plain tensor attribute (not state) and a view into another storage."""
+
+    def __init__(self, width: int, mask: torch.Tensor):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.scale = nn.Parameter(torch.randn(width, 3).t())  # non-contiguous strides
+        self.register_buffer("steps", torch.arange(4, dtype=torch.int64))
+        self.register_buffer("window", torch.randn(10)[3:8])  # storage offset 3
+        self.attn_mask = mask  # OpenAI's blocks keep their mask as a plain attribute: not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.attn_mask.sum() + self.scale.sum() + self.window.sum()
+
+
+class _OpenAIStyle(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        mask = torch.full((3, 3), float("-inf")).triu(1)
+        self.blocks = nn.ModuleList([_Block(width, mask) for _ in range(2)])
+        self.proj = nn.Parameter(torch.randn(width, 4).half())
+        self.head = nn.Linear(4, 4)
+        self.tied = nn.Linear(4, 4)
+        self.tied.weight = self.head.weight  # one storage, two keys
+        self.register_buffer("input_resolution", torch.tensor(224))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.tied(self.head(x @ self.proj.float()))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_archive_read_without_running_equals_jit_load(tmp_path, how):
+    from inspector.backbone import read_torchscript_state_dict
+
+    torch.manual_seed(0)
+    model = _OpenAIStyle().eval()
+    jit = (_quiet(torch.jit.script, model) if how == "script"
+           else _quiet(torch.jit.trace, model, torch.randn(2, 8)))
+    path = tmp_path / "model.pt"
+    _quiet(torch.jit.save, jit, str(path))
+    _assert_same_state(read_torchscript_state_dict(path), _jit_state(path))
+
+
+def test_open_clip_model_as_torchscript_reads_as_jit_load_did(tmp_path):
+    """A whole CLIP (OpenAI key layout) saved as TorchScript, as OpenAI ships its checkpoints."""
+    import open_clip
+
+    from inspector.backbone import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    clip = _quiet(open_clip.create_model, "test-tiny").eval()
+    mask = clip._buffers.pop("attn_mask")
+    clip.attn_mask = mask  # a plain attribute, as in OpenAI's modules: not part of the state dict
+    path = tmp_path / "ViT-tiny.pt"
+    _quiet(torch.jit.save, _quiet(torch.jit.script, clip), str(path))
+    reference = _jit_state(path)
+    _assert_same_state(read_openai_state_dict(path), reference)
+    backbone = _quiet(load_backbone, BackboneSpec(arch="test-tiny", pretrained=str(path), model_config="test-tiny",
+                                                  image_size=224, feature_layers=(1, 2)))
+    assert not backbone.spec.is_random
+
+
+class _Evil(nn.Module):
+    """A module whose ``__setstate__`` (TorchScript, run by ``torch.jit.load``) creates a file."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.proj = nn.Parameter(torch.zeros(2, 2))
+        self.path = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.proj
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.proj, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]):
+        self.proj = state[0]
+        self.path = state[1]
+        self.training = state[2]
+        self.proj = state[0] + 0.0 * torch.from_file(self.path, shared=True, size=4).view(2, 2)
+
+
+def test_torchscript_setstate_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "ViT-L-14-336px.pt"
+    _quiet(torch.jit.save, _quiet(torch.jit.script, _Evil(str(marker))), str(path))
+    _quiet(torch.jit.load, str(path))  # the attack is real: torch.jit.load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(BackboneError, match="__setstate__"):
+        read_openai_state_dict(path)
+    for fmt in ("auto", "openai"):
+        with pytest.raises(BackboneError, match="__setstate__"):
+            _quiet(load_backbone, BackboneSpec(arch="test-tiny", pretrained=str(path), clip_format=fmt))
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickled, it opens (creates) the marker file: what a crafted ``__reduce__`` does."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _torchscript_zip(path: Path, data_pkl: bytes) -> None:
+    """An archive laid out as TorchScript (code/, constants.pkl) around a crafted ``data.pkl``."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        z.writestr("archive/code/__torch__.py", "class M(Module):\n  __parameters__ = []\n  __buffers__ = []\n")
+        z.writestr("archive/constants.pkl", pickle.dumps(()))
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", "little")
+
+
+def test_reduce_payload_in_torchscript_data_pkl_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "clip.pt"
+    _torchscript_zip(path, pickle.dumps({"visual.proj": _Payload(marker)}, protocol=2))
+    pickle.loads(zipfile.ZipFile(path).read("archive/data.pkl"))["visual.proj"].close()  # the payload is real
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(BackboneError, match="refusing"):
+        read_openai_state_dict(path)
+    with pytest.raises(BackboneError, match="refusing"):
+        _quiet(load_backbone, BackboneSpec(arch="test-tiny", pretrained=str(path)))
+    assert not marker.exists()
+
+
+def test_reduce_payload_in_a_plain_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "clip.pt"
+    torch.save({"visual.proj": _Payload(marker)}, path)
+    for fmt in ("auto", "openai"):
+        with pytest.raises(BackboneError):
+            _quiet(load_backbone, BackboneSpec(arch="test-tiny", pretrained=str(path), clip_format=fmt))
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    import re
+
+    package = Path(__file__).parents[1] / "inspector"
+    calls = [(p, m.group(0)) for p in package.rglob("*.py")
+             for m in re.finditer(r"torch\.load\(.*", p.read_text(encoding="utf-8"))]
+    assert calls
+    assert all("weights_only=True" in call for _, call in calls), calls
+    assert not [p for p in package.rglob("*.py") if "torch.jit.load(" in p.read_text(encoding="utf-8")]
+
+
+def test_resume_checkpoint_with_a_payload_is_refused(tmp_path):
+    from inspector.train import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"head": {}, "state": _Payload(marker)}, checkpoint)
+    with pytest.raises(ValueError, match="refusing"):
+        load_checkpoint(checkpoint)
+    assert not marker.exists()
+    buffer = io.BytesIO()
+    torch.save({"head": {"w": torch.ones(2)}, "state": {"epoch": 1, "history": [{"loss": 0.5}]}}, buffer)
+    (tmp_path / "plain.pt").write_bytes(buffer.getvalue())
+    assert load_checkpoint(tmp_path / "plain.pt")["state"]["epoch"] == 1
