@@ -106,6 +106,36 @@ class WinCLIPSettings:
 
 
 @dataclass
+class MuScSettings:
+    #: Earlier images of a class kept in its rolling pool (the references of each new image besides the
+    #: other images of its batch and the class's reference images); 0 = no rolling pool.
+    pool_size: int = 50
+    #: Add each scored image to its class's pool afterwards.
+    join_pool: bool = True
+    #: Folder of reference images per class (`inspector references add`, shared with WinCLIP), always in the
+    #: pool; empty = none.
+    references: str = "references"
+    #: Storage of pooled features: "float32" or "float16" / "bfloat16" (half the memory, distances in fp32).
+    pool_dtype: str = "float32"
+    #: LNAMD aggregation degrees r (the paper: 1, 3, 5).
+    r_list: list[int] = field(default_factory=lambda: [1, 3, 5])
+    #: Share of the other images whose nearest-patch distances are averaged (the paper: 0.3).
+    fraction: float = 0.3
+    #: RsCIN neighbour counts of `score_pool` (the official code: [1, 2, 3], or [1, 8, 9] for VisA).
+    k_list: list[int] = field(default_factory=lambda: [1, 2, 3])
+    #: "matmul" (blocks of distances under memory_mb) or "cdist" (the official arithmetic, full matrix).
+    msm: str = "matmul"
+    #: Largest block of patch distances MSM holds at once, in MB.
+    memory_mb: int = 256
+    #: Position-embedding resize kernel: false = plain bicubic (the official MuSc loader), true = antialiased.
+    pos_embed_antialias: bool = False
+    #: "auto"/"sdpa" (fused attention) or "explicit" (the official attention arithmetic).
+    attention: str = "auto"
+    #: k of the top-k map score; 0 = 1 % of the pixels.
+    topk: int = 0
+
+
+@dataclass
 class DatabaseSettings:
     #: SQLAlchemy URL. SQLite in the working folder by default; any ``postgresql+psycopg://`` URL works.
     url: str = "sqlite:///inspector.sqlite"
@@ -182,6 +212,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     aa_clip: AAClipSettings = field(default_factory=AAClipSettings)
     winclip: WinCLIPSettings = field(default_factory=WinCLIPSettings)
+    musc: MuScSettings = field(default_factory=MuScSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

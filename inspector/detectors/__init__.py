@@ -20,6 +20,7 @@ KINDS = {
     "bayes-pfl": "inspector.detectors.bayes_pfl:BayesPFL",
     "aa-clip": "inspector.detectors.aa_clip:AACLIP",
     "winclip": "inspector.detectors.winclip:WinCLIP",
+    "musc": "inspector.detectors.musc:MuSc",
 }
 
 
