@@ -214,3 +214,101 @@ def test_resume_checkpoint_with_a_payload_is_refused(tmp_path):
     torch.save({"head": {"w": torch.ones(2)}, "state": {"epoch": 1, "history": [{"loss": 0.5}]}}, buffer)
     (tmp_path / "plain.pt").write_bytes(buffer.getvalue())
     assert load_checkpoint(tmp_path / "plain.pt")["state"]["epoch"] == 1
+
+
+# --- 2. the dashboard's path guard cannot be widened ------------------------------------------------------------
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from inspector.store import open_store
+
+    engine = open_store(f"sqlite:///{tmp_path / 'guard.sqlite'}", auto_upgrade=True)
+    yield engine
+    engine.dispose()
+
+
+def _png(path: Path, value: int = 128) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, value, value)).save(path)
+    return path
+
+
+def _register(engine, source_id, path: Path, error: str | None = None) -> None:
+    import hashlib
+
+    from inspector.store.queue import register_file
+
+    data = path.read_bytes() if error is None else None
+    register_file(engine, source_id, "part", str(path), hashlib.sha256(data).hexdigest() if data else None,
+                  len(data) if data else None, path.stat().st_mtime_ns if data else None, error=error)
+
+
+def test_scored_file_replaced_by_a_symlink_is_not_shown(store, tmp_path):
+    from inspector.store.review import ImageNotAllowed, image_path_allowed, read_allowed_image
+
+    tmp_path = tmp_path.resolve()
+    image = _png(tmp_path / "scored" / "a.png")
+    secret = _png(tmp_path / "outside" / "secret.png", 7)
+    _register(store, None, image)
+    assert image_path_allowed(store, str(image)) and read_allowed_image(store, str(image)) == image.read_bytes()
+    image.unlink()
+    image.symlink_to(secret)
+    assert not image_path_allowed(store, str(image))
+    with pytest.raises(ImageNotAllowed):
+        read_allowed_image(store, str(image))
+
+
+def test_scored_file_replaced_in_place_or_an_error_row_is_not_shown(store, tmp_path):
+    from inspector.store.review import ImageNotAllowed, image_path_allowed, read_allowed_image
+
+    tmp_path = tmp_path.resolve()
+    image = _png(tmp_path / "scored" / "a.png")
+    _register(store, None, image)
+    _png(image, 3)  # other content under the same name: not the image that was scored
+    with pytest.raises(ImageNotAllowed, match="changed"):
+        read_allowed_image(store, str(image))
+    unreadable = _png(tmp_path / "elsewhere" / "b.png")
+    _register(store, None, unreadable, error="cannot read the file")  # a row with no source and no content
+    assert not image_path_allowed(store, str(unreadable))
+    assert not image_path_allowed(store, str(tmp_path / "scored" / ".." / "scored" / "a.png"))
+
+
+def test_watched_folder_swapped_for_a_symlink_grants_nothing(store, tmp_path):
+    from inspector.store.queue import ensure_source
+    from inspector.store.review import ImageNotAllowed, image_path_allowed, read_allowed_image
+
+    tmp_path = tmp_path.resolve()
+    watched = tmp_path / "line1"
+    image = _png(watched / "a.png")
+    _register(store, ensure_source(store, str(watched), "part"), image)
+    assert image_path_allowed(store, str(image)) and read_allowed_image(store, str(image))
+    outside = tmp_path / "private"
+    _png(outside / "a.png", 9)
+    watched.rename(tmp_path / "line1.old")
+    watched.symlink_to(outside)  # the stored root now resolves to the private folder
+    assert not image_path_allowed(store, str(image))
+    assert not image_path_allowed(store, str(outside / "a.png"))
+    with pytest.raises(ImageNotAllowed):
+        read_allowed_image(store, str(image))
+
+
+def test_symlink_or_fifo_inside_a_watched_folder_is_not_opened(store, tmp_path):
+    import os
+
+    from inspector.store.queue import ensure_source
+    from inspector.store.review import ImageNotAllowed, read_allowed_image
+
+    tmp_path = tmp_path.resolve()
+    watched = tmp_path / "line1"
+    watched.mkdir()
+    ensure_source(store, str(watched), "part")
+    secret = _png(tmp_path / "private" / "secret.png")
+    (watched / "link.png").symlink_to(secret)
+    os.mkfifo(watched / "fifo.png")
+    with pytest.raises(ImageNotAllowed, match="outside"):
+        read_allowed_image(store, str(watched / "link.png"))
+    with pytest.raises(ImageNotAllowed, match="regular file"):
+        read_allowed_image(store, str(watched / "fifo.png"))  # returns at once: never blocks on the FIFO

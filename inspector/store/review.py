@@ -275,16 +275,79 @@ def export_csv(engine: Engine, class_name: str | None = None) -> str:
     return out.getvalue()
 
 
-def image_path_allowed(engine: Engine, path: str) -> bool:
-    """Images are served only from watched folders (or files registered by `inspector score`)."""
+class ImageNotAllowed(PermissionError):
+    """The dashboard may not show this file: outside every watched folder, or not the file that was scored."""
+
+
+def _path_grants(engine: Engine, path: str) -> tuple[list[str], str | None]:
+    """What may make ``path`` showable: the watched folders that are still their own resolved form (a folder
+    later replaced by a symlink, or registered through one, grants nothing), and the sha256 of a successfully
+    read row of exactly this resolved path registered without a source (`inspector score`), if any."""
     import os
 
-    real = os.path.realpath(path)
     with engine.connect() as conn:
-        roots = [os.path.realpath(p) for p in conn.execute(select(sources.c.path)).scalars()]
-        registered = conn.execute(select(images.c.id).where(images.c.path == path, images.c.source_id.is_(None))
-                                  ).first() is not None
-    return registered or any(os.path.commonpath([real, root]) == root for root in roots)
+        roots = [p for p in conn.execute(select(sources.c.path)).scalars()
+                 if os.path.isabs(p) and os.path.realpath(p) == os.path.normpath(p)]
+        sha = None
+        if os.path.isabs(path) and os.path.normpath(path) == path:
+            sha = conn.execute(select(images.c.sha256).where(
+                images.c.path == path, images.c.source_id.is_(None), images.c.sha256.is_not(None))
+                .order_by(images.c.id.desc()).limit(1)).scalar()
+    return [os.path.normpath(r) for r in roots], sha
+
+
+def _granted(real: str, path: str, roots: list[str], sha: str | None) -> str | None:
+    """How the resolved file ``real`` (opened as ``path``) is granted: "root", "registered" or None."""
+    import os
+
+    if any(os.path.commonpath([real, root]) == root for root in roots):
+        return "root"
+    return "registered" if sha is not None and real == path else None
+
+
+def image_path_allowed(engine: Engine, path: str) -> bool:
+    """Whether a file may be shown: its resolved path lies under a watched folder, or it is, with no symlink
+    on the way, a file registered by `inspector score`. :func:`read_allowed_image` also checks what it opens."""
+    import os
+
+    roots, sha = _path_grants(engine, path)
+    return _granted(os.path.realpath(path), path, roots, sha) is not None
+
+
+def read_allowed_image(engine: Engine, path: str) -> bytes:
+    """The bytes of an image the dashboard may show, checked on the file actually opened (not only its name).
+
+    The file is opened without blocking (a FIFO never hangs the page) and must be a regular file; the path of
+    the opened descriptor must lie under a watched folder, or be the registered file itself, whose content
+    must still be what was scored (sha256). Raises :class:`ImageNotAllowed`, or ``FileNotFoundError``.
+    """
+    import hashlib
+    import os
+    import stat
+
+    roots, sha = _path_grants(engine, path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ImageNotAllowed(f"{path}: not a regular file")
+        proc = f"/proc/self/fd/{fd}"
+        real = os.readlink(proc) if os.path.islink(proc) else os.path.realpath(path)
+        current = os.stat(real) if os.path.exists(real) else None
+        if current is None or (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+            raise ImageNotAllowed(f"{path}: the file changed while it was opened")
+        grant = _granted(real, path, roots, sha)
+        if grant is None:
+            raise ImageNotAllowed(f"{path}: resolves to {real}, outside the watched folders")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if grant == "registered" and hashlib.sha256(data).hexdigest() != sha:
+        raise ImageNotAllowed(f"{path}: the file changed since it was scored")
+    return data
 
 
 __all__: Sequence[str] = [
