@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +22,23 @@ from .pgcluster import free_port
 from .pipeline_helpers import cli_env, scored_database, table_rows, wait_for
 
 ARTIFACTS = Path(os.environ.get("INSPECTOR_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+
+#: Records the time (performance.now()) of the last key press and of each message to the app that carries the
+#: threshold slider's value: Streamlit sends widget values in rerun requests over the page's WebSocket, the
+#: slider's debounced after a key (while Selenium may still be dispatching the next ones).
+RECORD_SLIDER_COMMITS = """
+window.sliderCommits = [];
+window.lastKey = Infinity;
+document.addEventListener("keydown", () => { window.lastKey = performance.now(); }, true);
+const send = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+    const bytes = typeof data === "string" ? new TextEncoder().encode(data)
+        : data instanceof ArrayBuffer ? new Uint8Array(data)
+        : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    if (new TextDecoder("latin1").decode(bytes).includes("t_value")) window.sliderCommits.push(performance.now());
+    return send.call(this, data);
+};
+"""
 
 
 @pytest.fixture
@@ -100,16 +116,19 @@ def test_review_and_threshold_in_a_real_browser(dashboard, browser):
     finally:
         browser.save_screenshot(str(ARTIFACTS / "thresholds-opened.png"))
     before = float(slider.get_attribute("value"))
+    browser.execute_script(RECORD_SLIDER_COMMITS)
     browser.execute_script("arguments[0].focus()", slider)
     ActionChains(browser).send_keys(Keys.ARROW_RIGHT * 25).perform()
     wait.until(lambda d: float(d.find_element(By.CSS_SELECTOR, thumb).get_attribute("value")) != before)
+    # the slider sends its value to the app a moment (debounced) after the last key; a click before that
+    # would save the old value: wait for that message instead of sleeping
+    wait.until(lambda d: d.execute_script("return window.sliderCommits.some(t => t > window.lastKey)"))
     value = float(browser.find_element(By.CSS_SELECTOR, thumb).get_attribute("value"))
-    time.sleep(1.0)  # let the rerun with the new value settle
-    browser.find_element(By.XPATH, "//button[.//p[text()='Save threshold']]").click()
+    wait.until(ec.element_to_be_clickable((By.XPATH, "//button[.//p[text()='Save threshold']]"))).click()
     wait_for(lambda: table_rows(db, thresholds), 60, what="a threshold version")
     wait.until(lambda d: "as v1" in d.page_source)  # the page confirms the saved version
-    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
-    time.sleep(0.5)
+    history = wait.until(lambda d: d.find_element(By.XPATH, "//h3[contains(., 'History')]"))
+    browser.execute_script("arguments[0].scrollIntoView()", history)
     browser.save_screenshot(str(ARTIFACTS / "thresholds.png"))
     (row,) = table_rows(db, thresholds)
     assert row["class_name"] == "screw" and row["version"] == 1 and row["created_by"] == "carol"
