@@ -71,7 +71,7 @@ def browser():
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
-    assert chromium and driver_path, "Debian's chromium and chromium-driver are required (.ci/run installs them)"
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are required (scripts/test.sh installs them)"
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100",
