@@ -6,7 +6,10 @@ batch sizes, on the current device:
 * ``floor``        its backbone alone (one vision forward, global embedding only): nothing can be faster
 * the detector     ``aa-clip``, ``winclip`` (zero-shot, and ``winclip k=K`` few-shot on K references), or for
                    Bayes-PFL ``exact R=1``, ``exact R=10`` (the paper's R) and ``class-cache R=10`` (text
-                   embeddings from a class prototype, computed once per class)
+                   embeddings from a class prototype, computed once per class); a detector with a
+                   ``bench_plan(pixels, class_names)`` method times its own cases instead (MuSc: the batch
+                   against pools of N - 1 earlier images, ``musc`` at its configured pool and ``musc N=..``),
+                   and its ``bench_report()`` goes into the report as ``detector_report``
 * ``pipeline``     `watch --once` end to end on PNG files (640 px) at the largest batch size: intake, hashing,
                    decoding, scoring, map encoding and SQLite writes, with the same loaded model; its ratio
                    to the detector case at that batch size is the pipeline's overhead
@@ -156,6 +159,8 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         plan: list[tuple[str, Callable[[], Any]]] = [("floor", partial(model.encode_floor, pixels))]
         if model.name == "bayes-pfl":
             plan += [("exact R=1", partial(exact, samples=1)), (f"exact R={samples}", partial(exact, samples=samples))]
+        elif hasattr(model, "bench_plan"):  # a detector's own cases, one named after it (MuSc: pool sizes)
+            plan += model.bench_plan(pixels, names)
         else:
             plan.append((model.name, exact))
         for label, fn in plan:
@@ -216,6 +221,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "threads": torch.get_num_threads(),
         "cases": [c.__dict__ for c in cases],
         "class_cache_agreement": agreement,
+        "detector_report": model.bench_report() if hasattr(model, "bench_report") else None,
     }
 
 

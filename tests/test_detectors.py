@@ -137,7 +137,7 @@ def test_day_one_watch_status_and_dashboard(tmp_path, monkeypatch):
     assert any("Day one" in w.value and "winclip" in w.value for w in app.warning)
 
 
-@pytest.mark.parametrize("name", ["aa-clip", "winclip"])
+@pytest.mark.parametrize("name", ["aa-clip", "winclip", "musc"])
 def test_watch_once_with_each_detector(name, tmp_path):
     _images(tmp_path / "line", 3)
     db = f"sqlite:///{tmp_path}/w.sqlite"
@@ -158,7 +158,7 @@ def test_registry_round_trip_for_each_kind(tmp_path, images):
     from inspector.imaging import preprocess
     from inspector.registry import load_model, read_manifest, register_model
 
-    for name in ("aa-clip", "winclip"):
+    for name in ("aa-clip", "winclip", "musc"):
         model = load(tiny(name))
         if name == "aa-clip":
             with torch.no_grad():
@@ -167,7 +167,7 @@ def test_registry_round_trip_for_each_kind(tmp_path, images):
         folder = register_model(tmp_path, f"{name}-v1", model, {"kind": "test"})
         manifest = read_manifest(folder)
         assert manifest["detector"] == name and manifest["backbone"]["arch"] == "test-tiny"
-        assert (manifest["head"] is None) == (name == "winclip")
+        assert (manifest["head"] is None) == (name in ("winclip", "musc"))
         settings = tiny(name)
         settings.registry.path = str(tmp_path)
         with warnings.catch_warnings():

@@ -279,3 +279,20 @@ def test_bench_cases(clip, pixels):
     report = live.bench_report()
     assert report["bytes_per_pooled_image"] == live.bytes_per_pooled_image()
     assert round(report["full_size"]["msm_gflop_per_image"][200] / 199) == 46  # spec §12: 46 GFLOP (N - 1)
+
+
+def test_run_bench_times_musc_pools(clip, monkeypatch):
+    """`inspector bench --detectors musc`: the pool cases and the cost model. The `watch --once` case is
+    stubbed: it belongs to the pipeline (tests/test_detectors.py), not to the detector."""
+    from inspector import bench
+
+    monkeypatch.setattr(bench, "pipeline_case", lambda model, batch_size, samples, count:
+                        bench.Case("pipeline (watch --once)", batch_size, 1.0, 1000.0, 0.0))
+    live = MuSc(_backbone(clip), pool_size=4, provenance={"backbone": "test-tiny/random", "random_weights": True})
+    live.bench_pools = (8,)
+    report = bench.run_bench(live, [1], repeats=1, samples=1)
+    names = {c["name"] for c in report["cases"]}
+    assert {"floor", "musc", "musc N=8", "pipeline (watch --once)"} <= names
+    assert report["main_case"] == "musc" and all(c["ratio_to_floor"] > 0 for c in report["cases"])
+    assert report["detector_report"]["bytes_per_pooled_image"] == live.bytes_per_pooled_image()
+    assert live.pool_count("bench part") == 0  # the timed cases leave no pool behind

@@ -139,18 +139,31 @@ class MuSc(nn.Module):
         as the official loader) if the backbone was loaded with the other kernel."""
         if head:
             log.warning("MuSc is training-free: ignoring head %s", head)
+        o = cls.scoring_options(settings)
+        backbone.set_pos_embed_antialias(o.pop("pos_embed_antialias"))
+        o.pop("reference_images")
+        folder = o.pop("references")
+        return cls(backbone, references=ReferenceStore(folder) if folder else None, provenance=provenance, **o)
+
+    @classmethod
+    def scoring_options(cls, settings: Any) -> dict[str, Any]:
+        """The options that change the numbers (part of a model version's identity): ``[musc]``, the
+        position-embedding kernel, ``[model] precision`` and the reference set. (The rolling pool is state,
+        not identity: a score depends on the images before it, as the method does.)"""
         o = getattr(settings, "musc", None)
-        model = getattr(settings, "model", None)
-        backbone.set_pos_embed_antialias(bool(getattr(o, "pos_embed_antialias", False)))
         folder = getattr(o, "references", "references")
-        return cls(backbone, r_list=tuple(getattr(o, "r_list", (1, 3, 5))),
-                   fraction=float(getattr(o, "fraction", FRACTION)),
-                   k_list=tuple(getattr(o, "k_list", K_LIST_MVTEC)), pool_size=int(getattr(o, "pool_size", 50)),
-                   msm=getattr(o, "msm", "matmul"), memory_mb=int(getattr(o, "memory_mb", 256)),
-                   references=ReferenceStore(folder) if folder else None,
-                   join_pool=bool(getattr(o, "join_pool", True)), pool_dtype=getattr(o, "pool_dtype", "float32"),
-                   topk=int(getattr(o, "topk", 0)), precision=getattr(model, "precision", "auto"),
-                   attention=getattr(o, "attention", "auto"), provenance=provenance)
+        store = ReferenceStore(folder) if folder else None
+        return {"r_list": [int(r) for r in getattr(o, "r_list", (1, 3, 5))],
+                "fraction": float(getattr(o, "fraction", FRACTION)),
+                "k_list": [int(k) for k in getattr(o, "k_list", K_LIST_MVTEC)],
+                "pool_size": int(getattr(o, "pool_size", 50)), "join_pool": bool(getattr(o, "join_pool", True)),
+                "msm": getattr(o, "msm", "matmul"), "memory_mb": int(getattr(o, "memory_mb", 256)),
+                "pool_dtype": getattr(o, "pool_dtype", "float32"), "topk": int(getattr(o, "topk", 0)),
+                "attention": getattr(o, "attention", "auto"),
+                "precision": getattr(getattr(settings, "model", None), "precision", "auto"),
+                "pos_embed_antialias": bool(getattr(o, "pos_embed_antialias", False)),
+                "references": folder,
+                "reference_images": {name: list(store.fingerprint(name)) for name in store.classes()} if store else {}}
 
     @classmethod
     def from_official(cls, clip: str | Path, model_config: str | Path | dict | None = None, image_size: int = 518,
