@@ -32,18 +32,74 @@ settings = load_settings()
 engine = _engine(settings.database.url)
 
 
+#: Pause after the n-th wrong password of a session: 0.25 s, doubling, at most 2 s.
+WRONG_PASSWORD_DELAYS = (0.25, 0.5, 1.0, 2.0)
+#: Characters that render as nothing although unicodedata files them as letters or symbols: braille blank,
+#: Hangul fillers.
+INVISIBLE_LETTERS = frozenset("\u2800\u115f\u1160\u3164\uffa0")
+
+
+def password_matches(entered: str, password: str) -> bool:
+    """Constant-time comparison of the UTF-8 bytes (NFC), so non-ASCII passwords and attempts work."""
+    import unicodedata
+
+    def encode(text: str) -> bytes:
+        return unicodedata.normalize("NFC", text).encode("utf-8")
+
+    return hmac.compare_digest(encode(entered), encode(password))
+
+
 def gate() -> bool:
-    """The optional shared password (config or INSPECTOR_DASHBOARD__PASSWORD)."""
+    """The optional shared password (config or INSPECTOR_DASHBOARD__PASSWORD); each new wrong attempt of a
+    session waits longer (``WRONG_PASSWORD_DELAYS``) before the page answers."""
+    import hashlib
+    import time
+
     password = settings.dashboard.password
     if not password or st.session_state.get("authenticated"):
         return True
     entered = st.text_input("Password", type="password", key="password")
-    if entered and hmac.compare_digest(entered, password):
+    if entered and password_matches(entered, password):
         st.session_state["authenticated"] = True
+        st.session_state.pop("wrong_attempts", None)
         st.rerun()
     if entered:
+        attempt = hashlib.sha256(entered.encode("utf-8", "surrogatepass")).hexdigest()
+        if st.session_state.get("last_wrong_attempt") != attempt:  # a rerun with the same text is no new try
+            wrong = st.session_state.get("wrong_attempts", 0) + 1
+            st.session_state["wrong_attempts"] = wrong
+            st.session_state["last_wrong_attempt"] = attempt
+            time.sleep(WRONG_PASSWORD_DELAYS[min(wrong, len(WRONG_PASSWORD_DELAYS)) - 1])
         st.error("Wrong password.")
     return False
+
+
+def visible_name(raw: str) -> str:
+    """A reviewer name with surrounding blanks removed, or "" when nothing visible is left (zero-width and
+    other format characters, spaces of every kind, controls, combining marks alone, braille blank...)."""
+    import unicodedata
+
+    def invisible(ch: str) -> bool:
+        return ch in INVISIBLE_LETTERS or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl",
+                                                                        "Zp", "Mn", "Me")
+
+    name = unicodedata.normalize("NFC", raw)
+    start, end = 0, len(name)
+    while start < end and invisible(name[start]):
+        start += 1
+    while end > start and invisible(name[end - 1]):
+        end -= 1
+    name = name[start:end]
+    return name if any(not invisible(ch) for ch in name) else ""
+
+
+def reviewer_input() -> str:
+    """The sidebar's reviewer name, refused (with a warning) when it shows nothing."""
+    raw = st.sidebar.text_input("Your name (required to review)", key="reviewer")
+    name = visible_name(raw)
+    if raw and not name:
+        st.sidebar.warning("This name has no visible characters; enter your name to review.")
+    return name
 
 
 def heat(values: np.ndarray) -> np.ndarray:
@@ -259,7 +315,7 @@ def main() -> None:
     st.sidebar.title("inspector")
     if not gate():
         return
-    reviewer = st.sidebar.text_input("Your name (required to review)", key="reviewer").strip()
+    reviewer = reviewer_input()
     page = st.sidebar.radio("Page", ["Review", "Thresholds", "Overview"], key="page")
     st.sidebar.caption(f"Database: {engine.url.render_as_string(hide_password=True)}")
     if page == "Review":

@@ -357,7 +357,25 @@ def models_show(name: str = typer.Argument(..., help="Model name or version fold
 def config_show() -> None:
     """Print the effective settings (after config file and environment) as JSON."""
     s = settings()
-    out.print_json(json.dumps({"source": s.source or None, **s.as_dict()}))
+    out.print_json(json.dumps({"source": s.source or None, **masked_settings(s.as_dict())}))
+
+
+SECRET_KEY = r"(?i)password|passwd|secret|token|api_?key"
+
+
+def masked_settings(values: Any) -> Any:
+    """Settings to print: every non-empty key named like a secret becomes "***", and so does the password of
+    any URL (``postgresql+psycopg://user:***@host/db``)."""
+    import re
+
+    if isinstance(values, dict):
+        return {k: "***" if re.search(SECRET_KEY, str(k)) and values[k] not in ("", None) else masked_settings(values[k])
+                for k in values}
+    if isinstance(values, list):
+        return [masked_settings(v) for v in values]
+    if isinstance(values, str) and "://" in values and "@" in values:
+        return re.sub(r"^([^:/?#]+://[^:/@]*:)[^@]*@", r"\1***@", values)
+    return values
 
 
 @app.command()

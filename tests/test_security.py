@@ -312,3 +312,68 @@ def test_symlink_or_fifo_inside_a_watched_folder_is_not_opened(store, tmp_path):
         read_allowed_image(store, str(watched / "link.png"))
     with pytest.raises(ImageNotAllowed, match="regular file"):
         read_allowed_image(store, str(watched / "fifo.png"))  # returns at once: never blocks on the FIFO
+
+
+# --- 3. password gate, reviewer names, secrets in `config show` -------------------------------------------------
+
+APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
+
+
+@pytest.fixture()
+def dashboard(tmp_path, monkeypatch):
+    """The real dashboard script (Streamlit's AppTest) on an empty SQLite store, with a non-ASCII password."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("INSPECTOR_DATABASE__URL", f"sqlite:///{tmp_path / 'dash.sqlite'}")
+    monkeypatch.setenv("INSPECTOR_DASHBOARD__PASSWORD", "Grüße-密码")
+    monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_non_ascii_attempts_are_refused_with_a_growing_delay_and_a_non_ascii_password_works(dashboard):
+    import time
+
+    timings = []
+    for attempt in ("naïve-é", "再试一次", "still wrong"):
+        started = time.perf_counter()
+        dashboard.text_input(key="password").input(attempt).run()
+        timings.append(time.perf_counter() - started)
+        assert not dashboard.exception, dashboard.exception
+        assert any("Wrong password" in e.value for e in dashboard.error)
+        assert not dashboard.sidebar.text_input  # nothing behind the gate is shown
+    assert timings[0] >= 0.25 and timings[1] >= 0.5 and timings[2] >= 1.0, timings
+    dashboard.text_input(key="password").input("Grüße-密码").run()
+    assert not dashboard.exception
+    assert dashboard.sidebar.text_input(key="reviewer") is not None
+
+
+@pytest.mark.parametrize("name", ["\u200b", "\u2800\u2800", " \u200d\ufeff ", "\u3164", "\u00a0\u2003"])
+def test_invisible_reviewer_names_are_refused(dashboard, name):
+    dashboard.text_input(key="password").input("Grüße-密码").run()
+    dashboard.sidebar.text_input(key="reviewer").input(name).run()
+    assert not dashboard.exception
+    assert any("no visible" in w.value for w in dashboard.sidebar.warning)
+    dashboard.sidebar.text_input(key="reviewer").input("ana\u200b").run()
+    assert not any("no visible" in w.value for w in dashboard.sidebar.warning)
+
+
+def test_config_show_masks_secrets(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, INSPECTOR_DASHBOARD__PASSWORD="hunter2-ü",
+               INSPECTOR_DATABASE__URL="postgresql+psycopg://line:s3cr3t@db.example/inspector")
+    env.pop("INSPECTOR_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "inspector.cli", "config", "show"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "hunter2" not in done.stdout and "s3cr3t" not in done.stdout
+    shown = json.loads(done.stdout)
+    assert shown["dashboard"]["password"] == "***"
+    assert shown["database"]["url"] == "postgresql+psycopg://line:***@db.example/inspector"
