@@ -758,11 +758,27 @@ def dashboard(
     env = dict(os.environ, INSPECTOR_DATABASE__URL=s.database.url)
     if state.config:
         env["INSPECTOR_CONFIG"] = str(state.config.resolve())
-    console.print(f"dashboard on http://{address}:{s.dashboard.port} ({s.database.url})", highlight=False)
+    if not s.dashboard.password and not is_loopback(address):
+        console.print(f"[bold yellow]warning:[/] the dashboard serves {escape(address)} without a password; set "
+                      "INSPECTOR_DASHBOARD__PASSWORD (or --address 127.0.0.1)", highlight=False)
+    console.print(f"dashboard on http://{address}:{s.dashboard.port} ({masked_settings(s.database.url)})",
+                  highlight=False)
     argv = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.fileWatcherType", "none",
             "--server.port", str(s.dashboard.port), "--server.address", address, "--server.headless", "true",
             "--browser.gatherUsageStats", "false"]
     os.execvpe(sys.executable, argv, env)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listen address serves this machine only ("localhost", 127.x, ::1); "" and 0.0.0.0 do not."""
+    import ipaddress
+
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to a public address
 
 
 def main() -> None:

@@ -159,6 +159,8 @@ class WatchSettings:
     decode_threads: int = 4
     #: Seconds a worker waits before polling an empty queue again.
     idle_seconds: float = 0.5
+    #: Address the Prometheus endpoint (``--metrics-port``) listens on; "0.0.0.0" serves every network.
+    metrics_address: str = "127.0.0.1"
 
 
 @dataclass

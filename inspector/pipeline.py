@@ -123,9 +123,10 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 
 class Metrics:
-    """Prometheus metrics on ``--metrics-port`` (created only when asked for)."""
+    """Prometheus metrics on ``--metrics-port`` (created only when asked for), on ``address`` only
+    (``[watch] metrics_address``, loopback by default)."""
 
-    def __init__(self, port: int, engine: Engine):
+    def __init__(self, port: int, engine: Engine, address: str = "127.0.0.1"):
         from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
         self.scored = Counter("inspector_images_scored_total", "Images scored and stored")
@@ -133,7 +134,7 @@ class Metrics:
         self.batch = Histogram("inspector_batch_seconds", "Seconds per batch, read to stored")
         queue_depth = Gauge("inspector_queue_depth", "Images waiting to be scored")
         queue_depth.set_function(lambda: _safe(lambda: pending_count(engine)))
-        start_http_server(port)
+        start_http_server(port, addr=address)
 
     def on_batch(self, claimed: int, stored: int, seconds: float) -> None:
         self.claimed.inc(claimed)
@@ -155,7 +156,7 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
     engine = open_store(settings.database.url, auto_upgrade=True)
     class_names = {f.class_name for f in folders}
     detector = load_detector(settings, class_names.pop() if len(class_names) == 1 else None)
-    metrics = Metrics(metrics_port, engine) if metrics_port else None
+    metrics = Metrics(metrics_port, engine, settings.watch.metrics_address) if metrics_port else None
     worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
     w = settings.watch
     intake = Intake(engine, folders, stable_seconds=w.stable_seconds, rescan_seconds=0 if once else w.rescan_seconds,
@@ -188,7 +189,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_
     stop = stop or threading.Event()
     engine = open_store(settings.database.url)
     detector = load_detector(settings)
-    metrics = Metrics(metrics_port, engine) if metrics_port else None
+    metrics = Metrics(metrics_port, engine, settings.watch.metrics_address) if metrics_port else None
     worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
     worker.run(stop, idle_seconds=settings.watch.idle_seconds)
     engine.dispose()

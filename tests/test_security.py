@@ -370,10 +370,92 @@ def test_config_show_masks_secrets(tmp_path):
     env = dict(os.environ, INSPECTOR_DASHBOARD__PASSWORD="hunter2-ü",
                INSPECTOR_DATABASE__URL="postgresql+psycopg://line:s3cr3t@db.example/inspector")
     env.pop("INSPECTOR_CONFIG", None)
-    done = subprocess.run([sys.executable, "-m", "inspector.cli", "config", "show"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "inspector.cli", "config", "show"], cwd=tmp_path, env=env, check=False,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout and "s3cr3t" not in done.stdout
     shown = json.loads(done.stdout)
     assert shown["dashboard"]["password"] == "***"
     assert shown["database"]["url"] == "postgresql+psycopg://line:***@db.example/inspector"
+
+
+# --- 4. bind addresses --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses listening on ``port``, from /proc/net/tcp and tcp6 (state 0A = LISTEN)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                raw = bytes.fromhex(host)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+@pytest.mark.parametrize("configured", [None, "0.0.0.0"])
+def test_metrics_endpoint_binds_the_configured_address_loopback_by_default(tmp_path, configured):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("INSPECTOR_CONFIG", None)
+    if configured:
+        env["INSPECTOR_WATCH__METRICS_ADDRESS"] = configured
+    script = ("import time; from inspector.config import load_settings; from inspector.store import open_store; "
+              "from inspector.pipeline import Metrics; s = load_settings(); "
+              f"Metrics({port}, open_store('sqlite:///{tmp_path}/m.sqlite', auto_upgrade=True), "
+              "s.watch.metrics_address); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while not _listening_addresses(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _listening_addresses(port) == {configured or "127.0.0.1"}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("address, password, warned", [
+    ("0.0.0.0", "", True), ("192.0.2.7", "", True), ("127.0.0.1", "", False), ("0.0.0.0", "s3cret", False)])
+def test_dashboard_warns_when_serving_the_network_without_a_password(tmp_path, address, password, warned):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, INSPECTOR_DASHBOARD__PASSWORD=password,
+               INSPECTOR_DATABASE__URL=f"sqlite:///{tmp_path / 'd.sqlite'}")
+    env.pop("INSPECTOR_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "inspector.cli", "dashboard", "--address", address,
+                             "--port", str(_free_port())], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL)
+    lines = []
+    try:
+        while not lines or "dashboard on" not in lines[-1]:  # the warning comes first, before Streamlit starts
+            lines.append(proc.stderr.readline())
+            assert lines[-1], lines
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(lines)
+    assert ("without a password" in text) == warned, text
