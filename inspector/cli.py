@@ -567,7 +567,7 @@ def retrain(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .data import content_hash, dataset_summary, load_dataset
+    from .data import ArchiveLimits, content_hash, dataset_summary, load_dataset
     from .registry import load_model, register_model
     from .train import TrainConfig, train
 
@@ -582,7 +582,8 @@ def retrain(
         raise ValueError("training on a random backbone gives a useless model; pass --allow-random-weights for a "
                          "smoke run")
     path = _dataset_path(s, aux)
-    records = [r for r in load_dataset(path, orphan_masks=orphan_masks) if r.split == "test"]
+    limits = ArchiveLimits.from_settings(s.data)
+    records = [r for r in load_dataset(path, orphan_masks=orphan_masks, limits=limits) if r.split == "test"]
     if not records:
         raise ValueError(f"{path}: no test-split images to train on")
     name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
@@ -642,13 +643,14 @@ def eval_(
     with the protocol of the detector's paper ('official') or the stored per-image score ('live')."""
     from rich.progress import Progress
 
-    from .data import load_dataset
+    from .data import ArchiveLimits, load_dataset
     from .evaluation import evaluate_rows, score_dataset
     from .pipeline import load_detector
 
     s = _model_flags(settings(), model, None, None, None, samples, None, None, allow_random_weights, detector)
     path = _dataset_path(s, data)
-    records = [r for r in load_dataset(path, orphan_masks=orphan_masks) if r.split == "test"]
+    limits = ArchiveLimits.from_settings(s.data)
+    records = [r for r in load_dataset(path, orphan_masks=orphan_masks, limits=limits) if r.split == "test"]
     if not records:
         raise ValueError(f"{path}: no test-split images")
     detector = load_detector(s)

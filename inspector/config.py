@@ -184,6 +184,15 @@ class TrainSettings:
 
 
 @dataclass
+class DataSettings:
+    #: Most bytes one dataset archive may extract to (counted as written; header sizes are not trusted).
+    archive_max_bytes: int = 64 << 30
+    #: Most bytes extracted per byte of archive (image datasets compress ~1-3x; bombs 1000x). Archives may
+    #: always extract 64 MiB, whatever their ratio.
+    archive_max_ratio: float = 100.0
+
+
+@dataclass
 class DashboardSettings:
     #: Port of `inspector dashboard`.
     port: int = 8501
@@ -218,6 +227,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     bench: BenchSettings = field(default_factory=BenchSettings)

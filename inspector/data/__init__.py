@@ -19,15 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .archives import ARCHIVE_SUFFIXES, default_cache_dir, extract_archive, is_archive
+from .archives import ARCHIVE_SUFFIXES, ArchiveLimits, default_cache_dir, extract_archive, is_archive
 from .meta import find_meta_index, read_meta
 from .mvtec import is_mvtec_root, read_mvtec
 from .records import SPLITS, DatasetError, Record, check_orphan_policy, is_hidden, require_dir, sort_records
 from .visa import is_visa_root, read_visa
 
 __all__ = [
-    "ARCHIVE_SUFFIXES", "DatasetError", "Record", "content_hash", "dataset_summary", "default_cache_dir",
-    "detect_layout", "extract_archive", "find_root", "load_dataset", "read_meta", "read_mvtec", "read_visa",
+    "ARCHIVE_SUFFIXES", "ArchiveLimits", "DatasetError", "Record", "content_hash", "dataset_summary",
+    "default_cache_dir", "detect_layout", "extract_archive", "find_root", "load_dataset", "read_meta", "read_mvtec",
+    "read_visa",
 ]
 
 SUPPORTED_LAYOUTS = ("meta.json index of APRIL-GAN/AnomalyCLIP/AdaCLIP/Bayes-PFL; "
@@ -36,28 +37,31 @@ SUPPORTED_LAYOUTS = ("meta.json index of APRIL-GAN/AnomalyCLIP/AdaCLIP/Bayes-PFL
 
 
 def load_dataset(path: str | Path, splits: Sequence[str] = SPLITS, require_masks: bool = True,
-                 orphan_masks: str = "error", cache_dir: str | Path | None = None) -> list[Record]:
+                 orphan_masks: str = "error", cache_dir: str | Path | None = None,
+                 limits: ArchiveLimits | None = None) -> list[Record]:
     """The records of the ``splits`` of a dataset folder, ``meta.json`` file or archive, sorted.
 
     ``require_masks=False`` accepts anomalous images without pixel labels (``mask=None``).
     ``orphan_masks`` ("error" or "ignore") decides what a mask file without an image does (MVTec layout;
     the index-based layouts only read the masks they list). Archives are extracted into ``cache_dir``
-    (default ``~/.cache/inspector/datasets``) once and reused.
+    (default ``~/.cache/inspector/datasets``) once, within ``limits`` (size and ratio caps), and reused; an
+    extraction is kept only once its dataset reads.
     """
     check_orphan_policy(orphan_masks)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DatasetError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected {', '.join(SPLITS)}")
     path = Path(path).expanduser()
-    records = read_any(path, require_masks, orphan_masks, cache_dir)
+    records = read_any(path, require_masks, orphan_masks, cache_dir, limits)
     selected = [r for r in records if r.split in splits]
     if not selected:
         raise DatasetError(f"{path}: no images in split(s) {', '.join(splits)}")
     return selected
 
 
-def read_any(path: Path, require_masks: bool, orphan_masks: str, cache_dir: str | Path | None) -> list[Record]:
-    """All records of a folder, index file or archive."""
+def read_any(path: Path, require_masks: bool, orphan_masks: str, cache_dir: str | Path | None,
+             limits: ArchiveLimits | None = None) -> list[Record]:
+    """All records of a folder, index file or archive (published to the cache only once it reads)."""
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
     if path.is_file() and path.suffix.lower() == ".json":
@@ -65,7 +69,13 @@ def read_any(path: Path, require_masks: bool, orphan_masks: str, cache_dir: str 
     if path.is_file():
         if not is_archive(path):
             raise DatasetError(f"{path}: expected a folder, a meta.json or an archive ({', '.join(ARCHIVE_SUFFIXES)})")
-        path = extract_archive(path, Path(cache_dir) if cache_dir else None)
+        path = extract_archive(path, Path(cache_dir) if cache_dir else None, limits,
+                               validate=lambda folder: read_folder(folder, require_masks, orphan_masks))
+    return read_folder(path, require_masks, orphan_masks)
+
+
+def read_folder(path: Path, require_masks: bool, orphan_masks: str) -> list[Record]:
+    """All records of a dataset folder, in whichever layout it has."""
     root = find_root(path)
     layout = detect_layout(root)
     if layout == "meta":
