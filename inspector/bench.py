@@ -261,8 +261,9 @@ def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) ->
     import threading
 
     from .intake import Intake, WatchedFolder
+    from .pipeline import register_model_version
     from .store.db import open_store
-    from .store.queue import ensure_model_version, pending_count
+    from .store.queue import pending_count
     from .worker import Worker
 
     old_samples = getattr(model, "samples", None)
@@ -275,13 +276,13 @@ def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) ->
             image.save(folder / f"img_{i:04d}.png")
         engine = open_store(f"sqlite:///{tmp}/bench.sqlite", auto_upgrade=True)
         try:
-            version = ensure_model_version(engine, "bench", model.name, {}, True)
             with _PeakRSS() as rss:
                 start = time.perf_counter()
                 intake = Intake(engine, [WatchedFolder(folder, "bench part")], stable_seconds=0, rescan_seconds=0)
+                version = register_model_version(engine, model, [intake.folders[0].source_id])
                 intake.scan()
                 intake.tick()
-                worker = Worker(engine, model, version, batch_size=batch_size)
+                worker = Worker(engine, {version: model}, batch_size=batch_size)
                 worker.run(threading.Event(), until_empty=lambda: pending_count(engine) == 0, idle_seconds=0.05)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()

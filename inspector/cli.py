@@ -168,7 +168,8 @@ def score(
             print(json.dumps({**row, "random_weights": random_weights}), flush=True)
     if not as_json:
         fmt = (lambda v: f"{v:.4f}" if v is not None else "")
-        table = Table("image", "status", "score", "text", "top-k", "ms", "error")
+        table = Table("image", "status", "score", "text", "top-k", "ms", "error",
+                      title=f"model version {rows[0]['model_version']}" if rows else None)
         for r in rows:
             table.add_row(r["path"], r["status"], fmt(r["image_score"]), fmt(r["text_score"]), fmt(r["topk_score"]),
                           f"{r['latency_ms']:.0f}" if r["latency_ms"] else "", r["error"] or "")
@@ -313,33 +314,95 @@ def import_official(
 @models_app.command("promote")
 @user_errors
 def models_promote(
-    name: str = typer.Argument(..., help="Model version to make active."),
+    name: str = typer.Argument(..., help="Registered model version to make active."),
     class_name: str | None = typer.Option(None, "--class-name", "-n", help="Only for this class (default: site)."),
+    rescore: str | None = typer.Option(
+        None, "--rescore", metavar="SINCE",
+        help="Also re-score history with it, after live images: 'all', a date (2026-11-30) or an age (7d)."),
     who: str | None = typer.Option(None, "--by", help="Who promotes (default: the OS user)."),
     note: str | None = typer.Option(None, help="Why, for the history."),
+    database: str | None = DATABASE_OPTION,
 ) -> None:
-    """Make a version the active one (site-wide or for one class); the history is kept."""
-    from .registry import promote
+    """Make a version the active one (site-wide or for one class): new images switch to it at once, on every
+    box sharing the database; the history is kept."""
+    from .promotion import promote
 
-    entry = promote(settings().registry.path, name, class_name, who, note)
+    s = settings().override("database", url=database)
+    entry = promote(s, name, class_name, who, note, rescore)
     scope = f"class '{class_name}'" if class_name else "the site"
-    out.print(f"{entry['model']} is now active for {scope} (by {entry['by']} at {entry['at']})", highlight=False)
+    if entry["random_weights"]:
+        console.print(f"[bold yellow]warning:[/] {entry['version']} has random or untrained weights: its scores "
+                      "mean nothing (tests and demos only)")
+    when = f"{entry['created_at']:%Y-%m-%d %H:%M:%S}"
+    out.print(f"{entry['version']} is now active for {scope} (by {entry['created_by']} at {when} UTC)",
+              highlight=False)
+    if rescore is not None:
+        out.print(f"queued {entry['backfill']} images to re-score with it (after live images); progress: "
+                  "inspector status", highlight=False)
+
+
+@models_app.command("shadow")
+@user_errors
+def models_shadow(
+    name: str = typer.Argument(..., help="Registered candidate version."),
+    class_name: str | None = typer.Option(None, "--class-name", "-n", help="Only for this class (default: site)."),
+    stop: bool = typer.Option(False, "--stop", help="Stop shadowing."),
+    who: str | None = typer.Option(None, "--by", help="Who (default: the OS user)."),
+    note: str | None = typer.Option(None, help="Why, for the history."),
+    database: str | None = DATABASE_OPTION,
+) -> None:
+    """Score new images with a candidate beside the active version: its results are stored and compared in the
+    dashboard, and never drive a decision."""
+    from .promotion import shadow
+
+    s = settings().override("database", url=database)
+    entry = shadow(s, name, class_name, who, note, stop)
+    scope = f"class '{class_name}'" if class_name else "the site"
+    verb = "no longer shadows" if stop else "now shadows the active version for"
+    out.print(f"{entry['version']} {verb} {scope}", highlight=False)
+
+
+@models_app.command("history")
+@user_errors
+def models_history(
+    class_name: str | None = typer.Option(None, "--class-name", "-n", help="Only this class."),
+    as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    database: str | None = DATABASE_OPTION,
+) -> None:
+    """Every promotion and shadow start/stop: who, when, why."""
+    from .promotion import history
+
+    rows = history(settings().override("database", url=database), class_name)
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table("when (UTC)", "action", "version", "scope", "by", "note")
+    for r in rows:
+        table.add_row(f"{r['created_at']:%Y-%m-%d %H:%M:%S}", r["action"], r["model"], r["class_name"] or "site",
+                      r["created_by"], r["note"] or "")
+    out.print(table)
 
 
 @models_app.command("list")
 @user_errors
-def models_list(as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
-    """List the registered model versions."""
+def models_list(as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+                database: str | None = DATABASE_OPTION) -> None:
+    """List the registered model versions, with where each is active or in shadow."""
+    from .promotion import placements
     from .registry import list_versions
 
-    versions = list_versions(settings().registry.path)
+    s = settings().override("database", url=database)
+    versions = list_versions(s.registry.path)
+    where = placements(s)
+    for v in versions:
+        v.update(where.get(v["name"], {"active_for": [], "shadow_for": []}))
     if as_json:
         out.print_json(json.dumps(versions))
         return
-    table = Table("name", "detector", "backbone", "created", "origin")
+    table = Table("name", "detector", "backbone", "created", "origin", "active for", "shadow for")
     for v in versions:
         table.add_row(v["name"], v.get("detector", ""), str(v["backbone"].get("pretrained")), v.get("created", ""),
-                      v.get("origin", {}).get("kind", ""))
+                      v.get("origin", {}).get("kind", ""), ", ".join(v["active_for"]), ", ".join(v["shadow_for"]))
     out.print(table)
 
 
@@ -381,8 +444,10 @@ def masked_settings(values: Any) -> Any:
 @app.command()
 @user_errors
 def watch(
-    folders: list[Path] = typer.Argument(..., help="Folders to watch (a camera's drop folder)."),
-    class_name: str = typer.Option(..., "--class-name", "-n", help='Product class of these images, e.g. "metal nut".'),
+    folders: list[Path] = typer.Argument(None, help="Folders to watch (a camera's drop folder); none = the "
+                                         "[[sources]] of the config file."),
+    class_name: str | None = typer.Option(None, "--class-name", "-n",
+                                          help='Product class of these images, e.g. "metal nut".'),
     model: str | None = MODEL_OPTION,
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also watch sub-folders (cameras that file by date)."),
     polling: bool | None = typer.Option(None, "--polling", help="Poll instead of inotify (network shares)."),
@@ -395,21 +460,36 @@ def watch(
 ) -> None:
     """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C).
 
-    One watcher runs one detector: give each line its own with --detector (or a promoted version)."""
+    One daemon serves many lines: without folder arguments it watches every [[sources]] entry of the config
+    file, each with its class, line and (optionally) its own model or detector, loading each distinct model
+    once. A folder without its own model scores with the version promoted for its class; `--model` or
+    `--detector` pins the folders given here."""
     import threading
 
     from .intake import WatchedFolder
     from .pipeline import install_signal_handlers
     from .pipeline import watch as run_watch
 
-    s = _model_flags(settings(), model, None, None, None, None, None, None, allow_random_weights, detector)
+    s = _model_flags(settings(), None, None, None, None, None, None, None, allow_random_weights, None)
     s.override("watch", polling=polling)
     s.override("database", url=database)
     watched = []
-    for folder in folders:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"not a folder: {folder}")
-        watched.append(WatchedFolder(folder.resolve(), class_name, recursive, line))
+    if folders:
+        if not class_name or not class_name.strip():
+            raise ValueError("--class-name is required with folder arguments (the product class of their images)")
+        if detector is not None:
+            _model_flags(s, None, None, None, None, None, None, None, None, detector)  # checks the name
+        for folder in folders:
+            watched.append(WatchedFolder(_folder(folder), class_name.strip(), recursive, line, model=model,
+                                         detector=detector))
+    else:
+        if not s.sources:
+            raise ValueError("give folders to watch (inspector watch DIR --class-name NAME) or [[sources]] "
+                             "entries in the config file")
+        for entry in s.sources:
+            watched.append(WatchedFolder(_folder(Path(entry.path).expanduser()), entry.class_name.strip(),
+                                         entry.recursive, entry.line or None, model=entry.model or None,
+                                         detector=entry.detector or None, polling=entry.polling))
     stop = threading.Event()
     install_signal_handlers(stop)
     if not once:
@@ -417,8 +497,16 @@ def watch(
     summary = run_watch(s, watched, once=once, stop=stop, metrics_port=metrics_port)
     if summary["random_weights"]:
         _random_banner({"random_weights": True})
+    if summary["fallback"]:
+        console.print(f"[bold yellow]DAY ONE:[/] {escape(summary['fallback'])}")
     console.print(f"stored {summary['stored']} results, {summary['failed']} failed, in {summary['seconds']:.1f}s "
                   f"(model {summary['model_version']})", highlight=False)
+
+
+def _folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"not a folder: {path}")
+    return path.resolve()
 
 
 @app.command()
@@ -429,8 +517,12 @@ def worker(
     metrics_port: int | None = METRICS_OPTION,
     allow_random_weights: bool | None = RANDOM_OPTION,
     detector: str | None = DETECTOR_OPTION,
+    once: bool = typer.Option(False, "--once", help="Exit 0 once no job this box can serve is waiting."),
 ) -> None:
-    """Score queued images only (no intake): extra GPU boxes sharing one Postgres."""
+    """Score queued images only (no intake): extra GPU boxes sharing one Postgres.
+
+    Without --model / --detector it serves every model version with work waiting that it can build (the
+    registry folder is shared), following promotions made on any box; with one, only that version."""
     import threading
 
     from .pipeline import install_signal_handlers, run_worker
@@ -439,7 +531,7 @@ def worker(
     s.override("database", url=database)
     stop = threading.Event()
     install_signal_handlers(stop)
-    stored = run_worker(s, stop, metrics_port)
+    stored = run_worker(s, stop, metrics_port, pinned=bool(model or detector), until_empty=once)
     console.print(f"worker stopped after storing {stored} results")
 
 
@@ -449,7 +541,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
     database: str | None = DATABASE_OPTION,
 ) -> None:
-    """Queue depth, throughput, errors and the active model."""
+    """Queue depth per model version, backfill progress, throughput, errors and the active versions."""
     from .pipeline import status_json
 
     s = settings().override("database", url=database)
@@ -459,13 +551,22 @@ def status(
         return
     rate = data["images_per_second"]
     out.print(f"queue depth      {data['queue_depth']}")
-    out.print(f"by status        {data['by_status']}")
+    out.print(f"images           {data['by_status']}")
     out.print(f"last {data['window_minutes']} min     {data['scored_last_window']} scored"
-              + (f", {rate:.2f} images/s" if rate else ""))
+              + (f" ({rate:.2f} images/s over the window)" if rate else ""))
     out.print(f"active model     {data['active_model']}" + (" (RANDOM WEIGHTS)" if data["active_model_random_weights"]
-                                                         else ""))
+                                                         else ""), highlight=False)
+    for name, version in data.get("active_by_class", {}).items():
+        out.print(f"  {name:<14} {version}", highlight=False, markup=False)
     if data.get("active_model_fallback"):
         out.print(f"day one          {data['active_model_fallback']}", highlight=False, markup=False)
+    if data.get("versions"):
+        table = Table("model version", "queued", "claimed", "done", "failed", "backfill")
+        for v in data["versions"]:
+            b = v["backfill"]
+            table.add_row(v["model_version"], str(v["queued"]), str(v["claimed"]), str(v["done"]), str(v["failed"]),
+                          f"{b['done'] + b['failed']}/{b['total']}" if b["total"] else "")
+        out.print(table)
     for e in data["errors"]:
         out.print(f"error x{e['count']:<6} {e['error']}", highlight=False, markup=False)
 

@@ -136,6 +136,26 @@ class MuScSettings:
 
 
 @dataclass
+class SourceSettings:
+    """One ``[[sources]]`` entry: a watched folder served by `inspector watch` with no folder arguments."""
+
+    #: The folder (a camera's drop folder).
+    path: str = ""
+    #: Product class of its images, e.g. "metal nut".
+    class_name: str = ""
+    #: Line label stored with the source (shown in the dashboard and status).
+    line: str = ""
+    #: Pin the folder to a registered model version (empty = the version promoted for its class).
+    model: str = ""
+    #: Pin the folder to a detector built from [model] (empty = the version promoted for its class).
+    detector: str = ""
+    #: Also watch sub-folders.
+    recursive: bool = False
+    #: Poll this folder instead of inotify (network shares); empty = [watch] polling.
+    polling: bool | None = None
+
+
+@dataclass
 class DatabaseSettings:
     #: SQLAlchemy URL. SQLite in the working folder by default; any ``postgresql+psycopg://`` URL works.
     url: str = "sqlite:///inspector.sqlite"
@@ -233,6 +253,8 @@ class Settings:
     bench: BenchSettings = field(default_factory=BenchSettings)
     #: Named datasets: ``[datasets.mvtec] path = "/data/mvtec_anomaly_detection.tar.xz"`` -> {"mvtec": path}.
     datasets: dict[str, str] = field(default_factory=dict)
+    #: ``[[sources]]`` entries: the folders one `inspector watch` serves, each with its class and line.
+    sources: list[SourceSettings] = field(default_factory=list)
     #: The file the settings were read from, if any (for messages and relative paths).
     source: str = ""
 
@@ -261,7 +283,7 @@ class Settings:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
 
-_SECTIONS = {f.name for f in dataclasses.fields(Settings) if f.name not in ("source", "datasets")}
+_SECTIONS = {f.name for f in dataclasses.fields(Settings) if f.name not in ("source", "datasets", "sources")}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -301,6 +323,24 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
 
 
+def _source(entry: Any, where: str) -> SourceSettings:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each [[sources]] entry must be a table")
+    source = SourceSettings()
+    types = typing.get_type_hints(SourceSettings)
+    for key, value in entry.items():
+        if key not in types:
+            known = ", ".join(f.name for f in dataclasses.fields(SourceSettings))
+            raise ConfigError(f"{where}: unknown key '{key}'; known: {known}")
+        typ = bool if key == "polling" else types[key]
+        setattr(source, key, _coerce(value, typ, f"{where} {key}"))
+    if not source.path or not source.class_name.strip():
+        raise ConfigError(f"{where}: path and class_name are required")
+    if source.model and source.detector:
+        raise ConfigError(f"{where}: give model or detector, not both")
+    return source
+
+
 def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Defaults < TOML file < environment. ``path=None`` reads ``./config.toml`` when it exists."""
     settings = Settings()
@@ -316,6 +356,10 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
         for section, values in data.items():
+            if section == "sources":
+                settings.sources = [_source(entry, f"{file}: [[sources]] #{i + 1}") for i, entry in enumerate(
+                    values if isinstance(values, list) else [values])]
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"{file}: '{section}' must be a [section]")
             if section == "datasets":

@@ -41,6 +41,12 @@ class WatchedFolder:
     recursive: bool = False
     line: str | None = None
     source_id: int | None = None
+    #: the model version this folder is pinned to: a registry name, or a detector kind built from the
+    #: settings (``[[sources]]`` model / detector, ``watch --model`` / ``--detector``); None = follow promotions
+    model: str | None = None
+    detector: str | None = None
+    #: poll this folder instead of using inotify (None: the daemon's ``[watch] polling``)
+    polling: bool | None = None
 
 
 def ignored_name(name: str) -> bool:
@@ -74,7 +80,7 @@ class Intake:
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._candidates: dict[str, tuple[int, int, float, WatchedFolder]] = {}  # path -> size, mtime, since, folder
         self._known: dict[str, tuple[int | None, int | None]] = {}
-        self._observer = None
+        self._observers: list = []
         self._last_scan = 0.0
         for folder in folders:
             if not folder.path.is_dir():
@@ -129,21 +135,27 @@ class Intake:
                     return
                 intake._events.put(path)
 
-        observer = PollingObserver(timeout=1.0) if self.polling else Observer()
-        for folder in self.folders:
-            observer.schedule(Handler(), str(folder.path), recursive=folder.recursive)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        polled = [f for f in self.folders if (self.polling if f.polling is None else f.polling)]
+        notified = [f for f in self.folders if f not in polled]
+        self._observers = []
+        for kind, group in ((PollingObserver, polled), (Observer, notified)):
+            if not group:
+                continue
+            observer = kind(timeout=1.0) if kind is PollingObserver else kind()
+            for folder in group:
+                observer.schedule(Handler(), str(folder.path), recursive=folder.recursive)
+            observer.daemon = True
+            observer.start()
+            self._observers.append(observer)
 
     def observer_alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        return bool(self._observers) and all(o.is_alive() for o in self._observers)
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        for observer in self._observers:
+            observer.stop()
+            observer.join(timeout=5)
+        self._observers = []
 
     def _folder_of(self, path: str) -> WatchedFolder | None:
         for folder in self.folders:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import signal
@@ -17,7 +16,9 @@ from sqlalchemy import Engine
 from .config import Settings
 from .intake import Intake, WatchedFolder
 from .store.db import open_store
-from .store.queue import ensure_model_version, pending_count
+from .store.queue import pending_count
+from .store.versions import ensure_model_version, promoted_version, record_promotion, version_row
+from .versions import Recipe, build, recipe_from_registry, recipe_from_settings
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -27,85 +28,211 @@ class RandomWeightsRefused(ValueError):
     pass
 
 
-def _has_trained_model(settings: Settings, class_name: str | None = None) -> bool:
-    from .detectors import detector_class
-    from .registry import active_version
-
-    m = settings.model
-    return bool(m.name or m.head or active_version(settings.registry.path, class_name)
-                or not detector_class(m.detector).trainable)
-
-
-def fallback_reason(settings: Settings, class_name: str | None = None) -> str | None:
+def fallback_reason(settings: Settings) -> str | None:
     """Why the training-free fallback scores instead of the configured detector (None: it does not)."""
+    from .detectors import detector_class
+
     m = settings.model
-    if _has_trained_model(settings, class_name) or m.fallback in ("", "none") or m.fallback == m.detector:
+    if m.name or m.head or not detector_class(m.detector).trainable or m.fallback in ("", "none") \
+            or m.fallback == m.detector:
         return None
     return (f"{m.detector} has no trained head yet ([model] head / name, or a promoted version); scoring with "
             f"{m.fallback}, which needs no training, until one is configured")
 
 
-def check_weights_allowed(settings: Settings, class_name: str | None = None) -> None:
+def default_recipe(settings: Settings) -> Recipe:
+    """The version ``settings`` describe, promotions aside: ``[model] name`` (a registered version), else the
+    configured detector with its head, else (a trainable detector without a head) the day-one fallback."""
+    m = settings.model
+    if m.name:
+        return recipe_from_registry(settings, m.name)
+    reason = fallback_reason(settings)
+    if reason:
+        return recipe_from_settings(settings, detector=m.fallback, fallback=reason)
+    return recipe_from_settings(settings)
+
+
+def check_weights_allowed(settings: Settings, recipe: Recipe) -> None:
     """Production verbs refuse random backbones and untrained heads unless explicitly allowed."""
     m = settings.model
-    if m.allow_random_weights or m.name:
+    if m.allow_random_weights or not recipe.random_weights:
         return
-    if m.pretrained == "random":
+    if recipe.identity.get("weights") == "random":
         raise RandomWeightsRefused(
-            "the backbone has random weights ([model] pretrained = \"random\"); configure real weights, or pass "
-            "--allow-random-weights for a test run")
-    if not _has_trained_model(settings, class_name) and m.fallback in ("", "none"):
-        raise RandomWeightsRefused(
-            f"no trained {m.detector} model configured and [model] fallback = \"none\"; configure [model] name "
-            "or head, set fallback = \"winclip\", or pass --allow-random-weights for a test run")
-
-
-def load_detector(settings: Settings, class_name: str | None = None) -> Any:
-    """The configured model; with no [model] name or head, the version promoted for ``class_name`` (or for
-    the site); with none of those, the training-free fallback (WinCLIP), saying so in the log and in the
-    provenance every result and the dashboard carry."""
-    from .registry import active_version, load_model
-
-    check_weights_allowed(settings, class_name)
-    name = None
-    if not settings.model.name and not settings.model.head and class_name:
-        name = active_version(settings.registry.path, class_name)
-    reason = fallback_reason(settings, class_name)
-    if reason:
-        log.warning("DAY ONE: %s", reason)
-        detector = load_model(None, settings=settings, use_active=False, detector=settings.model.fallback)
-        detector.provenance["fallback"] = reason
-        detector.provenance["configured_detector"] = settings.model.detector
-    else:
-        detector = load_model(name, settings=settings)
-    if detector.provenance.get("random_weights") and not settings.model.allow_random_weights:
-        raise RandomWeightsRefused(f"model '{settings.model.name}' has random or untrained weights; pass "
+            f"model version {recipe.name} has a random backbone ([model] pretrained = \"random\"); configure real "
+            "weights, or pass --allow-random-weights for a test run")
+    if recipe.registry_name:
+        raise RandomWeightsRefused(f"model '{recipe.name}' has random or untrained weights; pass "
                                    "--allow-random-weights for a test run")
-    return detector
+    raise RandomWeightsRefused(
+        f"no trained {recipe.detector} model configured and [model] fallback = \"{m.fallback}\"; configure "
+        "[model] name or head, set fallback = \"winclip\", or pass --allow-random-weights for a test run")
+
+
+def record_version(engine: Engine, recipe: Recipe) -> int:
+    """The store's id of ``recipe``'s version (recorded on first sight; every box finds the same row)."""
+    return ensure_model_version(engine, recipe.name, recipe.detector, recipe.manifest(), recipe.random_weights,
+                                digest=recipe.digest, registry_name=recipe.registry_name)
+
+
+class Models:
+    """The model versions one process has loaded (version id -> detector), each loaded once.
+
+    A version is built from a recipe this process knows (its own settings' versions) or, for a version
+    another box recorded, from the registry folder it names, provided that this box's settings give the
+    same digest (otherwise it would score a different function under the version's name: it refuses, and
+    says so once)."""
+
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self.loaded: dict[int, Any] = {}
+        self.recipes: dict[int, Recipe] = {}
+        self._settings: dict[int, Settings] = {}
+        self._cannot: set[int] = set()
+
+    def add(self, recipe: Recipe, settings: Settings | None = None) -> int:
+        """Record a version this process can build (with ``settings``, default the process's own)."""
+        version = record_version(self.engine, recipe)
+        self.recipes.setdefault(version, recipe)
+        self._settings.setdefault(version, settings or self.settings)
+        return version
+
+    def get(self, version: int) -> Any | None:
+        """The loaded detector of ``version``, loading it first; None if this box cannot build it."""
+        if version in self.loaded:
+            return self.loaded[version]
+        if version in self._cannot:
+            return None
+        recipe = self.recipes.get(version) or self._recipe_from_store(version)
+        if recipe is None:
+            self._cannot.add(version)
+            return None
+        settings = self._settings.get(version, self.settings)
+        try:
+            check_weights_allowed(settings, recipe)
+        except RandomWeightsRefused as exc:
+            if version not in self.recipes:  # another box's version: skip it, keep serving the rest
+                log.error("not serving model version %s: %s", recipe.name, exc)
+                self._cannot.add(version)
+                return None
+            raise
+        log.info("loading model version %s (%s, digest %s)", recipe.name, recipe.detector, recipe.digest[:12])
+        if recipe.fallback:
+            log.warning("DAY ONE: %s", recipe.fallback)
+        self.loaded[version] = build(recipe, settings)
+        self.recipes[version] = recipe
+        return self.loaded[version]
+
+    def _recipe_from_store(self, version: int) -> Recipe | None:
+        from .registry import RegistryError
+
+        with self.engine.connect() as conn:
+            row = version_row(conn, version)
+        if row is None:
+            return None
+        if not row["registry_name"]:
+            log.warning("model version %s was recorded by another box from its own settings; this box can "
+                        "serve it only with the same settings", row["name"])
+            return None
+        try:
+            recipe = recipe_from_registry(self.settings, row["registry_name"])
+        except RegistryError as exc:
+            log.warning("cannot serve model version %s: %s", row["name"], exc)
+            return None
+        if recipe.digest != row["digest"]:
+            log.warning("cannot serve model version %s: this box's settings give it another identity (digest "
+                        "%s, recorded %s): align [model] / detector options with the box that recorded it",
+                        row["name"], recipe.digest[:12], row["digest"][:12])
+            return None
+        return recipe
+
+    def serving(self, versions: list[int] | set[int]) -> dict[int, Any]:
+        """The detectors of those of ``versions`` this box can build (loading any not loaded yet)."""
+        out = {}
+        for version in versions:
+            detector = self.get(version)
+            if detector is not None:
+                out[version] = detector
+        return out
+
+
+def load_detector(settings: Settings, class_name: str | None = None, engine: Engine | None = None) -> Any:
+    """A ready detector for one-off work (``eval``): the configured version, or, when nothing is configured
+    and a database is given, the version promoted for ``class_name`` (or the site)."""
+    recipe = resolve_recipe(settings, engine, class_name)
+    check_weights_allowed(settings, recipe)
+    if recipe.fallback:
+        log.warning("DAY ONE: %s", recipe.fallback)
+    return build(recipe, settings)
+
+
+def resolve_recipe(settings: Settings, engine: Engine | None = None, class_name: str | None = None) -> Recipe:
+    """The configured version (``[model] name`` or head, or ``pinned`` settings); else the promoted one."""
+    m = settings.model
+    if engine is not None and not (m.name or m.head):
+        with engine.connect() as conn:
+            promoted = promoted_version(conn, class_name)
+            row = version_row(conn, promoted) if promoted is not None else None
+        if row is not None and row["registry_name"]:
+            return recipe_from_registry(settings, row["registry_name"])
+    return default_recipe(settings)
 
 
 def model_version_name(detector: Any) -> str:
-    p = detector.provenance
-    if p.get("model"):
-        return str(p["model"])
-    head = p.get("head")
-    if head and Path(head).is_file():
-        tag = hashlib.sha256(Path(head).read_bytes()).hexdigest()[:12]
-    else:
-        tag = "untrained" if getattr(detector, "trainable", True) else "training-free"
-    return f"{detector.name}:{p.get('backbone')}:{tag}"
+    return str(detector.provenance.get("version") or detector.provenance.get("model") or detector.name)
 
 
-def register_model_version(engine: Engine, detector: Any) -> int:
-    return ensure_model_version(engine, model_version_name(detector), detector.name, detector.provenance,
-                                bool(detector.provenance.get("random_weights")))
+def register_model_version(engine: Engine, detector: Any, source_ids: list[int] | None = None) -> int:
+    """Record an already loaded detector as a version (identity: its provenance) and, for ``source_ids``,
+    route their new images to it: for one-off tools (bench) and tests that build a detector themselves."""
+    from .store.routing import set_source_versions
+    from .versions import digest_of
+
+    digest = digest_of({"detector": detector.name, "provenance": detector.provenance})
+    version = ensure_model_version(engine, f"{detector.name}@{digest[:12]}", detector.name,
+                                   {"provenance": detector.provenance}, bool(detector.provenance.get("random_weights")),
+                                   digest=digest)
+    for source in source_ids or []:
+        set_source_versions(engine, source, version, version)
+    return version
 
 
-def make_worker(engine: Engine, detector: Any, settings: Settings, on_batch=None) -> Worker:
+def make_worker(engine: Engine, models: dict[int, Any], settings: Settings, on_batch=None, refresh=None) -> Worker:
     w = settings.watch
-    return Worker(engine, detector, register_model_version(engine, detector), batch_size=settings.model.batch_size,
-                  lease_seconds=w.lease_seconds, max_attempts=w.max_attempts, map_size=w.map_size,
-                  decode_threads=w.decode_threads, on_batch=on_batch)
+    return Worker(engine, models, batch_size=settings.model.batch_size, lease_seconds=w.lease_seconds,
+                  max_attempts=w.max_attempts, map_size=w.map_size, decode_threads=w.decode_threads,
+                  on_batch=on_batch, refresh=refresh)
+
+
+def import_legacy_registry(engine: Engine, settings: Settings) -> int:
+    """Bring a pre-0003 ``models/promotions.jsonl`` into the promotions table once (then renamed to
+    ``promotions.jsonl.imported``, nothing deleted). Returns how many promotions were imported."""
+    import datetime as dt
+
+    from .registry import RegistryError
+
+    path = Path(settings.registry.path) / "promotions.jsonl"
+    if not path.is_file():
+        return 0
+    imported = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        try:
+            version = record_version(engine, recipe_from_registry(settings, entry["model"]))
+        except RegistryError as exc:
+            log.warning("promotions.jsonl: skipping %s: %s", entry.get("model"), exc)
+            continue
+        at = dt.datetime.fromisoformat(entry["at"]).astimezone(dt.timezone.utc).replace(tzinfo=None) \
+            if entry.get("at") else None
+        record_promotion(engine, version, entry.get("class_name"), "promote", entry.get("by") or "unknown",
+                         entry.get("note"), at=at)
+        imported += 1
+    path.rename(path.with_name(path.name + ".imported"))
+    log.info("imported %d promotions from %s into the database", imported, path)
+    return imported
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
@@ -149,18 +276,58 @@ def _safe(fn: Callable[[], float]) -> float:
         return float("nan")
 
 
+def folder_settings(settings: Settings, folder: WatchedFolder) -> Settings:
+    """The settings a folder's default version is built from: the daemon's, with its own model/detector."""
+    import copy
+
+    if not (folder.model or folder.detector):
+        return settings
+    own = copy.deepcopy(settings)
+    if folder.model:
+        own.model.name = folder.model
+    if folder.detector:
+        own.model.name = ""
+        own.model.detector = folder.detector
+    return own
+
+
 def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, stop: threading.Event | None = None,
           metrics_port: int | None = None, intake_only: bool = False) -> dict[str, Any]:
-    """Intake plus a worker. ``once``: score the backlog, then return. Returns counts for the caller."""
+    """Intake for every folder plus one worker serving every version they route to. ``once``: score the
+    backlog, then return. Returns counts for the caller.
+
+    Each folder's images go to the version active for its class (``store/routing.py``); a folder with its
+    own model or detector is pinned to it. Distinct versions are loaded once; a promotion or a new shadow
+    made anywhere is picked up within ``refresh_seconds`` (the worker loads the version then)."""
+    from .store.routing import route_unrouted, served_versions, set_source_versions
+
     stop = stop or threading.Event()
     engine = open_store(settings.database.url, auto_upgrade=True)
-    class_names = {f.class_name for f in folders}
-    detector = load_detector(settings, class_names.pop() if len(class_names) == 1 else None)
-    metrics = Metrics(metrics_port, engine, settings.watch.metrics_address) if metrics_port else None
-    worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
+    import_legacy_registry(engine, settings)
+    models = Models(engine, settings)
     w = settings.watch
     intake = Intake(engine, folders, stable_seconds=w.stable_seconds, rescan_seconds=0 if once else w.rescan_seconds,
                     polling=w.polling)
+    for folder in folders:
+        own = folder_settings(settings, folder)
+        recipe = default_recipe(own)
+        check_weights_allowed(own, recipe)
+        version = models.add(recipe, own)
+        pinned = bool(folder.model or folder.detector or settings.model.name or settings.model.head)
+        set_source_versions(engine, folder.source_id, version if pinned else None, version)
+    source_ids = [f.source_id for f in folders]
+    routed = route_unrouted(engine, source_ids)
+    if routed:
+        log.info("routed %d images carried over without a job", routed)
+
+    def refresh(worker: Worker) -> None:
+        with engine.connect() as conn:
+            wanted = served_versions(conn, source_ids)
+        worker.models = models.serving(wanted)
+
+    metrics = Metrics(metrics_port, engine, settings.watch.metrics_address) if metrics_port else None
+    worker = make_worker(engine, {}, settings, on_batch=metrics.on_batch if metrics else None, refresh=refresh)
+    refresh(worker)
     started = time.perf_counter()
     if once:
         intake.scan()
@@ -169,7 +336,7 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
             if intake.pending_candidates() == 0:
                 break
             stop.wait(0.2)
-        worker.run(stop, until_empty=lambda: pending_count(engine) == 0, idle_seconds=w.idle_seconds)
+        worker.run(stop, until_empty=lambda: pending_count(engine, worker.models) == 0, idle_seconds=w.idle_seconds)
     else:
         thread = threading.Thread(target=intake.run, args=(stop,), name="intake", daemon=True)
         thread.start()
@@ -180,18 +347,39 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
             thread.join(timeout=10)
     elapsed = time.perf_counter() - started
     engine.dispose()
+    names = sorted({models.recipes[v].name for v in models.loaded})
     return {"stored": worker.stored, "failed": worker.failed, "seconds": elapsed, "intake": dict(intake.counts),
-            "model_version": model_version_name(detector), "random_weights": bool(detector.provenance.get(
-                "random_weights"))}
+            "model_version": ", ".join(names),
+            "random_weights": any(models.recipes[v].random_weights for v in models.loaded),
+            "fallback": next((models.recipes[v].fallback for v in models.loaded if models.recipes[v].fallback),
+                             None)}
 
 
-def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_port: int | None = None) -> int:
+def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_port: int | None = None,
+               pinned: bool = False, until_empty: bool = False) -> int:
+    """`inspector worker`: no intake. ``pinned`` (``--model`` / ``--detector``): only the version the
+    settings describe; otherwise every version with work waiting that this box can build, the routing
+    read from the database alone (promotions made on any box included)."""
+    from .store.routing import versions_with_work
+
     stop = stop or threading.Event()
     engine = open_store(settings.database.url)
-    detector = load_detector(settings)
+    import_legacy_registry(engine, settings)
+    models = Models(engine, settings)
+    own = models.add(default_recipe(settings))
+
+    def refresh(worker: Worker) -> None:
+        if pinned:
+            worker.models = models.serving([own])
+            return
+        with engine.connect() as conn:
+            waiting = versions_with_work(conn)
+        worker.models = models.serving(waiting)
+
     metrics = Metrics(metrics_port, engine, settings.watch.metrics_address) if metrics_port else None
-    worker = make_worker(engine, detector, settings, on_batch=metrics.on_batch if metrics else None)
-    worker.run(stop, idle_seconds=settings.watch.idle_seconds)
+    worker = make_worker(engine, {}, settings, on_batch=metrics.on_batch if metrics else None, refresh=refresh)
+    worker.run(stop, idle_seconds=settings.watch.idle_seconds,
+               until_empty=(lambda: pending_count(engine, worker.models or None) == 0) if until_empty else None)
     engine.dispose()
     return worker.stored
 
@@ -210,8 +398,11 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
                 progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], Any]:
     """`inspector score`: the same queue, worker and store as `watch`, for a given list of files.
 
-    Files already scored (same path and content) are not scored again; their stored result is returned.
-    Returns one row per file (path, status, error, scores, the map PNG) and the detector.
+    The version is the configured one (``--model``, ``[model] name`` / head), else the one promoted for
+    ``class_name``, else the default. Each file gets a job for that version; a file already scored *by that
+    version* (same content) is not scored again and its stored result is returned; a file scored only by
+    another version is scored now. Returns one row per file (path, status, error, scores, model version,
+    the map PNG) and the detector.
     """
     import os
 
@@ -219,29 +410,43 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
 
     from .intake import sha256_file
     from .store.queue import register_file
-    from .store.schema import CLAIMED, DUPLICATE, PENDING, images, results
+    from .store.schema import CLAIMED, DUPLICATE, MANUAL, PENDING, images, jobs, results
 
     engine = open_store(settings.database.url, auto_upgrade=True)
-    detector = load_detector(settings)
+    import_legacy_registry(engine, settings)
+    models = Models(engine, settings)
+    recipe = resolve_recipe(settings, engine, class_name)
+    version = models.add(recipe)
+    detector = models.get(version)
+    wanted = [(version, MANUAL)]
     paths = [str(f.resolve()) for f in files]
     for path in paths:
         try:
             sha, size = sha256_file(path)
-            register_file(engine, None, class_name, path, sha, size, os.stat(path).st_mtime_ns)
+            register_file(engine, None, class_name, path, sha, size, os.stat(path).st_mtime_ns, wanted=wanted)
         except OSError as exc:
             register_file(engine, None, class_name, path, None, None, None,
                           error=f"cannot read the file: {exc.strerror or exc}")
 
     def rows_for() -> dict[str, Any]:
+        """path -> (the newest image row of the path, its job for this version)."""
         with engine.connect() as conn:
             found = conn.execute(select(images).where(images.c.path.in_(paths)).order_by(images.c.id)).mappings().all()
-        return {r["path"]: r for r in found}  # the newest row per path
+            by_path = {r["path"]: dict(r) for r in found}
+            ids = [r["duplicate_of"] if r["status"] == DUPLICATE else r["id"] for r in by_path.values()]
+            job_of = {j.image_id: j for j in conn.execute(select(jobs).where(
+                jobs.c.image_id.in_(ids), jobs.c.model_version_id == version))}
+        for row in by_path.values():
+            owner = row["duplicate_of"] if row["status"] == DUPLICATE else row["id"]
+            row["job"] = job_of.get(owner)
+            row["owner"] = owner
+        return by_path
 
     def remaining() -> int:
-        return sum(1 for r in rows_for().values() if r["status"] in (PENDING, CLAIMED))
+        return sum(1 for r in rows_for().values() if r["job"] is not None and r["job"].status in (PENDING, CLAIMED))
 
     total = len(paths)
-    worker = make_worker(engine, detector, settings,
+    worker = make_worker(engine, {version: detector}, settings,
                          on_batch=(lambda claimed, stored, s: progress(total - remaining())) if progress else None)
     worker.run(threading.Event(), until_empty=lambda: remaining() == 0, idle_seconds=settings.watch.idle_seconds)
     by_path = rows_for()
@@ -249,13 +454,20 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
     with engine.connect() as conn:
         for path in paths:
             row = by_path.get(path)
-            image_id = row["duplicate_of"] if row is not None and row["status"] == DUPLICATE else (row or {}).get("id")
+            job = row["job"] if row is not None else None
             result = None
-            if image_id is not None:
-                result = conn.execute(select(results).where(results.c.image_id == image_id)
-                                      .order_by(results.c.id.desc()).limit(1)).mappings().first()
-            out.append({"path": path, "status": row["status"] if row is not None else "missing",
-                        "error": row["error"] if row is not None else "not registered",
+            if job is not None:
+                result = conn.execute(select(results).where(results.c.image_id == job.image_id,
+                                                            results.c.model_version_id == version)).mappings().first()
+            if row is None:
+                state, error = "missing", "not registered"
+            elif job is None:
+                state, error = row["status"], row["error"]
+            else:
+                state = DUPLICATE if row["status"] == DUPLICATE and job.status == "done" else job.status
+                error = job.error
+            out.append({"path": path, "class_name": class_name, "model_version": recipe.name,
+                        "model_digest": recipe.digest, "status": state, "error": error,
                         "image_score": result["image_score"] if result else None,
                         "text_score": result["text_score"] if result else None,
                         "topk_score": result["topk_score"] if result else None,

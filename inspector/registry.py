@@ -146,16 +146,15 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
                device: str | None = None, use_active: bool = True, detector: str | None = None) -> Any:
     """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
     describe (``detector`` or ``[model] detector``, ``name``, or backbone + head keys). Options from
-    ``settings``.
+    ``settings``. (Which version is *active* is the database's business: ``pipeline.resolve_recipe``;
+    ``use_active`` is kept for callers of the old signature and means nothing here.)
 
     A trainable detector without a head is built untrained (with a loud warning); the production verbs go
-    through ``pipeline.load_detector``, which scores with the training-free fallback instead."""
+    through ``pipeline``, which scores with the training-free fallback instead."""
     from .detectors.bayes_pfl.model import resolve_device
 
     settings = settings or load_settings()
-    name_or_path = name_or_path or settings.model.name or None
-    if not name_or_path and not settings.model.head and use_active:
-        name_or_path = active_version(settings.registry.path)  # `inspector models promote` sets it
+    name_or_path = name_or_path or (settings.model.name if detector is None else "") or None
     if name_or_path:
         folder = resolve(name_or_path, settings.registry.path)
         manifest = read_manifest(folder)
@@ -181,39 +180,3 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
     backbone = load_backbone(spec)
     model = cls.from_settings(backbone, head_path, settings, provenance)
     return model.to(resolve_device(device or settings.model.device))
-
-
-PROMOTIONS = "promotions.jsonl"
-
-
-def promote(registry: str | os.PathLike, name: str, class_name: str | None = None, who: str | None = None,
-            note: str | None = None) -> dict[str, Any]:
-    """Make ``name`` the active version for the site (or one class). Appends to ``promotions.jsonl``: the
-    history is never rewritten, and the last line for a scope is the active version."""
-    folder = resolve(name, registry)
-    manifest = read_manifest(folder)
-    entry = {"model": manifest["name"], "class_name": class_name, "by": who or getpass.getuser(),
-             "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "note": note}
-    path = Path(registry) / PROMOTIONS
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    return entry
-
-
-def promotions(registry: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(registry) / PROMOTIONS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def active_version(registry: str | os.PathLike, class_name: str | None = None) -> str | None:
-    """The promoted version for ``class_name`` (falling back to the site-wide one), or None."""
-    by_scope: dict[str | None, str] = {}
-    for entry in promotions(registry):  # in order: the last promotion of a scope wins
-        by_scope[entry["class_name"]] = entry["model"]
-    if class_name is not None and class_name in by_scope:
-        return by_scope[class_name]
-    return by_scope.get(None)

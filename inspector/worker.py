@@ -81,21 +81,29 @@ def load(item: Claimed, size: int) -> Loaded:
 
 
 class Worker:
-    """Scores queued images with ``detector`` and stores the results under ``model_version_id``."""
+    """Scores queued jobs of the model versions in ``models`` (version id -> loaded detector).
 
-    def __init__(self, engine: Engine, detector: Any, model_version_id: int, batch_size: int = 8,
-                 lease_seconds: float = 120.0, max_attempts: int = 5, map_size: int = 256,
+    ``refresh`` (optional) is called every ``refresh_seconds`` to bring ``models`` up to date with the
+    routing in the database (a promotion, a new shadow); a batch is always one version's jobs."""
+
+    def __init__(self, engine: Engine, models: dict[int, Any], batch_size: int = 8,
+                 lease_seconds: float = 300.0, max_attempts: int = 5, map_size: int = 256,
                  decode_threads: int = 4, name: str | None = None,
-                 on_batch: Callable[[int, int, float], None] | None = None):
+                 on_batch: Callable[[int, int, float], None] | None = None,
+                 refresh: Callable[[Worker], None] | None = None, refresh_seconds: float = 5.0):
+        if batch_size < 1:
+            raise ValueError(f"[model] batch_size must be at least 1, not {batch_size}")
         self.engine = engine
-        self.detector = detector
-        self.model_version_id = model_version_id
+        self.models = models
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.map_size = map_size
         self.name = name or worker_id()
         self.on_batch = on_batch
+        self.refresh = refresh
+        self.refresh_seconds = refresh_seconds
+        self._refreshed = 0.0
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self.stored = 0
         self.failed = 0
@@ -103,18 +111,22 @@ class Worker:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    def _claim_and_load(self) -> tuple[list[Claimed], list[Future]] | None:
+    def _claim_and_load(self) -> tuple[list[Claimed], list[Future], Any] | None:
         """Claim a batch and start reading and decoding it in the pool (returns at once)."""
-        batch = claim(self.engine, self.name, self.batch_size, self.lease_seconds)
+        if self.refresh is not None and time.monotonic() - self._refreshed >= self.refresh_seconds:
+            self.refresh(self)
+            self._refreshed = time.monotonic()
+        batch = claim(self.engine, self.name, self.batch_size, self.lease_seconds, versions=list(self.models),
+                      max_attempts=self.max_attempts)
         if not batch:
             return None
-        size = self.detector.image_size
-        return batch, [self.pool.submit(load, item, size) for item in batch]
+        detector = self.models[batch[0].model_version_id]
+        return batch, [self.pool.submit(load, item, detector.image_size) for item in batch], detector
 
-    def _finish(self, pending: tuple[list[Claimed], list[Future]], stop: threading.Event | None,
+    def _finish(self, pending: tuple[list[Claimed], list[Future], Any], stop: threading.Event | None,
                 started: float) -> int:
-        batch, futures = pending
-        outcomes = self._score([f.result() for f in futures])
+        batch, futures, detector = pending
+        outcomes = self._score([f.result() for f in futures], detector)
         data = list(self.pool.map(self._encode, outcomes))
         for o, encoded in zip(outcomes, data):
             if o.result is not None:
@@ -142,7 +154,7 @@ class Worker:
         pending = self._claim_and_load()
         return 0 if pending is None else self._finish(pending, stop, started)
 
-    def _score(self, loaded: list[Loaded]) -> list[Outcome]:
+    def _score(self, loaded: list[Loaded], detector: Any) -> list[Outcome]:
         outcomes = [Outcome(x.claimed.id, error=x.error, permanent=x.permanent) for x in loaded]
         good = [i for i, x in enumerate(loaded) if x.pixels is not None]
         if not good:
@@ -150,7 +162,7 @@ class Worker:
         pixels = torch.stack([loaded[i].pixels for i in good])
         names = [loaded[i].claimed.class_name for i in good]
         try:
-            prediction = self.detector.predict_tensors(pixels, names, seeds=[loaded[i].seed for i in good]).cpu()
+            prediction = detector.predict_tensors(pixels, names, seeds=[loaded[i].seed for i in good]).cpu()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             for i in good:
@@ -171,7 +183,7 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                return complete(self.engine, self.name, self.model_version_id, outcomes, self.max_attempts)
+                return complete(self.engine, self.name, outcomes, self.max_attempts)
             except OperationalError as exc:
                 log.warning("database unavailable while storing a batch (%s); retrying in %.1fs",
                             str(exc).splitlines()[0], delay)

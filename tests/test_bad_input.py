@@ -121,7 +121,11 @@ def test_file_deleted_or_replaced_between_discovery_and_decoding(tmp_path, tiny_
     small_png(folder / "replaced.png", seed=99)  # new content under the same name
     from inspector.pipeline import register_model_version
 
-    worker = Worker(engine, tiny_224, register_model_version(engine, tiny_224), batch_size=8)
+    version = register_model_version(engine, tiny_224, [intake.folders[0].source_id])
+    from inspector.store.routing import route_unrouted  # registered before the version was known: route it
+
+    route_unrouted(engine)
+    worker = Worker(engine, {version: tiny_224}, batch_size=8)
     while worker.step():
         pass
     rows = {os.path.basename(p): r for p, r in image_rows(str(engine.url)).items()}
@@ -151,7 +155,11 @@ def test_worker_survives_a_bad_batch_in_process(tmp_path, tiny_224):
     intake.tick()
     from inspector.pipeline import register_model_version
 
-    worker = Worker(engine, tiny_224, register_model_version(engine, tiny_224))
+    version = register_model_version(engine, tiny_224, [intake.folders[0].source_id])
+    from inspector.store.routing import route_unrouted
+
+    route_unrouted(engine)
+    worker = Worker(engine, {version: tiny_224})
     stop = threading.Event()
     worker.run(stop, until_empty=lambda: True)
     statuses = {os.path.basename(p): r["status"] for p, r in image_rows(str(engine.url)).items()}

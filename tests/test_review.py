@@ -27,6 +27,7 @@ from inspector.store.review import (
     threshold_for_recall,
     threshold_history,
 )
+from inspector.store.routing import set_source_versions
 
 from .test_store import db_url  # noqa: F401  (the SQLite / Postgres parametrised fixture)
 
@@ -42,6 +43,7 @@ def filled(db_url, tmp_path):  # noqa: F811
         folder = tmp_path / cls
         folder.mkdir()
         source = ensure_source(engine, str(folder), cls)
+        set_source_versions(engine, source, None, mv)
         for i, score in enumerate(scores):
             path = folder / f"{i}.png"
             path.write_bytes(b"%d" % i)
@@ -55,7 +57,7 @@ def filled(db_url, tmp_path):  # noqa: F811
         data, w, h = encode_map(torch.full((32, 32), score))
         outcomes.append(Outcome(image_id, result={"image_score": score, "text_score": score, "topk_score": score,
                                                   "anomaly_map": data, "map_width": w, "map_height": h}))
-    complete(engine, "w", mv, outcomes)
+    complete(engine, "w", outcomes)
     yield engine, tmp_path
     engine.dispose()
 

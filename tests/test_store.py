@@ -9,7 +9,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from inspector.store import images, make_engine, results, upgrade
+from inspector.store import images, make_engine, results, upgrade, utcnow
 from inspector.store.db import StoreError, check_schema, open_store
 from inspector.store.maps import decode_map, encode_map, mask_at
 from inspector.store.queue import (
@@ -23,6 +23,8 @@ from inspector.store.queue import (
     release,
     status,
 )
+from inspector.store.routing import set_source_versions
+from inspector.store.schema import jobs
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -48,11 +50,13 @@ def result_row(score: float = 0.5) -> dict:
 
 def fill(engine, tmp_path, n: int) -> tuple[int, int]:
     source = ensure_source(engine, str(tmp_path), "bottle")
+    mv = ensure_model_version(engine, "m1", "bayes-pfl", {"a": 1}, True)
+    set_source_versions(engine, source, None, mv)
     for i in range(n):
         path = tmp_path / f"{i}.png"
         path.write_bytes(b"x%d" % i)
         assert register_file(engine, source, "bottle", str(path), f"{i:064d}", 2, 1) == "new"
-    return source, ensure_model_version(engine, "m1", "bayes-pfl", {"a": 1}, True)
+    return source, mv
 
 
 def test_schema_matches_models_and_is_checked(db_url):
@@ -64,7 +68,7 @@ def test_schema_matches_models_and_is_checked(db_url):
     engine = make_engine(db_url)
     with pytest.raises(StoreError, match="inspector db upgrade"):
         check_schema(engine)
-    assert upgrade(db_url) == "0002"
+    assert upgrade(db_url) == "0003"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -77,41 +81,41 @@ def test_open_store_creates_an_empty_database(db_url):
 
 
 def test_claim_complete_exactly_once(engine, tmp_path):
-    _, mv = fill(engine, tmp_path, 5)
+    fill(engine, tmp_path, 5)
     first = claim(engine, "w1", 3, lease_seconds=60)
     second = claim(engine, "w2", 3, lease_seconds=60)
     assert len(first) == 3 and len(second) == 2
     assert not {c.id for c in first} & {c.id for c in second}
     assert claim(engine, "w3", 3, 60) == []
-    assert complete(engine, "w1", mv, [Outcome(c.id, result=result_row()) for c in first]) == 3
+    assert complete(engine, "w1", [Outcome(c.id, result=result_row()) for c in first]) == 3
     # w3 cannot complete what w2 holds
-    assert complete(engine, "w3", mv, [Outcome(c.id, result=result_row()) for c in second]) == 0
-    assert complete(engine, "w2", mv, [Outcome(c.id, result=result_row()) for c in second]) == 2
+    assert complete(engine, "w3", [Outcome(c.id, result=result_row()) for c in second]) == 0
+    assert complete(engine, "w2", [Outcome(c.id, result=result_row()) for c in second]) == 2
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(results)).scalar_one() == 5
     assert pending_count(engine) == 0
 
 
 def test_expired_lease_returns_images_and_old_worker_cannot_write(engine, tmp_path):
-    _, mv = fill(engine, tmp_path, 2)
+    fill(engine, tmp_path, 2)
     dead = claim(engine, "dead", 2, lease_seconds=0.2)
     assert claim(engine, "alive", 2, lease_seconds=60) == []
     time.sleep(0.4)
     taken = claim(engine, "alive", 2, lease_seconds=60)
     assert {c.id for c in taken} == {c.id for c in dead}
     assert taken[0].attempts == 2
-    assert complete(engine, "dead", mv, [Outcome(c.id, result=result_row()) for c in dead]) == 0
-    assert complete(engine, "alive", mv, [Outcome(c.id, result=result_row()) for c in taken]) == 2
+    assert complete(engine, "dead", [Outcome(c.id, result=result_row()) for c in dead]) == 0
+    assert complete(engine, "alive", [Outcome(c.id, result=result_row()) for c in taken]) == 2
 
 
 def test_transient_errors_back_off_then_fail(engine, tmp_path):
-    _, mv = fill(engine, tmp_path, 1)
+    fill(engine, tmp_path, 1)
     for attempt in range(1, 4):
         (c,) = claim(engine, "w", 1, 60)
         assert c.attempts == attempt
-        complete(engine, "w", mv, [Outcome(c.id, error="read error", permanent=False)], max_attempts=3)
+        complete(engine, "w", [Outcome(c.id, error="read error", permanent=False)], max_attempts=3)
         with engine.begin() as conn:  # skip the backoff wait
-            conn.execute(images.update().values(next_attempt_at=images.c.discovered_at))
+            conn.execute(jobs.update().values(next_attempt_at=jobs.c.created_at))
     with engine.connect() as conn:
         row = conn.execute(select(images.c.status, images.c.error)).one()
     assert row.status == "failed" and row.error == "read error"
@@ -127,6 +131,7 @@ def test_release_gives_claims_back_without_counting(engine, tmp_path):
 
 def test_register_rename_duplicate_and_error(engine, tmp_path):
     source = ensure_source(engine, str(tmp_path), "bottle")
+    set_source_versions(engine, source, None, ensure_model_version(engine, "m1", "bayes-pfl", {}, False))
     a = tmp_path / "a.png"
     a.write_bytes(b"same")
     assert register_file(engine, source, "bottle", str(a), "h" * 64, 4, 1) == "new"
@@ -146,14 +151,14 @@ def test_register_rename_duplicate_and_error(engine, tmp_path):
 
 
 def test_concurrent_claims_never_overlap(engine, tmp_path):
-    _, mv = fill(engine, tmp_path, 60)
+    fill(engine, tmp_path, 60)
     seen: list[int] = []
     lock = threading.Lock()
 
     def work(name):
         eng = make_engine(str(engine.url.render_as_string(hide_password=False)))
         while batch := claim(eng, name, 4, 60):
-            complete(eng, name, mv, [Outcome(c.id, result=result_row()) for c in batch])
+            complete(eng, name, [Outcome(c.id, result=result_row()) for c in batch])
             with lock:
                 seen.extend(c.id for c in batch)
         eng.dispose()
@@ -180,18 +185,26 @@ def test_map_encoding_and_masks():
 def test_migrating_an_existing_database_keeps_its_rows(db_url, tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import MetaData
 
     from inspector.store import metadata
 
     assert upgrade(db_url, "0001") == "0001"
     engine = make_engine(db_url)
-    source = ensure_source(engine, str(tmp_path), "bottle")
-    register_file(engine, source, "bottle", str(tmp_path / "a.png"), "a" * 64, 1, 1)
+    old = MetaData()
+    old.reflect(engine)  # the 0001 tables as they were: rows written the way the 0001 code wrote them
+    now = utcnow()
+    with engine.begin() as conn:
+        source = conn.execute(old.tables["sources"].insert().values(
+            path=str(tmp_path), class_name="bottle", recursive=False, created_at=now)).inserted_primary_key[0]
+        conn.execute(old.tables["images"].insert().values(
+            source_id=source, path=str(tmp_path / "a.png"), class_name="bottle", sha256="a" * 64, size=1,
+            mtime_ns=1, status="pending", attempts=0, next_attempt_at=now, discovered_at=now, updated_at=now))
     with pytest.raises(StoreError, match="revision 0001"):
         check_schema(engine)
-    assert upgrade(db_url) == "0002"
+    assert upgrade(db_url) == "0003"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-    assert pending_count(engine) == 1
+        assert conn.execute(select(images.c.status)).scalar_one() == "pending"
     engine.dispose()

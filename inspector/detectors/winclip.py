@@ -186,15 +186,23 @@ class WinCLIP(nn.Module):
         ``[model] precision``."""
         if head:
             log.warning("WinCLIP is training-free: ignoring head %s", head)
+        o = cls.scoring_options(settings)
+        return cls(backbone, scales=tuple(o["scales"]), k_shot=o["k_shot"],
+                   references=ReferenceStore(o["references"]) if o["references"] else None,
+                   topk=o["topk"], precision=o["precision"], provenance=provenance)
+
+    @classmethod
+    def scoring_options(cls, settings: Any) -> dict[str, Any]:
+        """The options that change the numbers (part of a model version's identity), the reference set
+        included: adding or removing reference images makes another version."""
         options = getattr(settings, "winclip", None)
-        model = getattr(settings, "model", None)
         folder = getattr(options, "references", "references")
-        return cls(backbone, scales=tuple(getattr(options, "scales", (2, 3))),
-                   k_shot=int(getattr(options, "k_shot", 0)),
-                   references=ReferenceStore(folder) if folder else None,
-                   topk=int(getattr(options, "topk", 0) or 0),
-                   precision=getattr(model, "precision", "auto"),
-                   provenance=provenance)
+        store = ReferenceStore(folder) if folder else None
+        references = {name: list(store.fingerprint(name)) for name in store.classes()} if store else {}
+        return {"scales": [int(v) for v in getattr(options, "scales", (2, 3))],
+                "k_shot": int(getattr(options, "k_shot", 0)), "topk": int(getattr(options, "topk", 0) or 0),
+                "precision": getattr(getattr(settings, "model", None), "precision", "auto"),
+                "references": folder or None, "reference_set": references}
 
     def save_head(self, path: str | Path) -> None:
         raise NotImplementedError("WinCLIP is training-free: it has no head to save (few-shot references live "

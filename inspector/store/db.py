@@ -82,10 +82,23 @@ def upgrade(url: str, revision: str = "head") -> str:
 
     engine = make_engine(url)
     try:
-        with engine.begin() as connection:
-            config = alembic_config(url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+        with engine.connect() as connection:
+            raw = connection.connection.dbapi_connection
+            if is_sqlite(engine):  # SQLite alters a table by copying it; foreign keys must be off meanwhile
+                raw.execute("PRAGMA foreign_keys=OFF")  # (outside a transaction, or SQLite ignores it)
+            try:
+                with connection.begin():
+                    config = alembic_config(url)
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, revision)
+                    if is_sqlite(engine):
+                        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise StoreError(f"migration left {len(broken)} rows with broken references; "
+                                             "nothing was changed")
+            finally:
+                if is_sqlite(engine):
+                    raw.execute("PRAGMA foreign_keys=ON")
         return current_revision(engine) or ""
     finally:
         engine.dispose()

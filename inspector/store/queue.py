@@ -1,11 +1,18 @@
-"""The queue: register files, claim batches with a lease, complete them in one transaction.
+"""The queue: register files, claim jobs in batches with a lease, complete them in one transaction.
 
-Exactly-once comes from three rules:
-* a claim sets ``status = claimed, claimed_by = worker, lease_until = now + lease``; an expired lease
-  makes the image claimable again (its worker died);
-* completing writes every result of a batch and the images' ``done`` status in one transaction, and
-  only for images still claimed by this worker (a worker whose lease was taken over writes nothing);
-* ``results`` is unique on (image, model version), so even a bug cannot store two.
+``images`` is the ledger of content seen; ``jobs`` is the queue, one row per (image, model version)
+(``routing.py`` decides which versions an image gets). Exactly-once per (image, version) comes from
+three rules:
+
+* a claim sets ``status = claimed, claimed_by = worker, lease_until = now + lease`` on jobs of one
+  version the worker has loaded; an expired lease makes a job claimable again (its worker died), and a
+  job whose attempts are used up is failed instead of claimed again;
+* completing writes every result of a batch and the jobs' ``done`` status in one transaction, and only
+  for jobs still claimed by this worker (a worker whose lease was taken over writes nothing);
+* ``results`` and ``jobs`` are unique on (image, model version), so even a bug cannot store two.
+
+``images.status`` follows the image's live job (pending until it is done or failed), so the ledger still
+answers "was this image scored" without a join.
 """
 
 from __future__ import annotations
@@ -21,23 +28,43 @@ from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_sqlite, utcnow
-from .schema import CLAIMED, DONE, DUPLICATE, FAILED, PENDING, images, model_versions, results, sources
+from .routing import add_jobs, targets
+from .schema import (
+    BACKFILL,
+    CLAIMED,
+    DONE,
+    DUPLICATE,
+    FAILED,
+    LIVE,
+    MANUAL,
+    PENDING,
+    images,
+    jobs,
+    model_versions,
+    results,
+    sources,
+)
+from .versions import ensure_model_version, promoted_map
+
+DECIDING = (LIVE, MANUAL)  # purposes whose result is the image's own (drives its decision)
 
 
 @dataclass
 class Claimed:
-    id: int
+    id: int  # the job
     path: str
     class_name: str
     sha256: str | None
     attempts: int
+    image_id: int = 0
+    model_version_id: int = 0
 
 
 @dataclass
 class Outcome:
-    """What a worker learned about one claimed image."""
+    """What a worker learned about one claimed job."""
 
-    image_id: int
+    job_id: int
     result: dict[str, Any] | None = None  # columns of ``results`` (without ids)
     error: str | None = None
     permanent: bool = True  # False: retry with backoff (until max attempts)
@@ -64,22 +91,6 @@ def ensure_source(engine: Engine, path: str, class_name: str, line: str | None =
     raise RuntimeError(f"could not record source {path}")
 
 
-def ensure_model_version(engine: Engine, name: str, detector: str, manifest: dict[str, Any],
-                         random_weights: bool) -> int:
-    for _ in range(2):  # two workers starting together race to insert the same version: then read it
-        try:
-            with engine.begin() as conn:
-                row = conn.execute(select(model_versions.c.id).where(model_versions.c.name == name)).first()
-                if row is not None:
-                    return row.id
-                return conn.execute(model_versions.insert().values(
-                    name=name, detector=detector, manifest=json.dumps(manifest, sort_keys=True, default=str),
-                    random_weights=random_weights, created_at=utcnow())).inserted_primary_key[0]
-        except IntegrityError:
-            continue
-    raise RuntimeError(f"could not record model version {name}")
-
-
 def known_files(engine: Engine, source_id: int) -> dict[str, tuple[int | None, int | None]]:
     """path -> (size, mtime_ns) of every image row of a source (the intake's memory after a restart)."""
     with engine.connect() as conn:
@@ -89,13 +100,18 @@ def known_files(engine: Engine, source_id: int) -> dict[str, tuple[int | None, i
 
 
 def register_file(engine: Engine, source_id: int | None, class_name: str, path: str, sha256: str | None,
-                  size: int | None, mtime_ns: int | None, error: str | None = None) -> str:
-    """Record a discovered file. Returns "known", "new", "renamed", "duplicate" or "failed".
+                  size: int | None, mtime_ns: int | None, error: str | None = None,
+                  wanted: list[tuple[int, str]] | None = None) -> str:
+    """Record a discovered file and queue its jobs. Returns "known", "new", "renamed", "duplicate" or "failed".
 
     * (path, content) already known: nothing to do;
     * same content known at a path that no longer exists: a rename, the row follows the file;
     * same content known at a path that still exists: a copy, recorded as a duplicate of the first;
     * ``error`` (unreadable, symlink out of the folder...): recorded as failed, never scored.
+
+    A new image gets the jobs ``routing.targets`` chooses for its source, in the same transaction.
+    ``wanted`` (``inspector score --model``): these (version, purpose) jobs instead, added to the known
+    image (or the original of a copy) when the content was seen before.
     """
     now = utcnow()
     base = {"source_id": source_id, "class_name": class_name, "path": path, "sha256": sha256, "size": size,
@@ -109,140 +125,231 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
                     return "known"
                 conn.execute(images.insert().values(**base, status=FAILED, error=error))
                 return "failed"
-            if conn.execute(select(images.c.id).where(images.c.path == path, images.c.sha256 == sha256)).first():
+            known = conn.execute(select(images.c.id).where(images.c.path == path, images.c.sha256 == sha256)).first()
+            if known is not None:
+                if wanted:
+                    add_jobs(conn, known.id, wanted, now)
                 return "known"
             twin = conn.execute(select(images.c.id, images.c.path).where(
                 images.c.sha256 == sha256, images.c.status != DUPLICATE).order_by(images.c.id)).first()
             if twin is not None:
+                if wanted:
+                    add_jobs(conn, twin.id, wanted, now)
                 if not os.path.lexists(twin.path):
                     conn.execute(update(images).where(images.c.id == twin.id).values(
                         path=path, size=size, mtime_ns=mtime_ns, updated_at=now))
                     return "renamed"
                 conn.execute(images.insert().values(**base, status=DUPLICATE, duplicate_of=twin.id))
                 return "duplicate"
-            conn.execute(images.insert().values(**base, status=PENDING))
+            image_id = conn.execute(images.insert().values(**base, status=PENDING)).inserted_primary_key[0]
+            add_jobs(conn, image_id, wanted if wanted is not None else targets(conn, source_id, class_name), now)
             return "new"
     except IntegrityError:  # another intake registered it at the same moment
         return "known"
 
 
-def claim(engine: Engine, worker: str, limit: int, lease_seconds: float) -> list[Claimed]:
-    """Take up to ``limit`` pending images (or images whose lease expired) for ``worker``."""
+def _ready(now: dt.datetime):
+    return or_(and_(jobs.c.status == PENDING, jobs.c.next_attempt_at <= now),
+               and_(jobs.c.status == CLAIMED, jobs.c.lease_until < now))
+
+
+def claim(engine: Engine, worker: str, limit: int, lease_seconds: float, versions: Iterable[int] | None = None,
+          max_attempts: int | None = None) -> list[Claimed]:
+    """Take up to ``limit`` ready jobs of one model version (of ``versions``: the ones ``worker`` has
+    loaded; None = any) for ``worker``, the most urgent first (priority, then age). A job whose lease
+    expired after ``max_attempts`` claims is failed, not claimed again."""
+    if limit < 1:
+        raise ValueError(f"a batch takes at least one image, not {limit}")
     now = utcnow()
-    ready = or_(and_(images.c.status == PENDING, images.c.next_attempt_at <= now),
-                and_(images.c.status == CLAIMED, images.c.lease_until < now))
-    query = select(images.c.id, images.c.path, images.c.class_name, images.c.sha256, images.c.attempts) \
-        .where(ready).order_by(images.c.id).limit(limit)
-    if not is_sqlite(engine):
-        query = query.with_for_update(skip_locked=True)
+    ready = _ready(now)
+    if versions is not None:
+        versions = list(versions)
+        if not versions:
+            return []
+        ready = and_(ready, jobs.c.model_version_id.in_(versions))
     with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE, the one writer
+        if max_attempts is not None:
+            _give_up(conn, and_(ready, jobs.c.attempts >= max_attempts), now)
+        head = select(jobs.c.model_version_id).where(ready).order_by(jobs.c.priority.desc(), jobs.c.id).limit(1)
+        version = conn.execute(head).scalar()
+        if version is None:
+            return []
+        query = (select(jobs.c.id, jobs.c.image_id, jobs.c.attempts, images.c.path, images.c.class_name,
+                        images.c.sha256)
+                 .join(images, images.c.id == jobs.c.image_id)
+                 .where(ready, jobs.c.model_version_id == version)
+                 .order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit))
+        if not is_sqlite(engine):
+            query = query.with_for_update(skip_locked=True, of=jobs)
         rows = conn.execute(query).all()
         if not rows:
             return []
-        ids = [r.id for r in rows]
-        conn.execute(update(images).where(images.c.id.in_(ids)).values(
+        conn.execute(update(jobs).where(jobs.c.id.in_([r.id for r in rows])).values(
             status=CLAIMED, claimed_by=worker, lease_until=now + dt.timedelta(seconds=lease_seconds),
-            attempts=images.c.attempts + 1, updated_at=now))
-    return [Claimed(r.id, r.path, r.class_name, r.sha256, r.attempts + 1) for r in rows]
+            attempts=jobs.c.attempts + 1, updated_at=now))
+    return [Claimed(r.id, r.path, r.class_name, r.sha256, r.attempts + 1, r.image_id, version) for r in rows]
+
+
+def _give_up(conn: Any, where: Any, now: dt.datetime) -> None:
+    stuck = conn.execute(select(jobs.c.id, jobs.c.image_id, jobs.c.purpose, jobs.c.attempts).where(where)).all()
+    for row in stuck:
+        error = (f"gave up after {row.attempts} attempts: the worker holding it died or timed out each time")
+        conn.execute(update(jobs).where(jobs.c.id == row.id).values(
+            status=FAILED, error=error, claimed_by=None, lease_until=None, updated_at=now))
+        if row.purpose in DECIDING:
+            conn.execute(update(images).where(images.c.id == row.image_id).values(
+                status=FAILED, error=error, updated_at=now))
 
 
 def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
     return min(cap, base * 2 ** max(0, attempts - 1))
 
 
-def complete(engine: Engine, worker: str, model_version_id: int, outcomes: Sequence[Outcome],
-             max_attempts: int = 5) -> int:
+def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attempts: int = 5) -> int:
     """Write a batch in one transaction; returns how many results were stored."""
     now = utcnow()
     stored = 0
     with engine.begin() as conn:
         for o in outcomes:
-            mine = and_(images.c.id == o.image_id, images.c.claimed_by == worker, images.c.status == CLAIMED)
+            mine = and_(jobs.c.id == o.job_id, jobs.c.claimed_by == worker, jobs.c.status == CLAIMED)
+            job = conn.execute(select(jobs.c.image_id, jobs.c.model_version_id, jobs.c.purpose, jobs.c.attempts)
+                               .where(mine)).first()
+            if job is None:
+                continue  # lease lost: another worker owns this job now
+            image_values: dict[str, Any] = {"updated_at": now}
             if o.result is not None:
-                values: dict[str, Any] = {"status": DONE, "claimed_by": None, "lease_until": None, "error": None,
-                                              "width": o.width, "height": o.height, "updated_at": now}
-                if o.sha256:
-                    values["sha256"] = o.sha256
-                if conn.execute(update(images).where(mine).values(**values)).rowcount != 1:
-                    continue  # lease lost: another worker owns this image now
-                conn.execute(results.insert().values(image_id=o.image_id, model_version_id=model_version_id,
+                conn.execute(update(jobs).where(mine).values(status=DONE, claimed_by=None, lease_until=None,
+                                                             error=None, updated_at=now))
+                conn.execute(results.insert().values(image_id=job.image_id, model_version_id=job.model_version_id,
                                                      worker=worker, created_at=now, **o.result))
+                image_values.update(width=o.width, height=o.height)
+                if o.sha256:
+                    image_values["sha256"] = o.sha256
+                if job.purpose in DECIDING:
+                    image_values.update(status=DONE, error=None)
                 stored += 1
             else:
-                attempts = conn.execute(select(images.c.attempts).where(images.c.id == o.image_id)).scalar_one()
-                if o.permanent or attempts >= max_attempts:
-                    values = {"status": FAILED, "error": o.error, "claimed_by": None, "lease_until": None, "updated_at": now}
-                else:
-                    values = {"status": PENDING, "error": o.error, "claimed_by": None, "lease_until": None, "updated_at": now,
-                                  "next_attempt_at": now + dt.timedelta(seconds=backoff_seconds(attempts))}
-                conn.execute(update(images).where(mine).values(**values))
+                final = o.permanent or job.attempts >= max_attempts
+                values = {"status": FAILED if final else PENDING, "error": o.error, "claimed_by": None,
+                          "lease_until": None, "updated_at": now}
+                if not final:
+                    values["next_attempt_at"] = now + dt.timedelta(seconds=backoff_seconds(job.attempts))
+                conn.execute(update(jobs).where(mine).values(**values))
+                if job.purpose in DECIDING:
+                    image_values.update(status=values["status"], error=o.error)
+            conn.execute(update(images).where(images.c.id == job.image_id).values(**image_values))
     return stored
 
 
-def release(engine: Engine, worker: str, image_ids: Iterable[int] | None = None) -> None:
-    """Give claimed images back to the queue at once (clean shutdown), without counting an attempt."""
-    where = and_(images.c.claimed_by == worker, images.c.status == CLAIMED)
-    if image_ids is not None:
-        where = and_(where, images.c.id.in_(list(image_ids)))
+def release(engine: Engine, worker: str, job_ids: Iterable[int] | None = None) -> None:
+    """Give claimed jobs back to the queue at once (clean shutdown), without counting an attempt."""
+    where = and_(jobs.c.claimed_by == worker, jobs.c.status == CLAIMED)
+    if job_ids is not None:
+        where = and_(where, jobs.c.id.in_(list(job_ids)))
     with engine.begin() as conn:
-        conn.execute(update(images).where(where).values(
-            status=PENDING, claimed_by=None, lease_until=None, attempts=func.max(images.c.attempts - 1, 0)
-            if is_sqlite(engine) else func.greatest(images.c.attempts - 1, 0), updated_at=utcnow()))
+        conn.execute(update(jobs).where(where).values(
+            status=PENDING, claimed_by=None, lease_until=None, attempts=func.max(jobs.c.attempts - 1, 0)
+            if is_sqlite(engine) else func.greatest(jobs.c.attempts - 1, 0), updated_at=utcnow()))
 
 
-def pending_count(engine: Engine) -> int:
-    """Images still to score, claimed ones included."""
+def pending_count(engine: Engine, versions: Iterable[int] | None = None) -> int:
+    """Jobs still to do (claimed ones included), of ``versions`` or of all."""
+    query = select(func.count()).select_from(jobs).where(jobs.c.status.in_([PENDING, CLAIMED]))
+    if versions is not None:
+        query = query.where(jobs.c.model_version_id.in_(list(versions)))
     with engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(images)
-                            .where(images.c.status.in_([PENDING, CLAIMED]))).scalar_one()
+        return conn.execute(query).scalar_one()
 
 
 def status(engine: Engine, window_minutes: int = 60) -> dict[str, Any]:
-    """Queue depth, throughput, errors and the active model, for `inspector status`."""
+    """Queue depth per model version (and backfill progress), throughput over a stated window, errors, the
+    active versions, for `inspector status`."""
     now = utcnow()
     since = now - dt.timedelta(minutes=window_minutes)
     with engine.connect() as conn:
         counts = {r.status: r.n for r in conn.execute(
             select(images.c.status, func.count().label("n")).group_by(images.c.status))}
-        recent = conn.execute(select(func.count(), func.min(results.c.created_at), func.max(results.c.created_at))
-                              .where(results.c.created_at >= since)).one()
+        per_version: dict[int, dict[str, Any]] = {}
+        names = {r.id: r for r in conn.execute(select(model_versions.c.id, model_versions.c.name,
+                                                      model_versions.c.random_weights))}
+        for r in conn.execute(select(jobs.c.model_version_id, jobs.c.purpose, jobs.c.status, func.count().label("n"))
+                              .group_by(jobs.c.model_version_id, jobs.c.purpose, jobs.c.status)):
+            entry = per_version.setdefault(r.model_version_id, {
+                "model_version": names[r.model_version_id].name, "queued": 0, "claimed": 0, "done": 0,
+                "failed": 0, "backfill": {"total": 0, "done": 0, "failed": 0}})
+            entry[{PENDING: "queued", CLAIMED: "claimed", DONE: "done", FAILED: "failed"}[r.status]] += r.n
+            if r.purpose == BACKFILL:
+                entry["backfill"]["total"] += r.n
+                if r.status in (DONE, FAILED):
+                    entry["backfill"][r.status] += r.n
+        scored = conn.execute(select(func.count()).select_from(results)
+                              .where(results.c.created_at >= since)).scalar_one()
         errors = [{"error": r.error, "count": r.n} for r in conn.execute(
             select(images.c.error, func.count().label("n")).where(images.c.status == FAILED)
             .group_by(images.c.error).order_by(func.count().desc()).limit(10))]
-        oldest = conn.execute(select(func.min(images.c.discovered_at))
-                              .where(images.c.status.in_([PENDING, CLAIMED]))).scalar()
+        oldest = conn.execute(select(func.min(jobs.c.created_at))
+                              .where(jobs.c.status.in_([PENDING, CLAIMED]))).scalar()
         active = active_model(conn)
-    scored, first, last = recent
-    rate = None
-    if scored and first and last and last > first:
-        rate = scored / (last - first).total_seconds()
+    depth = sum(v["queued"] + v["claimed"] for v in per_version.values())
     return {
-        "queue_depth": counts.get(PENDING, 0) + counts.get(CLAIMED, 0),
+        "queue_depth": depth,
         "by_status": counts,
+        "versions": sorted(per_version.values(), key=lambda v: v["model_version"]),
         "scored_last_window": scored,
         "window_minutes": window_minutes,
-        "images_per_second": rate,
+        "images_per_second": scored / (window_minutes * 60.0),
         "oldest_unscored_age_seconds": (now - oldest).total_seconds() if oldest else None,
         "errors": errors,
         "active_model": active["name"] if active else None,
+        "active_by_class": active["by_class"] if active else {},
         "active_model_random_weights": active["random_weights"] if active else None,
         "active_model_fallback": active["fallback"] if active else None,
     }
 
 
+def active_versions(conn: Any) -> dict[str, int]:
+    """class name -> the version whose results are the class's own: promoted for the class or the site,
+    else the version of the class's latest live result."""
+    promoted = promoted_map(conn)
+    latest = (select(images.c.class_name, func.max(results.c.id).label("rid"))
+              .join(results, results.c.image_id == images.c.id)
+              .join(jobs, and_(jobs.c.image_id == results.c.image_id,
+                               jobs.c.model_version_id == results.c.model_version_id))
+              .where(jobs.c.purpose.in_(DECIDING)).group_by(images.c.class_name).subquery())
+    out = {r.class_name: r.model_version_id for r in conn.execute(
+        select(latest.c.class_name, results.c.model_version_id).join(results, results.c.id == latest.c.rid))}
+    for name in list(out) + [c for c in promoted if c is not None]:
+        chosen = promoted.get(name, promoted.get(None))
+        if chosen is not None:
+            out[name] = chosen
+    return out
+
+
 def active_model(conn: Any) -> dict[str, Any] | None:
-    """The model version of the latest result: name, detector, random_weights, and ``fallback`` (why a
-    training-free fallback scores instead of the configured detector, or None); None before any result."""
-    row = conn.execute(select(model_versions.c.name, model_versions.c.detector, model_versions.c.random_weights,
-                              model_versions.c.manifest)
-                       .join(results, results.c.model_version_id == model_versions.c.id)
-                       .order_by(results.c.id.desc()).limit(1)).first()
-    if row is None:
+    """The headline version (site-wide promotion, else the version of the latest live result): name,
+    detector, random_weights, ``fallback`` (why a training-free fallback scores instead of the configured
+    detector, or None), and ``by_class`` (class -> version name); None before any result or promotion."""
+    by_class_ids = active_versions(conn)
+    site = promoted_map(conn).get(None)
+    if site is None:
+        row = conn.execute(select(jobs.c.model_version_id).where(jobs.c.purpose.in_(DECIDING), jobs.c.status == DONE)
+                           .order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(1)).first()
+        site = row.model_version_id if row is not None else None
+    if site is None:
         return None
+    rows = {r.id: r for r in conn.execute(select(model_versions.c.id, model_versions.c.name,
+                                                 model_versions.c.detector, model_versions.c.random_weights,
+                                                 model_versions.c.manifest))}
+    row = rows[site]
     try:
         manifest = json.loads(row.manifest or "{}")
     except ValueError:
         manifest = {}
     fallback = manifest.get("fallback") if isinstance(manifest, dict) else None
     return {"name": row.name, "detector": row.detector, "random_weights": bool(row.random_weights),
-            "fallback": fallback}
+            "fallback": fallback, "id": row.id,
+            "by_class": {name: rows[v].name for name, v in sorted(by_class_ids.items())}}
+
+
+__all__ = ["Claimed", "Outcome", "active_model", "active_versions", "claim", "complete", "ensure_model_version",
+           "ensure_source", "known_files", "pending_count", "register_file", "release", "status"]

@@ -1,14 +1,21 @@
 """The database schema: plain tables, SQL-shaped (SQLAlchemy Core). Alembic owns its evolution.
 
-    sources         a watched folder and the class its images belong to
-    images          one row per (path, content) seen: the queue and the ledger in one table
-    model_versions  the model versions that produced results
+    sources         a watched folder, the class its images belong to, its line, and the model version it
+                    is pinned to or falls back to
+    images          one row per (path, content) seen: the ledger of content
+    model_versions  every model version that can score: identity = ``digest``, a content hash of its
+                    effective provenance (detector, backbone and weights hash, head hash, input size,
+                    feature layers, scoring options, reference set, role); plus a human ``name``
+    promotions      append-only: which version is active (site-wide or per class), which run in shadow
+    jobs            the queue: one row per (image, model version) with status, lease, attempts, priority
     results         one per (image, model version): scores and the anomaly map as an 8-bit PNG
-    thresholds      per-class decision thresholds, versioned (never updated in place)
-    reviews         human verdicts, one row per review (history is never overwritten)
+    thresholds      decision thresholds per (class, model version), versioned (never updated in place)
+    reviews         human verdicts, one row per review (history is never overwritten), with the result
+                    (and so the model version) the reviewer was shown
 
-All timestamps are naive UTC. Image states: pending -> claimed -> done | failed; duplicate (same content as another image, linked by
-duplicate_of and never scored twice).
+All timestamps are naive UTC. Job states: pending -> claimed -> done | failed. ``images.status`` mirrors
+the image's *live* job (the one that drives its decision), plus two ledger states: failed at intake (never
+queued) and duplicate (same content as another image, linked by duplicate_of and never scored twice).
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ sources = Table(
     Column("line", String(200), nullable=True),
     Column("recursive", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(), nullable=False),
+    # the version its watcher was told to use (--model / --detector / [[sources]] model): promotions do
+    # not move a pinned source; otherwise the version its watcher loads when nothing is promoted
+    Column("pinned_version_id", Integer, ForeignKey("model_versions.id"), nullable=True),
+    Column("default_version_id", Integer, ForeignKey("model_versions.id"), nullable=True),
 )
 
 images = Table(
@@ -85,6 +96,45 @@ model_versions = Table(
     Column("manifest", Text, nullable=False),
     Column("random_weights", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("registry_name", String(200), nullable=True),  # the folder under [registry] path, if registered
+)
+
+PROMOTE, SHADOW, UNSHADOW = "promote", "shadow", "unshadow"
+
+promotions = Table(
+    "promotions", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("model_version_id", Integer, ForeignKey("model_versions.id"), nullable=False),
+    Column("class_name", String(200), nullable=True),  # None: site-wide
+    Column("action", String(16), nullable=False),  # promote | shadow | unshadow
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", DateTime(), nullable=False),
+    Column("note", Text, nullable=True),
+    Index("ix_promotions_class_name", "class_name"),
+)
+
+LIVE, SHADOWED, BACKFILL, MANUAL = "live", "shadow", "backfill", "manual"
+#: claim order: higher first. Live images (and `inspector score`) before shadow scoring before backfills.
+PRIORITY = {LIVE: 100, MANUAL: 100, SHADOWED: 50, BACKFILL: 10}
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("image_id", Integer, ForeignKey("images.id"), nullable=False),
+    Column("model_version_id", Integer, ForeignKey("model_versions.id"), nullable=False),
+    Column("purpose", String(16), nullable=False),  # live | shadow | backfill | manual
+    Column("priority", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text, nullable=True),
+    Column("claimed_by", String(200), nullable=True),
+    Column("lease_until", DateTime(), nullable=True),
+    Column("next_attempt_at", DateTime(), nullable=False),
+    Column("created_at", DateTime(), nullable=False),
+    Column("updated_at", DateTime(), nullable=False),
+    UniqueConstraint("image_id", "model_version_id"),
+    Index("ix_jobs_model_version_id_status_priority", "model_version_id", "status", "priority"),
 )
 
 results = Table(
@@ -110,12 +160,13 @@ thresholds = Table(
     "thresholds", metadata,
     Column("id", Integer, primary_key=True),
     Column("class_name", String(200), nullable=False),
+    Column("model_version_id", Integer, ForeignKey("model_versions.id"), nullable=True),  # None: pre-0003
     Column("version", Integer, nullable=False),
     Column("value", Float, nullable=False),
     Column("created_by", String(200), nullable=False),
     Column("created_at", DateTime(), nullable=False),
     Column("note", Text, nullable=True),
-    UniqueConstraint("class_name", "version"),
+    UniqueConstraint("class_name", "model_version_id", "version"),
     Index("ix_thresholds_class_name", "class_name"),
 )
 
@@ -127,5 +178,6 @@ reviews = Table(
     Column("reason", Text, nullable=True),
     Column("reviewer", String(200), nullable=False),
     Column("created_at", DateTime(), nullable=False),
+    Column("result_id", Integer, ForeignKey("results.id"), nullable=True),  # what the reviewer was shown
     Index("ix_reviews_image_id", "image_id"),
 )

@@ -284,9 +284,7 @@ class AACLIP(nn.Module):
         """A detector on a loaded backbone, adapters from ``head`` (our format) or untrained (None).
 
         Options from ``settings.aa_clip`` (``domain``, ``topk``) where the settings have that section."""
-        options = getattr(settings, "aa_clip", None)
-        kwargs = {"domain": getattr(options, "domain", "industrial"), "topk": getattr(options, "topk", 100),
-                  "attention": getattr(options, "attention", "auto"), "provenance": provenance}
+        kwargs = {**cls.scoring_options(settings), "provenance": provenance}
         if head is None:
             return cls(backbone, **kwargs)
         payload = cls.load_head(head)
@@ -296,6 +294,13 @@ class AACLIP(nn.Module):
                     image_adapt_until=c["image_adapt_until"], use_text_adapter=c["use_text_adapter"], **kwargs)
         model.load_head_state(payload, source=str(head))
         return model
+
+    @classmethod
+    def scoring_options(cls, settings: Any) -> dict[str, Any]:
+        """The ``[aa_clip]`` options that change the numbers (part of a model version's identity)."""
+        options = getattr(settings, "aa_clip", None)
+        return {"domain": getattr(options, "domain", "industrial"), "topk": getattr(options, "topk", 100),
+                "attention": getattr(options, "attention", "auto")}
 
     # ---------------------------------------------------------------------------------------------
     # our head format

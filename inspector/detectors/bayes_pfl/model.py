@@ -165,8 +165,14 @@ class BayesPFL(nn.Module):
             torch.manual_seed(m.seed)
             module = BayesPFLHead(BayesPFLConfig(text_width=backbone.text_width, vision_width=backbone.vision_width,
                                                  levels=len(backbone.spec.feature_layers)))
-        return cls(backbone, module, samples=m.samples, seed=m.seed, topk=m.topk, text_cache=m.text_cache,
-                   precision=m.precision, prototype_images=m.prototype_images, provenance=provenance)
+        return cls(backbone, module, provenance=provenance, **cls.scoring_options(settings))
+
+    @classmethod
+    def scoring_options(cls, settings: Any) -> dict[str, Any]:
+        """The ``[model]`` options that change the numbers (part of a model version's identity)."""
+        m = settings.model
+        return {"samples": m.samples, "seed": m.seed, "topk": m.topk, "text_cache": m.text_cache,
+                "precision": m.precision, "prototype_images": m.prototype_images}
 
     def save_head(self, path: str | Path) -> None:
         self.head.save(path)

@@ -1,0 +1,156 @@
+"""Model-version identity: which version a line uses, what makes two versions the same, how to build one.
+
+A *version* is everything that changes the numbers a detector writes: the detector, the backbone (its
+open_clip tag, or the SHA-256 of its weights file), the head file's SHA-256, the input size, the feature
+layers, the detector's scoring options (Bayes-PFL's R, text cache and seed; WinCLIP's scales and reference
+set...) and its role (a day-one fallback is not the same version as the detector configured on purpose).
+``digest`` is the SHA-256 of that identity, and the store keys versions by it: two boxes with the same
+model and settings write into the same version, a box whose settings differ gets a version of its own.
+
+A version also has a human ``name``: the registry folder for a registered model (``inspector models
+import-official`` / ``retrain``), ``<detector>@<digest[:12]>`` otherwise. When a registered model runs with
+other scoring options than the version first stored under its name, it becomes ``<name>@<digest[:8]>``.
+
+Which version scores an image is decided in the database (``store/routing.py``); this module only turns
+settings (and a registry name) into a ``Recipe`` and a recipe into a loaded detector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What builds one model version, and its identity.
+
+    name:          human name (registry folder, or ``<detector>@<digest[:12]>``)
+    detector:      detector kind ("bayes-pfl", "aa-clip", "winclip", ...)
+    identity:      the JSON-able provenance that ``digest`` hashes
+    digest:        SHA-256 of ``identity`` (the version's key in the store)
+    registry_name: the registry folder it is loaded from, None for a version built from settings
+    fallback:      why a training-free fallback scores instead of the configured detector (None: it does not)
+    random_weights: random backbone or untrained head: scores mean nothing
+    """
+
+    name: str
+    detector: str
+    identity: dict[str, Any]
+    digest: str
+    registry_name: str | None = None
+    fallback: str | None = None
+    random_weights: bool = False
+
+    def manifest(self) -> dict[str, Any]:
+        """What the store keeps about the version (``model_versions.manifest``)."""
+        return {"name": self.name, "identity": self.identity, "registry_name": self.registry_name,
+                "fallback": self.fallback, "random_weights": self.random_weights}
+
+
+def digest_of(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a (weights) file, remembered per (path, size, mtime) for the life of the process."""
+    from .registry import sha256_of
+
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = (real, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = sha256_of(real)
+    return _HASH_CACHE[key]
+
+
+def _options(cls: Any, settings: Settings) -> dict[str, Any]:
+    """The detector's scoring options (``scoring_options(settings)``, part of its interface)."""
+    return cls.scoring_options(settings)
+
+
+def _weights_identity(pretrained: str) -> str:
+    source = Path(pretrained).expanduser()
+    return f"sha256:{file_sha256(source)}" if source.is_file() else pretrained
+
+
+def _identity(detector: str, spec: Any, head_sha256: str | None, options: dict[str, Any],
+              fallback: bool) -> dict[str, Any]:
+    config = spec.model_config
+    if config and Path(config).is_file():
+        config = f"sha256:{file_sha256(config)}"
+    return {"detector": detector, "arch": spec.arch, "weights": _weights_identity(spec.pretrained),
+            "clip_format": spec.clip_format, "activation": spec.activation, "model_config": config,
+            "image_size": spec.image_size, "feature_layers": list(spec.feature_layers),
+            "pos_embed_antialias": getattr(spec, "pos_embed_antialias", True),
+            "head_sha256": head_sha256, "options": options, "role": "fallback" if fallback else "configured"}
+
+
+def recipe_from_settings(settings: Settings, detector: str | None = None, fallback: str | None = None) -> Recipe:
+    """The version that ``settings`` describe (``detector`` or ``[model] detector``, backbone and head keys)."""
+    from .detectors import detector_class
+    from .registry import backbone_spec
+
+    kind = detector or settings.model.detector
+    cls = detector_class(kind)
+    spec = backbone_spec(settings, kind)
+    head = settings.model.head if cls.trainable and settings.model.head else None
+    if head and not Path(head).is_file():
+        raise FileNotFoundError(f"[model] head: no such file: {head}")
+    head_sha = file_sha256(head) if head else None
+    identity = _identity(kind, spec, head_sha, _options(cls, settings), fallback is not None)
+    digest = digest_of(identity)
+    return Recipe(name=f"{kind}@{digest[:12]}", detector=kind, identity=identity, digest=digest,
+                  fallback=fallback, random_weights=spec.is_random or (cls.trainable and head is None))
+
+
+def recipe_from_registry(settings: Settings, name_or_path: str) -> Recipe:
+    """A registered version (name or folder) with the scoring options of ``settings``."""
+    from .backbone import BackboneSpec
+    from .detectors import detector_class
+    from .registry import read_manifest, resolve
+
+    folder = resolve(name_or_path, settings.registry.path)
+    manifest = read_manifest(folder)
+    kind = manifest.get("detector", "bayes-pfl")
+    fields = {f.name for f in dataclasses.fields(BackboneSpec)}
+    entry = {k: v for k, v in manifest["backbone"].items() if k in fields}
+    entry["feature_layers"] = tuple(entry.get("feature_layers", (6, 12, 18, 24)))
+    spec = BackboneSpec(**entry)
+    head_sha = (manifest.get("head") or {}).get("sha256")
+    cls = detector_class(kind)
+    identity = _identity(kind, spec, head_sha, _options(cls, settings), False)
+    identity["registry_name"] = manifest["name"]
+    in_registry = (Path(settings.registry.path) / manifest["name"]).resolve() == Path(folder).resolve()
+    return Recipe(name=manifest["name"], detector=kind, identity=identity, digest=digest_of(identity),
+                  registry_name=manifest["name"] if in_registry else str(Path(folder).resolve()),
+                  random_weights=spec.is_random or (cls.trainable and head_sha is None))
+
+
+def build(recipe: Recipe, settings: Settings, device: str | None = None) -> Any:
+    """Load the detector a recipe describes (its ``provenance`` names the version)."""
+    from .registry import load_model
+
+    if recipe.registry_name:
+        detector = load_model(recipe.registry_name, settings=settings, device=device)
+    else:
+        detector = load_model(None, settings=settings, device=device, use_active=False, detector=recipe.detector)
+    detector.provenance["version"] = recipe.name
+    detector.provenance["digest"] = recipe.digest
+    if recipe.fallback:
+        detector.provenance["fallback"] = recipe.fallback
+        detector.provenance["configured_detector"] = settings.model.detector
+    return detector
