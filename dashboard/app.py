@@ -145,8 +145,15 @@ def review_page(reviewer: str) -> None:
     state = c3.selectbox("Review state", ["unreviewed", "reviewed", "all"], key="f_reviewed")
     order = c4.radio("Order", ["score", "closeness"], horizontal=True, key="f_order",
                      help="score: highest first; closeness: nearest to the class threshold first (the unsure ones)")
-    c5, c6, c7 = st.columns(3)
+    c5, c6, c7, c8 = st.columns(4)
     source = c5.selectbox("Source", ["all", *sources], key="f_source")
+    versions = {"active (per class)": None}
+    if class_name != "all":
+        versions.update({f"{v['name']}" + (" (active)" if v["active"] else ""): v["id"]
+                         for v in rv.class_versions(engine, class_name)})
+    version_label = c8.selectbox("Model version", list(versions), key="f_version",
+                                 help="Whose results to review: each class's active version, or another one "
+                                      "(a shadow candidate, an earlier version).")
     low, high = c6.slider("Score range", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_scores")
     dates = c7.date_input("Scored between", value=(), key="f_dates", help="Pick a start and an end day (UTC).")
     rows = rv.review_queue(
@@ -156,7 +163,8 @@ def review_page(reviewer: str) -> None:
         until=dt.datetime.combine(dates[1], dt.time()) + dt.timedelta(days=1) if len(dates) == 2 else None,
         score_min=low, score_max=high, decision=None if decision == "all" else decision,
         reviewed={"unreviewed": False, "reviewed": True, "all": None}[state], order=order,
-        limit=settings.dashboard.page_size, offset=st.session_state.get("offset", 0))
+        limit=settings.dashboard.page_size, offset=st.session_state.get("offset", 0),
+        model_version_id=versions.get(version_label))
     if not rows:
         st.info("Nothing to review with these filters.")
         if st.session_state.get("offset") and st.button("Back to the first page"):
@@ -174,14 +182,15 @@ def review_page(reviewer: str) -> None:
         elif not os.path.isfile(row["path"]):
             st.warning(f"The file is gone: {row['path']}")
         else:
-            st.image(overlay(row["path"], rv.anomaly_map(engine, row["id"]), opacity, row["threshold"]),
+            st.image(overlay(row["path"], rv.anomaly_map(engine, row["id"], row["result_id"]), opacity,
+                             row["threshold"]),
                      caption=os.path.basename(row["path"]))
     with right:
         st.metric("Image score", f"{row['image_score']:.4f}")
         threshold = row["threshold"]
-        st.write(f"Class **{row['class_name']}** · threshold "
+        st.write(f"Class **{row['class_name']}** · model version `{row['model_version']}` · threshold "
                  + (f"{threshold:.3f} (v{row['threshold_version']}) → **{row['decision']}**" if threshold is not None
-                    else "not set"))
+                    else "not calibrated for this version"))
         reason = st.text_input("Reason (optional)", key=f"reason_{row['id']}")
         b1, b2, b3 = st.columns(3)
         verdict = None
@@ -194,7 +203,7 @@ def review_page(reviewer: str) -> None:
         if not reviewer:
             st.warning("Enter your name in the sidebar to review.")
         if verdict:
-            rv.record_review(engine, row["id"], verdict, reviewer, reason)
+            rv.record_review(engine, row["id"], verdict, reviewer, reason, result_id=row["result_id"])
             st.session_state["last_review"] = f"#{row['id']}: {verdict} by {reviewer}"
             if state == "all" or state == "reviewed":
                 st.session_state["position"] = position + 1  # the list does not shrink: move on
@@ -231,15 +240,30 @@ def thresholds_page(reviewer: str) -> None:
         st.info("No scored images yet.")
         return
     class_name = st.selectbox("Class", classes, key="t_class")
-    current = rv.current_threshold(engine, class_name)
-    scores, labels = rv.reviewed_scores(engine, class_name)
-    every = rv.class_scores(engine, class_name)
+    versions = rv.class_versions(engine, class_name)
+    if not versions:
+        st.info("No results for this class yet.")
+        return
+    labels_of = {f"{v['name']}" + (" (active)" if v["active"] else ""): v for v in versions}
+    chosen = labels_of[st.selectbox("Model version", list(labels_of), key="t_version",
+                                    help="A threshold belongs to one model version of a class.")]
+    version_id = chosen["id"]
+    current = rv.current_threshold(engine, class_name, version_id)
+    scores, labels = rv.reviewed_scores(engine, class_name, version_id)
+    every = rv.class_scores(engine, class_name, model_version_id=version_id)
     st.write(f"{every.size} scored images, {scores.size} reviewed ({int(labels.sum())} defects). Current threshold: "
              + (f"**{current['value']:.3f}** (v{current['version']} by {current['created_by']})" if current
-                else "**not set**"))
-    if "t_value" not in st.session_state or st.session_state.get("t_for") != class_name:
+                else "**not calibrated for this version**"))
+    if current is None:
+        other = rv.latest_other_threshold(engine, class_name, version_id)
+        if other is not None:
+            share = float((every >= other["value"]).mean()) if every.size else 0.0
+            st.warning(f"Not calibrated for {chosen['name']}: the threshold {other['value']:.3f} saved for "
+                       f"{other['model_version'] or 'an earlier version'} would flag {100 * share:.1f}% of this "
+                       "version's images. Save a threshold for this version.")
+    if "t_value" not in st.session_state or st.session_state.get("t_for") != (class_name, version_id):
         st.session_state["t_value"] = float(current["value"]) if current else 0.5
-        st.session_state["t_for"] = class_name
+        st.session_state["t_for"] = (class_name, version_id)
     target = st.number_input("Reach recall", 0.0, 1.0, 0.95, 0.01, key="t_recall")
     if st.button("Set the threshold for this recall", key="t_reach"):
         found = rv.threshold_for_recall(scores, labels, target)
@@ -269,19 +293,45 @@ def thresholds_page(reviewer: str) -> None:
             c2.line_chart(pr, x="recall", y="precision")
     note = st.text_input("Note for this version", key="t_note")
     if st.button("Save threshold", key="t_save", disabled=not reviewer, type="primary"):
-        version = rv.save_threshold(engine, class_name, value, reviewer, note)
-        st.success(f"Saved {class_name} threshold {value:.3f} as v{version}; every decision now uses it.")
+        version = rv.save_threshold(engine, class_name, value, reviewer, note, model_version_id=version_id)
+        st.success(f"Saved {class_name} threshold {value:.3f} as v{version} for {chosen['name']}; every decision "
+                   "of this version now uses it.")
     if not reviewer:
         st.warning("Enter your name in the sidebar to change thresholds.")
-    history = rv.threshold_history(engine, class_name)
+    history = rv.threshold_history(engine, class_name, version_id)
     if history:
         st.subheader("History")
         st.dataframe(history, hide_index=True)
         version = st.selectbox("Roll back to", [h["version"] for h in history], key="t_rollback_version")
         if st.button("Roll back", key="t_rollback", disabled=not reviewer):
-            new = rv.rollback_threshold(engine, class_name, int(version), reviewer)
+            new = rv.rollback_threshold(engine, class_name, int(version), reviewer, model_version_id=version_id)
             st.success(f"v{new} restores the value of v{version}.")
             st.rerun()
+    compare_section(class_name, versions)
+
+
+def compare_section(class_name: str, versions: list[dict]) -> None:
+    """The active version against each other version of the class on the reviewed images (a shadow
+    candidate before promotion)."""
+    active = next((v for v in versions if v["active"]), None)
+    others = [v for v in versions if not v["active"]]
+    if active is None or not others:
+        return
+    st.subheader("Compare versions (reviewed images)")
+    other = {v["name"]: v for v in others}[st.selectbox("Candidate", [v["name"] for v in others], key="t_cand")]
+    report = rv.compare_versions(engine, class_name, active["id"], other["id"])
+    fmt = (lambda v: "–" if v is None else f"{v:.3f}")
+    st.dataframe([{"version": name, "image AUROC": fmt(e["image_auroc"]), "image AP": fmt(e["image_ap"]),
+                   "threshold": fmt(e["threshold"]), "precision": fmt(e.get("precision")),
+                   "recall": fmt(e.get("recall"))}
+                  for name, e in ((active["name"], report["versions"][active["id"]]),
+                                  (other["name"], report["versions"][other["id"]]))], hide_index=True)
+    st.caption(f"{report['reviewed_images']} images scored by both and reviewed ({report['defects']} defects).")
+    if report["disagreements"] is None:
+        st.info("Save a threshold for both versions to list the images where their decisions differ.")
+    elif report["disagreements"]:
+        st.write(f"{len(report['disagreements'])} images where the decisions differ")
+        st.dataframe(report["disagreements"], hide_index=True)
 
 
 def overview_page() -> None:
@@ -302,7 +352,12 @@ def overview_page() -> None:
                       "class": [r["class_name"] for r in rows]}, x="hour", y="images", color="class")
         st.caption("Flagged share per class and hour, at the current thresholds")
         st.dataframe([{"hour": r["hour"], "class": r["class_name"], "images": r["images"],
-                       "flagged": r["flagged"], "rate": (r["flagged"] or 0) / r["images"]} for r in rows],
+                       "flagged": r["flagged"] if r["with_threshold"] else "no threshold",
+                       "rate": f"{100 * (r['flagged'] or 0) / r['images']:.1f}%" if r["with_threshold"] else "–"}
+                      for r in rows], hide_index=True)
+    if info["active_by_class"]:
+        st.caption("Active model version per class")
+        st.dataframe([{"class": c, "model version": v} for c, v in info["active_by_class"].items()],
                      hide_index=True)
     if info["errors"]:
         st.subheader("Errors")

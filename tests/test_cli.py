@@ -186,6 +186,7 @@ def test_demo_data_retrain_eval_promote(tmp_path):
             assert plot.size == (420, 420) and len(plot.getcolors(10000)) > 3
     promoted = run("models", "promote", "synth-v1", "--by", "qa-lead", cwd=tmp_path)
     assert promoted.returncode == 0 and "qa-lead" in promoted.stdout
-    assert json.loads((tmp_path / "models" / "promotions.jsonl").read_text())["model"] == "synth-v1"
+    listed = run("models", "history", "--json", cwd=tmp_path)
+    assert [(p["model"], p["created_by"]) for p in json.loads(listed.stdout)] == [("synth-v1", "qa-lead")]
     bad = run("retrain", "--aux", "nowhere", "--allow-random-weights", cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "neither a path nor a dataset named" in bad.stderr

@@ -1,9 +1,13 @@
 """What reviewers read and write: the review queue, verdicts, versioned thresholds, overview numbers.
 
-Everything here is a query on the store; the dashboard holds no state of its own. Decisions are made at
-read time (image score >= the class's current threshold), so a new threshold version applies to every
-result, old and new, without rescoring. Reviews and thresholds are append-only: a verdict or a threshold
-is never updated in place, and a rollback is a new version carrying an old value.
+Everything here is a query on the store; the dashboard holds no state of its own. Every read is about one
+model version per class: by default the class's *active* version (``queue.active_versions``: promoted, else
+the version of its latest live result), or the one asked for. A threshold belongs to a (class, model
+version): a newly promoted version never inherits another version's threshold ("not calibrated for this
+version" until one is saved for it). Decisions are made at read time (image score >= the threshold of the
+result's own version), so a new threshold version applies to every result of its version without
+rescoring. Reviews and thresholds are append-only: a verdict or a threshold is never updated in place,
+and a rollback is a new version carrying an old value. A review records the result the reviewer was shown.
 """
 
 from __future__ import annotations
@@ -15,16 +19,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, and_, case, func, select
+from sqlalchemy import Engine, and_, case, false, func, or_, select
 
 from .db import utcnow
-from .queue import active_model
+from .queue import active_model, active_versions
 from .schema import (
     CLAIMED,
     DONE,
     FAILED,
     PENDING,
     images,
+    jobs,
+    model_versions,
     results,
     reviews,
     sources,
@@ -39,12 +45,21 @@ class ReviewError(ValueError):
 
 
 def _latest_thresholds():
-    """Subquery: (class_name, version, value) of the newest threshold version of each class."""
-    newest = select(thresholds.c.class_name, func.max(thresholds.c.version).label("version")) \
-        .group_by(thresholds.c.class_name).subquery()
-    return select(thresholds.c.class_name, thresholds.c.version, thresholds.c.value).join(
-        newest, and_(newest.c.class_name == thresholds.c.class_name, newest.c.version == thresholds.c.version)
+    """Subquery: (class_name, model_version_id, version, value) of the newest threshold of each
+    (class, model version)."""
+    newest = select(thresholds.c.class_name, thresholds.c.model_version_id,
+                    func.max(thresholds.c.version).label("version")) \
+        .group_by(thresholds.c.class_name, thresholds.c.model_version_id).subquery()
+    return select(thresholds.c.class_name, thresholds.c.model_version_id, thresholds.c.version,
+                  thresholds.c.value).join(
+        newest, and_(newest.c.class_name == thresholds.c.class_name,
+                     newest.c.model_version_id == thresholds.c.model_version_id,
+                     newest.c.version == thresholds.c.version)
     ).subquery("current_threshold")
+
+
+def _threshold_join(th):
+    return and_(th.c.class_name == images.c.class_name, th.c.model_version_id == results.c.model_version_id)
 
 
 def _latest_reviews():
@@ -54,14 +69,44 @@ def _latest_reviews():
         newest, newest.c.id == reviews.c.id).subquery("last_review")
 
 
+def version_filter(conn: Any, model_version_id: int | None = None):
+    """Results of ``model_version_id``, or (None) of each class's active version."""
+    if model_version_id is not None:
+        return results.c.model_version_id == model_version_id
+    active = active_versions(conn)
+    if not active:
+        return false()
+    return or_(*[and_(images.c.class_name == name, results.c.model_version_id == version)
+                 for name, version in active.items()])
+
+
+def active_version_id(engine: Engine, class_name: str) -> int | None:
+    with engine.connect() as conn:
+        return active_versions(conn).get(class_name)
+
+
+def class_versions(engine: Engine, class_name: str) -> list[dict[str, Any]]:
+    """The versions that have results for ``class_name`` (id, name, results), active one first."""
+    with engine.connect() as conn:
+        active = active_versions(conn).get(class_name)
+        rows = conn.execute(select(model_versions.c.id, model_versions.c.name, func.count().label("results"))
+                            .join(results, results.c.model_version_id == model_versions.c.id)
+                            .join(images, images.c.id == results.c.image_id)
+                            .where(images.c.class_name == class_name)
+                            .group_by(model_versions.c.id, model_versions.c.name)).all()
+    out = [{"id": r.id, "name": r.name, "results": r.results, "active": r.id == active} for r in rows]
+    return sorted(out, key=lambda r: (not r["active"], r["name"]))
+
+
 def review_queue(engine: Engine, class_name: str | None = None, source_id: int | None = None,
                  since: dt.datetime | None = None, until: dt.datetime | None = None,
                  score_min: float | None = None, score_max: float | None = None, decision: str | None = None,
                  reviewed: bool | None = None, order: str = "score", limit: int = 50,
-                 offset: int = 0) -> list[dict[str, Any]]:
+                 offset: int = 0, model_version_id: int | None = None) -> list[dict[str, Any]]:
     """Scored images with their decision and last review, filtered, sorted and paginated in SQL.
 
-    order: "score" (highest first) or "closeness" (nearest to the class threshold first: the unsure ones).
+    One result per image: of ``model_version_id``, or of its class's active version.
+    order: "score" (highest first) or "closeness" (nearest to the threshold first: the unsure ones).
     decision: "defect" (score >= threshold), "normal" (below), or None. reviewed: True/False/None.
     """
     th = _latest_thresholds()
@@ -74,12 +119,14 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
     verdict = last_review(reviews.c.verdict)
     query = (select(images.c.id, images.c.path, images.c.class_name, images.c.source_id, images.c.width,
                     images.c.height, results.c.id.label("result_id"), results.c.image_score, results.c.text_score,
-                    results.c.topk_score, results.c.created_at, th.c.value.label("threshold"),
+                    results.c.topk_score, results.c.created_at, results.c.model_version_id,
+                    model_versions.c.name.label("model_version"), th.c.value.label("threshold"),
                     th.c.version.label("threshold_version"), flagged.label("decision"),
                     verdict.label("verdict"), last_review(reviews.c.reviewer).label("reviewer"),
                     last_review(reviews.c.created_at).label("reviewed_at"))
              .join(results, results.c.image_id == images.c.id)
-             .join(th, th.c.class_name == images.c.class_name, isouter=True))
+             .join(model_versions, model_versions.c.id == results.c.model_version_id)
+             .join(th, _threshold_join(th), isouter=True))
     if class_name:
         query = query.where(images.c.class_name == class_name)
     if source_id is not None:
@@ -106,27 +153,38 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
     else:
         raise ReviewError(f"order must be 'score' or 'closeness', not '{order}'")
     with engine.connect() as conn:
+        query = query.where(version_filter(conn, model_version_id))
         return [dict(r) for r in conn.execute(query.limit(limit).offset(offset)).mappings()]
 
 
-def anomaly_map(engine: Engine, image_id: int) -> bytes | None:
+def anomaly_map(engine: Engine, image_id: int, result_id: int | None = None) -> bytes | None:
+    """The map of the result being reviewed (``result_id``), else of the image's active-version result."""
     with engine.connect() as conn:
-        return conn.execute(select(results.c.anomaly_map).where(results.c.image_id == image_id)
-                            .order_by(results.c.id.desc()).limit(1)).scalar()
+        if result_id is not None:
+            return conn.execute(select(results.c.anomaly_map).where(results.c.id == result_id,
+                                                                    results.c.image_id == image_id)).scalar()
+        return conn.execute(select(results.c.anomaly_map).join(images, images.c.id == results.c.image_id)
+                            .where(results.c.image_id == image_id, version_filter(conn))).scalar()
 
 
-def record_review(engine: Engine, image_id: int, verdict: str, reviewer: str, reason: str | None = None) -> int:
-    """Append a review; returns its id. A reviewer name is required."""
+def record_review(engine: Engine, image_id: int, verdict: str, reviewer: str, reason: str | None = None,
+                  result_id: int | None = None) -> int:
+    """Append a review (of the result ``result_id`` the reviewer was shown); returns its id. A reviewer
+    name is required."""
     if verdict not in VERDICTS:
         raise ReviewError(f"verdict must be one of {', '.join(VERDICTS)}, not '{verdict}'")
     if not reviewer or not reviewer.strip():
         raise ReviewError("a reviewer name is required to review")
+    reviewer = reviewer.strip()
     with engine.begin() as conn:
         if conn.execute(select(images.c.id).where(images.c.id == image_id)).first() is None:
             raise ReviewError(f"no image with id {image_id}")
-        return conn.execute(reviews.insert().values(image_id=image_id, verdict=verdict, reviewer=reviewer.strip(),
-                                                    reason=(reason or None), created_at=utcnow())
-                            ).inserted_primary_key[0]
+        if result_id is not None and conn.execute(select(results.c.id).where(
+                results.c.id == result_id, results.c.image_id == image_id)).first() is None:
+            raise ReviewError(f"result {result_id} is not a result of image {image_id}")
+        return conn.execute(reviews.insert().values(image_id=image_id, verdict=verdict, reviewer=reviewer,
+                                                    reason=(reason or None), result_id=result_id,
+                                                    created_at=utcnow())).inserted_primary_key[0]
 
 
 def review_history(engine: Engine, image_id: int) -> list[dict[str, Any]]:
@@ -135,60 +193,102 @@ def review_history(engine: Engine, image_id: int) -> list[dict[str, Any]]:
                                               .order_by(reviews.c.id)).mappings()]
 
 
-def current_threshold(engine: Engine, class_name: str) -> dict[str, Any] | None:
+def _version_where(model_version_id: int | None):
+    return thresholds.c.model_version_id.is_(None) if model_version_id is None else \
+        thresholds.c.model_version_id == model_version_id
+
+
+def _or_active(engine: Engine, class_name: str, model_version_id: int | None) -> int | None:
+    """``model_version_id``, or (None) the class's active version (None before any result or promotion)."""
+    return model_version_id if model_version_id is not None else active_version_id(engine, class_name)
+
+
+def current_threshold(engine: Engine, class_name: str, model_version_id: int | None = None
+                      ) -> dict[str, Any] | None:
+    """The threshold in force for (class, model version; default its active version); None: not calibrated
+    for this version."""
+    model_version_id = _or_active(engine, class_name, model_version_id)
     with engine.connect() as conn:
-        row = conn.execute(select(thresholds).where(thresholds.c.class_name == class_name)
+        row = conn.execute(select(thresholds).where(thresholds.c.class_name == class_name,
+                                                    _version_where(model_version_id))
                            .order_by(thresholds.c.version.desc()).limit(1)).mappings().first()
         return dict(row) if row else None
 
 
-def save_threshold(engine: Engine, class_name: str, value: float, who: str, note: str | None = None) -> int:
-    """Append a new threshold version for ``class_name``; returns the version number."""
+def latest_other_threshold(engine: Engine, class_name: str, model_version_id: int | None) -> dict[str, Any] | None:
+    """The newest threshold of ``class_name`` saved for *another* version (what the dashboard shows as "the
+    old threshold would flag..." for an uncalibrated version), with that version's name."""
+    with engine.connect() as conn:
+        row = conn.execute(select(thresholds, model_versions.c.name.label("model_version"))
+                           .join(model_versions, model_versions.c.id == thresholds.c.model_version_id, isouter=True)
+                           .where(thresholds.c.class_name == class_name, ~_version_where(model_version_id)
+                                  if model_version_id is not None else false())
+                           .order_by(thresholds.c.created_at.desc(), thresholds.c.id.desc()).limit(1)).mappings().first()
+        return dict(row) if row else None
+
+
+def save_threshold(engine: Engine, class_name: str, value: float, who: str, note: str | None = None,
+                   model_version_id: int | None = None) -> int:
+    """Append a new threshold version for (``class_name``, ``model_version_id``; default the class's active
+    version); returns its number."""
+    model_version_id = _or_active(engine, class_name, model_version_id)
     if not who or not who.strip():
         raise ReviewError("a name is required to change a threshold")
     if not 0.0 <= value <= 1.0:
         raise ReviewError(f"threshold must lie in [0, 1], not {value}")
     with engine.begin() as conn:
-        last = conn.execute(select(func.max(thresholds.c.version)).where(thresholds.c.class_name == class_name)
-                            ).scalar() or 0
-        conn.execute(thresholds.insert().values(class_name=class_name, version=last + 1, value=float(value),
-                                                created_by=who.strip(), created_at=utcnow(), note=note or None))
+        last = conn.execute(select(func.max(thresholds.c.version)).where(
+            thresholds.c.class_name == class_name, _version_where(model_version_id))).scalar() or 0
+        conn.execute(thresholds.insert().values(class_name=class_name, model_version_id=model_version_id,
+                                                version=last + 1, value=float(value), created_by=who.strip(),
+                                                created_at=utcnow(), note=note or None))
         return last + 1
 
 
-def rollback_threshold(engine: Engine, class_name: str, version: int, who: str) -> int:
+def rollback_threshold(engine: Engine, class_name: str, version: int, who: str,
+                       model_version_id: int | None = None) -> int:
     """A new version with the value of an earlier one (history is never rewritten)."""
+    model_version_id = _or_active(engine, class_name, model_version_id)
     with engine.connect() as conn:
         value = conn.execute(select(thresholds.c.value).where(thresholds.c.class_name == class_name,
+                                                              _version_where(model_version_id),
                                                               thresholds.c.version == version)).scalar()
     if value is None:
-        raise ReviewError(f"class '{class_name}' has no threshold version {version}")
-    return save_threshold(engine, class_name, value, who, note=f"rollback to v{version}")
+        raise ReviewError(f"class '{class_name}' has no threshold version {version} for this model version")
+    return save_threshold(engine, class_name, value, who, note=f"rollback to v{version}",
+                          model_version_id=model_version_id)
 
 
-def threshold_history(engine: Engine, class_name: str) -> list[dict[str, Any]]:
+def threshold_history(engine: Engine, class_name: str, model_version_id: int | None = None) -> list[dict[str, Any]]:
+    model_version_id = _or_active(engine, class_name, model_version_id)
     with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(select(thresholds).where(thresholds.c.class_name == class_name)
-                                              .order_by(thresholds.c.version.desc())).mappings()]
+        return [dict(r) for r in conn.execute(select(thresholds).where(
+            thresholds.c.class_name == class_name, _version_where(model_version_id))
+            .order_by(thresholds.c.version.desc())).mappings()]
 
 
-def reviewed_scores(engine: Engine, class_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, labels 1 = defect) of the images of a class whose last verdict is normal or defect."""
+def reviewed_scores(engine: Engine, class_name: str, model_version_id: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels 1 = defect) of the version's results of the images of a class whose last verdict is
+    normal or defect (``model_version_id`` None: the class's active version)."""
     rv = _latest_reviews()
     with engine.connect() as conn:
         rows = conn.execute(select(results.c.image_score, rv.c.verdict)
                             .join(images, images.c.id == results.c.image_id)
                             .join(rv, rv.c.image_id == images.c.id)
-                            .where(images.c.class_name == class_name, rv.c.verdict.in_(("normal", "defect")))).all()
+                            .where(images.c.class_name == class_name, rv.c.verdict.in_(("normal", "defect")),
+                                   version_filter(conn, model_version_id))).all()
     return (np.array([r.image_score for r in rows], dtype=np.float64),
             np.array([r.verdict == "defect" for r in rows], dtype=np.int64))
 
 
-def class_scores(engine: Engine, class_name: str, limit: int = 200_000) -> np.ndarray:
-    """All image scores of a class (for the share of images a threshold would flag)."""
+def class_scores(engine: Engine, class_name: str, limit: int = 200_000,
+                 model_version_id: int | None = None) -> np.ndarray:
+    """Image scores of a class by one version (for the share of images a threshold would flag)."""
     with engine.connect() as conn:
         return np.array(conn.execute(select(results.c.image_score).join(images, images.c.id == results.c.image_id)
-                                     .where(images.c.class_name == class_name).limit(limit)).scalars().all(),
+                                     .where(images.c.class_name == class_name,
+                                            version_filter(conn, model_version_id)).limit(limit)).scalars().all(),
                         dtype=np.float64)
 
 
@@ -214,6 +314,45 @@ def threshold_for_recall(scores: np.ndarray, labels: np.ndarray, recall: float) 
     return float(defects[max(needed, 1) - 1])
 
 
+def compare_versions(engine: Engine, class_name: str, active: int, candidate: int) -> dict[str, Any]:
+    """The two versions on the images of ``class_name`` both scored and a reviewer judged (normal/defect):
+    image AUROC and AP of each, precision and recall at each version's own threshold, and the images
+    whose decisions disagree (both versions calibrated) — what to look at before promoting a shadow."""
+    from ..metrics import auroc, average_precision
+
+    rv = _latest_reviews()
+    a, b = results.alias("a"), results.alias("b")
+    with engine.connect() as conn:
+        rows = conn.execute(select(images.c.id, images.c.path, a.c.image_score.label("sa"),
+                                   b.c.image_score.label("sb"), rv.c.verdict)
+                            .join(a, and_(a.c.image_id == images.c.id, a.c.model_version_id == active))
+                            .join(b, and_(b.c.image_id == images.c.id, b.c.model_version_id == candidate))
+                            .join(rv, rv.c.image_id == images.c.id)
+                            .where(images.c.class_name == class_name, rv.c.verdict.in_(("normal", "defect")))
+                            .order_by(images.c.id)).all()
+    labels = np.array([r.verdict == "defect" for r in rows], dtype=np.int64)
+    out: dict[str, Any] = {"reviewed_images": len(rows), "defects": int(labels.sum()), "versions": {}}
+    decisions = {}
+    for key, version in (("sa", active), ("sb", candidate)):
+        scores = np.array([getattr(r, key) for r in rows], dtype=np.float64)
+        both = 0 < labels.sum() < len(labels)
+        th = current_threshold(engine, class_name, version)
+        entry: dict[str, Any] = {"image_auroc": float(auroc(labels, scores)) if both else None,
+                                 "image_ap": float(average_precision(labels, scores)) if both else None,
+                                 "threshold": th["value"] if th else None}
+        if th is not None:
+            entry.update(threshold_effect(scores, labels, scores, th["value"]))
+            decisions[version] = scores >= th["value"]
+        out["versions"][version] = entry
+    if len(decisions) == 2:
+        differ = decisions[active] != decisions[candidate]
+        out["disagreements"] = [{"image_id": r.id, "path": r.path, "active": r.sa, "candidate": r.sb,
+                                 "verdict": r.verdict} for r, d in zip(rows, differ) if d]
+    else:
+        out["disagreements"] = None  # a version without a threshold has no decisions to compare
+    return out
+
+
 def classes(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return list(conn.execute(select(images.c.class_name).distinct().order_by(images.c.class_name)).scalars())
@@ -225,7 +364,7 @@ def source_list(engine: Engine) -> list[dict[str, Any]]:
 
 
 def overview(engine: Engine, hours: int = 24) -> dict[str, Any]:
-    """Images per hour, flagged share per class, queue depth, errors, active model."""
+    """Images per hour, flagged share per class (active versions), queue depth, errors, active model."""
     since = utcnow() - dt.timedelta(hours=hours)
     th = _latest_thresholds()
     hour = func.strftime("%Y-%m-%d %H:00", results.c.created_at) if engine.dialect.name == "sqlite" else \
@@ -233,12 +372,14 @@ def overview(engine: Engine, hours: int = 24) -> dict[str, Any]:
     with engine.connect() as conn:
         per_hour = [dict(r) for r in conn.execute(
             select(hour.label("hour"), images.c.class_name, func.count().label("images"),
-                   func.sum(case((results.c.image_score >= th.c.value, 1), else_=0)).label("flagged"))
+                   func.sum(case((results.c.image_score >= th.c.value, 1), else_=0)).label("flagged"),
+                   func.count(th.c.value).label("with_threshold"))
             .join(images, images.c.id == results.c.image_id)
-            .join(th, th.c.class_name == images.c.class_name, isouter=True)
-            .where(results.c.created_at >= since).group_by(hour, images.c.class_name).order_by(hour)).mappings()]
-        depth = conn.execute(select(func.count()).select_from(images)
-                             .where(images.c.status.in_((PENDING, CLAIMED)))).scalar_one()
+            .join(th, _threshold_join(th), isouter=True)
+            .where(results.c.created_at >= since, version_filter(conn))
+            .group_by(hour, images.c.class_name).order_by(hour)).mappings()]
+        depth = conn.execute(select(func.count()).select_from(jobs)
+                             .where(jobs.c.status.in_((PENDING, CLAIMED)))).scalar_one()
         errors = [dict(r) for r in conn.execute(
             select(images.c.error, func.count().label("count")).where(images.c.status == FAILED)
             .group_by(images.c.error).order_by(func.count().desc()).limit(20)).mappings()]
@@ -246,32 +387,36 @@ def overview(engine: Engine, hours: int = 24) -> dict[str, Any]:
         done = conn.execute(select(func.count()).select_from(images).where(images.c.status == DONE)).scalar_one()
     return {"per_hour": per_hour, "queue_depth": depth, "errors": errors, "scored": done,
             "active_model": active["name"] if active else None,
+            "active_by_class": active["by_class"] if active else {},
             "active_detector": active["detector"] if active else None,
             "fallback": active["fallback"] if active else None,
             "random_weights": active["random_weights"] if active else None}
 
 
-def export_csv(engine: Engine, class_name: str | None = None) -> str:
-    """Every scored image with its decision at the current threshold and its full review history."""
+def export_csv(engine: Engine, class_name: str | None = None, model_version_id: int | None = None) -> str:
+    """Every scored image (by its class's active version, or ``model_version_id``) with the model version,
+    its decision at that version's current threshold and its full review history."""
     th, out = _latest_thresholds(), io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["image_id", "path", "class_name", "image_score", "threshold_version", "threshold", "decision",
-                     "scored_at", "review_verdict", "reviewer", "review_reason", "reviewed_at"])
-    query = (select(images.c.id, images.c.path, images.c.class_name, results.c.image_score, th.c.version,
-                    th.c.value, results.c.created_at, reviews.c.verdict, reviews.c.reviewer, reviews.c.reason,
-                    reviews.c.created_at.label("reviewed_at"))
+    writer.writerow(["image_id", "path", "class_name", "model_version", "image_score", "threshold_version",
+                     "threshold", "decision", "scored_at", "review_verdict", "reviewer", "review_reason",
+                     "reviewed_at"])
+    query = (select(images.c.id, images.c.path, images.c.class_name, model_versions.c.name.label("model_version"),
+                    results.c.image_score, th.c.version, th.c.value, results.c.created_at, reviews.c.verdict,
+                    reviews.c.reviewer, reviews.c.reason, reviews.c.created_at.label("reviewed_at"))
              .join(results, results.c.image_id == images.c.id)
-             .join(th, th.c.class_name == images.c.class_name, isouter=True)
+             .join(model_versions, model_versions.c.id == results.c.model_version_id)
+             .join(th, _threshold_join(th), isouter=True)
              .join(reviews, reviews.c.image_id == images.c.id, isouter=True)
              .order_by(images.c.id, reviews.c.id))
     if class_name:
         query = query.where(images.c.class_name == class_name)
     with engine.connect() as conn:
-        for r in conn.execute(query):
+        for r in conn.execute(query.where(version_filter(conn, model_version_id))):
             decision = "" if r.value is None else ("defect" if r.image_score >= r.value else "normal")
-            writer.writerow([r.id, r.path, r.class_name, f"{r.image_score:.6f}", r.version or "", r.value or "",
-                             decision, r.created_at, r.verdict or "", r.reviewer or "", r.reason or "",
-                             r.reviewed_at or ""])
+            writer.writerow([r.id, r.path, r.class_name, r.model_version, f"{r.image_score:.6f}", r.version or "",
+                             r.value if r.value is not None else "", decision, r.created_at, r.verdict or "",
+                             r.reviewer or "", r.reason or "", r.reviewed_at or ""])
     return out.getvalue()
 
 
