@@ -360,7 +360,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_
     """`inspector worker`: no intake. ``pinned`` (``--model`` / ``--detector``): only the version the
     settings describe; otherwise every version with work waiting that this box can build, the routing
     read from the database alone (promotions made on any box included)."""
-    from .store.routing import versions_with_work
+    from .store.routing import route_unrouted, versions_with_work
 
     stop = stop or threading.Event()
     engine = open_store(settings.database.url)
@@ -369,6 +369,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_
     own = models.add(default_recipe(settings))
 
     def refresh(worker: Worker) -> None:
+        route_unrouted(engine, fallback=own)  # images no watcher routed (intake without a version, 0002 rows)
         if pinned:
             worker.models = models.serving([own])
             return

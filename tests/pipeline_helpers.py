@@ -51,9 +51,11 @@ def start_cli(args: list[str], db_url: str, cwd: Path, prefix: list[str] | None 
                                 start_new_session=True)
 
 
-def run_cli(args: list[str], db_url: str, cwd: Path, timeout: float = 300, prefix: list[str] | None = None):
+def run_cli(args: list[str], db_url: str, cwd: Path, timeout: float = 300, prefix: list[str] | None = None,
+            env: dict[str, str] | None = None):
     return subprocess.run([*(prefix or []), sys.executable, "-m", "inspector.cli", *args], cwd=cwd,
-                          env=cli_env(db_url), capture_output=True, text=True, timeout=timeout, check=False)
+                          env=cli_env(db_url, **(env or {})), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def kill9(process: subprocess.Popen) -> None:

@@ -71,9 +71,10 @@ def add_jobs(conn: Any, image_id: int, wanted: list[tuple[int, str]], now: dt.da
     return added
 
 
-def route_unrouted(engine: Engine, source_ids: list[int] | None = None) -> int:
+def route_unrouted(engine: Engine, source_ids: list[int] | None = None, fallback: int | None = None) -> int:
     """Give every pending image without a live job one (images carried over by migration 0003, or
-    registered while no version was known). Returns how many images were routed."""
+    registered while no version was known): its routing targets, else ``fallback`` (the version of the
+    `inspector worker` that asks). Returns how many images were routed."""
     has_live = exists().where(jobs.c.image_id == images.c.id, jobs.c.purpose.in_((LIVE, MANUAL)))
     query = select(images.c.id, images.c.source_id, images.c.class_name).where(
         images.c.status == PENDING, ~has_live)
@@ -82,7 +83,8 @@ def route_unrouted(engine: Engine, source_ids: list[int] | None = None) -> int:
     routed = 0
     with engine.begin() as conn:
         for row in conn.execute(query.order_by(images.c.id)).all():
-            wanted = targets(conn, row.source_id, row.class_name)
+            wanted = targets(conn, row.source_id, row.class_name) or (
+                [(fallback, LIVE)] if fallback is not None else [])
             if wanted and add_jobs(conn, row.id, wanted):
                 routed += 1
     return routed
@@ -102,11 +104,13 @@ def enqueue_backfill(engine: Engine, model_version_id: int, class_name: str | No
         chosen = chosen.where(images.c.class_name == class_name)
     if since is not None:
         chosen = chosen.where(images.c.discovered_at >= since)
-    with engine.begin() as conn:
-        result = conn.execute(insert(jobs).from_select(
+    count = select(func.count()).select_from(jobs).where(jobs.c.model_version_id == model_version_id)
+    with engine.begin() as conn:  # (rowcount of INSERT ... SELECT is not reported by every driver: count)
+        before = conn.execute(count).scalar_one()
+        conn.execute(insert(jobs).from_select(
             ["image_id", "model_version_id", "purpose", "priority", "status", "attempts", "next_attempt_at",
              "created_at", "updated_at"], chosen))
-        return result.rowcount or 0
+        return conn.execute(count).scalar_one() - before
 
 
 def set_source_versions(engine: Engine, source_id: int, pinned: int | None, default: int | None) -> None:
