@@ -113,10 +113,11 @@ def placements(settings: Settings) -> dict[str, dict[str, list[str]]]:
             if (scope or "site") not in entry[key]:
                 entry[key].append(scope or "site")
 
+        scopes = {r["class_name"] for r in promotion_history(engine)}
         with engine.connect() as conn:
             for scope, version in promoted_map(conn).items():
                 add(version, "active_for", scope)
-            for scope in {r["class_name"] for r in promotion_history(engine)}:
+            for scope in scopes:
                 for version in shadow_versions(conn, scope):
                     add(version, "shadow_for", scope)
     finally:
