@@ -20,6 +20,17 @@ the median of ``repeats`` runs after one warm-up, and synchronise CUDA. Peak mem
 size on CPU (weights and libraries included, sampled every 2 ms while the case runs). The class-cache agreement with the exact path is the Spearman correlation of
 image scores and the largest absolute map difference over the bench images. With random weights these
 describe the arithmetic, not accuracy.
+
+Precision (``[model] precision``, ``inspector.precision``): the cases above run in the precision the
+setting resolves to on this device (``precision`` in the report; "auto" is bf16 on CUDA and on CPUs with
+native bf16, fp32 elsewhere). The floor and the detector's main case are also timed in the other one of
+fp32 / bf16 (named "floor (fp32)", "exact R=10 (bf16)", ...), so ``precision_comparison`` gives the bf16
+speed-up over fp32 measured in the same run, and the agreement of bf16 with fp32 on the same images
+(``agreement_images`` of them, each run from the same fresh state): Spearman of image scores, max and mean
+absolute difference of the probability maps (what is stored and thresholded), max difference of the
+detector's own map and of image scores, the dtypes of the bf16 outputs, and how many pass/fail decisions
+flip at a threshold. A bench has no class threshold: the threshold is a quantile (the median by default)
+of the fp32 image scores, and the report says so.
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .detectors.base import Detector
+from . import precision as precision_mod
+from .detectors.base import Detector, Prediction
 
 
 def synthetic_images(count: int, size: int = 640, seed: int = 0) -> list[Image.Image]:
@@ -108,6 +120,8 @@ class Case:
     images_per_s: float
     peak_memory_mb: float
     ratio_to_floor: float | None = None
+    precision: str = ""
+    ratio_to_fp32_floor: float | None = None
 
 
 def _time(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> tuple[float, float]:
@@ -133,24 +147,35 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int
 
 
 def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: int,
-              progress: Callable[[str], None] | None = None, references: int = 0) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None, references: int = 0,
+              compare_precision: bool = True, agreement_images: int = 8,
+              threshold_quantile: float = 0.5) -> dict[str, Any]:
     """Time ``model`` (any detector); ``samples`` is Bayes-PFL's R; ``references``: WinCLIP's few-shot
-    case on that many synthetic normal references (0: zero-shot only)."""
+    case on that many synthetic normal references (0: zero-shot only). ``compare_precision``: also time the
+    floor and the main case in the other of fp32 / bf16 and measure their agreement on
+    ``agreement_images`` images (decisions at the ``threshold_quantile`` quantile of the fp32 scores)."""
     device = model.device
     size = model.image_size
     from .imaging import to_model_input
 
+    setting = getattr(model, "precision", None)
+    resolved = precision_mod.resolve(setting, device) if setting is not None else "fp32"
+    compare = compare_precision and setting is not None and device.type in ("cpu", "cuda")
+    low = resolved if resolved in ("bf16", "fp16") else "bf16"
+    other = low if resolved == "fp32" else "fp32"
     count = max(max(batch_sizes), 4)
-    pixels_all = torch.stack([to_model_input(im, size) for im in synthetic_images(count)]).to(device)
+    pixels_all = torch.stack([to_model_input(im, size)
+                              for im in synthetic_images(max(count, agreement_images))]).to(device)
     class_name = "bench part"
     cases: list[Case] = []
+    main_case = f"exact R={samples}" if model.name == "bayes-pfl" else model.name
 
-    def time_case(label: str, fn: Callable[[], Any], n: int) -> None:
+    def time_case(label: str, fn: Callable[[], Any], n: int, precision: str = resolved) -> None:
         if progress:
             progress(f"{model.name}: {label}, batch {n}")
         # the first case of a process also pays for the allocator's first growth: warm it up twice
         seconds, peak = _time(fn, repeats, device, warmup=2 if not cases else 1)
-        cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak))
+        cases.append(Case(label, n, seconds * 1000 / n, n / seconds, peak, precision=precision))
 
     for n in batch_sizes:
         pixels = pixels_all[:n]
@@ -165,6 +190,12 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
             plan.append((model.name, exact))
         for label, fn in plan:
             time_case(label, fn, n)
+            if compare and label in ("floor", main_case):  # the same call in the other precision
+                model.precision = other
+                try:
+                    time_case(f"{label} ({other})", fn, n, precision=other)
+                finally:
+                    model.precision = setting
         if model.name == "winclip" and references:
             refs = torch.stack([to_model_input(im, size) for im in synthetic_images(references, seed=50)])
             model.set_references(class_name, refs.to(device))
@@ -181,18 +212,22 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         finally:
             model.text_cache = "none"
     floors = {c.batch_size: c.ms_per_image for c in cases if c.name == "floor"}
+    fp32_floors = {c.batch_size: c.ms_per_image for c in cases
+                   if c.name.startswith("floor") and c.precision == "fp32"}
     for c in cases:
         c.ratio_to_floor = c.ms_per_image / floors[c.batch_size]
+        if c.batch_size in fp32_floors:
+            c.ratio_to_fp32_floor = c.ms_per_image / fp32_floors[c.batch_size]
 
     agreement = None
     if model.name == "bayes-pfl":  # agreement of the class-cache mode with the exact path on the same images
         names = [class_name] * count
-        exact_pred = model.predict_tensors(pixels_all, names, samples=samples)
+        exact_pred = model.predict_tensors(pixels_all[:count], names, samples=samples)
         model.text_cache = "class"
         try:
             model.clear_caches()
             model._prototypes.pop(class_name, None)
-            cached_pred = model.predict_tensors(pixels_all, names, samples=samples)
+            cached_pred = model.predict_tensors(pixels_all[:count], names, samples=samples)
         finally:
             model.text_cache = "none"
         agreement = {
@@ -201,17 +236,30 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
             "max_abs_map_diff": float((exact_pred.anomaly_map - cached_pred.anomaly_map).abs().max()),
             "max_abs_image_score_diff": float((exact_pred.image_score - cached_pred.image_score).abs().max()),
         }
+    comparison = None
+    if compare:
+        options = {"samples": samples} if model.name == "bayes-pfl" else {}
+        if progress:
+            progress(f"{model.name}: fp32 vs {low} agreement on {pixels_all.shape[0]} images")
+        comparison = {
+            "reference": "fp32", "low": low,
+            "speedup": _speedups(cases, low),
+            "agreement": precision_agreement(model, pixels_all, [class_name] * pixels_all.shape[0], low,
+                                             quantile=threshold_quantile, **options),
+        }
     pipeline = pipeline_case(model, max(batch_sizes), samples, count=max(6 * max(batch_sizes), 24))
-    main_case = f"exact R={samples}" if model.name == "bayes-pfl" else model.name
     exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
     pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
+    pipeline.precision = resolved
     cases.append(pipeline)
     return {
         "detector": model.name,
         "main_case": main_case,
         "pipeline_overhead": pipeline.ms_per_image / exact.ms_per_image - 1.0,
         "device": device_name(device),
-        "precision": "fp32" if device.type != "cuda" else getattr(model, "precision", "auto"),
+        "precision": resolved,
+        "precision_setting": setting,
+        "cpu_bf16": precision_mod.cpu_bf16().as_dict() if device.type == "cpu" else None,
         "backbone": model.provenance.get("backbone"),
         "random_weights": bool(model.provenance.get("random_weights", True)),
         "image_size": size,
@@ -221,8 +269,92 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "threads": torch.get_num_threads(),
         "cases": [c.__dict__ for c in cases],
         "class_cache_agreement": agreement,
+        "precision_comparison": comparison,
         "detector_report": model.bench_report() if hasattr(model, "bench_report") else None,
     }
+
+
+def _speedups(cases: list[Case], low: str) -> list[dict[str, Any]]:
+    """fp32 ms/image over ``low`` ms/image for each case timed in both, per batch size."""
+    by_key: dict[tuple[str, int], dict[str, float]] = {}
+    for c in cases:
+        base = c.name.removesuffix(f" ({c.precision})")
+        by_key.setdefault((base, c.batch_size), {})[c.precision] = c.ms_per_image
+    return [{"case": name, "batch_size": n, "fp32_ms_per_image": t["fp32"], f"{low}_ms_per_image": t[low],
+             "speedup": t["fp32"] / t[low]}
+            for (name, n), t in by_key.items() if "fp32" in t and low in t]
+
+
+def _fresh_predict(model: Detector, pixels: torch.Tensor, names: list[str], **options: Any) -> Prediction:
+    """One prediction from the state a fresh model has: caches cleared and, for detectors with a rolling
+    pool (MuSc), nothing joining it (each image against the other images of the call)."""
+    if hasattr(model, "clear_caches"):
+        model.clear_caches()
+    join = getattr(model, "join_pool", None)
+    if join is not None:
+        model.join_pool = False
+    try:
+        return model.predict_tensors(pixels, names, **options)
+    finally:
+        if join is not None:
+            model.join_pool = join
+        if hasattr(model, "clear_caches"):
+            model.clear_caches()
+
+
+def precision_agreement(model: Detector, pixels: torch.Tensor, names: list[str], low: str = "bf16",
+                        quantile: float = 0.5, threshold: float | None = None, **options: Any) -> dict[str, Any]:
+    """The agreement of ``model`` in ``low`` precision with itself in fp32 on the same images.
+
+    Decisions (score > threshold) are compared at ``threshold`` when given (a class threshold), else at the
+    ``quantile`` quantile of the fp32 image scores (the median by default), which is recorded."""
+    setting = model.precision
+    raw: dict[str, Prediction] = {}
+    try:
+        for p in ("fp32", low):
+            model.precision = p
+            raw[p] = _fresh_predict(model, pixels, names, **options)
+    finally:
+        model.precision = setting
+    dtypes = {f: str(getattr(raw[low], f).dtype).removeprefix("torch.")
+              for f in ("anomaly_map", "probability_map", "image_score", "text_score", "topk_score")}
+    ref, got = raw["fp32"].cpu(), raw[low].cpu()
+    if threshold is None:
+        cut = float(torch.quantile(ref.image_score.double(), quantile))
+        source = (f"quantile {quantile:g} of the fp32 image scores (no class threshold in a bench): decisions "
+                  "next to it are the likeliest to flip")
+    else:
+        cut, source = float(threshold), "given"
+    flips = int(((ref.image_score > cut) != (got.image_score > cut)).sum())
+    prob = (ref.probability_map - got.probability_map).abs()
+    return {
+        "images": int(pixels.shape[0]),
+        "precision": low,
+        "spearman_image_score": spearman(ref.image_score, got.image_score),
+        "max_abs_map_diff": float(prob.max()),
+        "mean_abs_map_diff": float(prob.mean()),
+        "max_abs_anomaly_map_diff": float((ref.anomaly_map - got.anomaly_map).abs().max()),
+        "max_abs_image_score_diff": float((ref.image_score - got.image_score).abs().max()),
+        "threshold": cut,
+        "threshold_source": source,
+        "decision_flips": flips,
+        "output_dtypes": dtypes,
+    }
+
+
+def precision_summary(report: dict[str, Any]) -> list[str]:
+    """Human lines for a report's ``precision_comparison`` (empty when it has none)."""
+    c = report.get("precision_comparison")
+    if not c:
+        return []
+    low, a = c["low"], c["agreement"]
+    lines = [f"{low} speed-up over fp32, {s['case']} batch {s['batch_size']}: {s['speedup']:.2f}x "
+             f"({s['fp32_ms_per_image']:.1f} -> {s[f'{low}_ms_per_image']:.1f} ms/image)" for s in c["speedup"]]
+    lines.append(f"{low} vs fp32 on {a['images']} images: Spearman {a['spearman_image_score']:.4f}, map diff max "
+                 f"{a['max_abs_map_diff']:.2e} mean {a['mean_abs_map_diff']:.2e}, image-score diff max "
+                 f"{a['max_abs_image_score_diff']:.2e}, {a['decision_flips']} decision(s) flip at "
+                 f"{a['threshold']:.4f} ({a['threshold_source']})")
+    return lines
 
 
 def device_name(device: torch.device) -> str:
@@ -245,13 +377,13 @@ def side_by_side(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for report in reports:
         floors = {c["batch_size"]: c["ms_per_image"] for c in report["cases"] if c["name"] == "floor"}
         for c in report["cases"]:
-            if c["name"] in ("floor",) or c["name"].startswith("pipeline") or c["name"] == "exact R=1":
+            if c["name"].startswith(("floor", "pipeline")) or c["name"] == "exact R=1":
                 continue
             rows.append({"detector": report["detector"], "case": c["name"], "backbone": report["backbone"],
                          "image_size": report["image_size"], "batch_size": c["batch_size"],
                          "ms_per_image": c["ms_per_image"], "floor_ms_per_image": floors[c["batch_size"]],
                          "ratio_to_floor": c["ms_per_image"] / floors[c["batch_size"]],
-                         "peak_memory_mb": c["peak_memory_mb"]})
+                         "peak_memory_mb": c["peak_memory_mb"], "precision": c.get("precision", "")})
     return rows
 
 

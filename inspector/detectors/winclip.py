@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from torch import nn
 
 from ..backbone import BackboneSpec, ClipBackbone, tokenize
 from ..imaging import ImageInput, as_list, preprocess
+from ..precision import autocast, check, fp32, resolve
 from ..references import ReferenceStore
 from .base import EvalProtocol, Prediction
 
@@ -151,7 +151,7 @@ class WinCLIP(nn.Module):
 
     def __init__(self, backbone: ClipBackbone, *, scales: Sequence[int] = (2, 3), k_shot: int = 0,
                  references: ReferenceStore | None = None, window_batch: int = 1024, topk: int = 0,
-                 precision: str = "auto", provenance: Mapping[str, Any] | None = None):
+                 precision: str = "fp32", provenance: Mapping[str, Any] | None = None):
         super().__init__()
         if k_shot < 0:
             raise ValueError("k_shot must be >= 0 (0: every stored reference)")
@@ -163,7 +163,7 @@ class WinCLIP(nn.Module):
         self.references = references
         self.window_batch = int(window_batch)
         self.topk = int(topk)
-        self.precision = precision
+        self.precision = check(precision)
         self.provenance = dict(provenance or {})
         grid = backbone.grid
         for i, scale in enumerate(self.scales):
@@ -201,7 +201,7 @@ class WinCLIP(nn.Module):
         references = {name: list(store.fingerprint(name)) for name in store.classes()} if store else {}
         return {"scales": [int(v) for v in getattr(options, "scales", (2, 3))],
                 "k_shot": int(getattr(options, "k_shot", 0)), "topk": int(getattr(options, "topk", 0) or 0),
-                "precision": getattr(getattr(settings, "model", None), "precision", "auto"),
+                "precision": getattr(getattr(settings, "model", None), "precision", "fp32"),
                 "references": folder or None, "reference_set": references}
 
     def save_head(self, path: str | Path) -> None:
@@ -223,8 +223,10 @@ class WinCLIP(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.clip.visual.conv1.weight.device
 
+    @torch.inference_mode()
     def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image_floor(pixels)
+        with autocast(self.device, self.precision):
+            return self.backbone.encode_image_floor(pixels)
 
     def clear_caches(self) -> None:
         """Forget text embeddings and store-derived references (pinned references are kept)."""
@@ -236,12 +238,6 @@ class WinCLIP(nn.Module):
         self._memory = {k: _References(fn(v.patches), [fn(w) for w in v.windows], v.count, v.fingerprint)
                         for k, v in self._memory.items()}
         return super()._apply(fn, *args, **kwargs)
-
-    def _autocast(self):
-        if self.device.type != "cuda":
-            return nullcontext()
-        dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
 
     # ---------------------------------------------------------------------------------------------
     # text
@@ -255,7 +251,7 @@ class WinCLIP(nn.Module):
             last = tokens.argmax(dim=-1)  # the first EOT (the largest token id), where CLIP reads the text
             # cut after the longest EOT: positions after a sequence's EOT cannot reach it under the causal mask
             embedded = self.backbone.token_embeddings(tokens[:, :int(last.max()) + 1])
-            with torch.autocast(self.device.type, enabled=False):
+            with fp32(self.device):  # once per class and cached: fp32, whatever the precision
                 t = self.backbone.encode_text(embedded.float(), last).float()  # [P, D]
             cached = self._text[class_name] = torch.stack([t[:len(normal)].mean(0), t[len(normal):].mean(0)])
         return cached
@@ -270,7 +266,7 @@ class WinCLIP(nn.Module):
                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """pixels [N, 3, S, S] -> (f^I [N, D], [f^W_s [N, M_s, D] per scale], f^P [N, G*G, W] or None)."""
         tokens = self.backbone.embed_image(pixels)  # [N, 1 + G*G, W], before ln_pre
-        with self._autocast():
+        with autocast(self.device, self.precision):
             x, _ = self.backbone.run_vision(tokens)
             image = self.backbone.pool(x).float()
             patch = self.backbone.clip.visual.ln_post(x[:, 1:]).float() if patches else None
@@ -291,7 +287,7 @@ class WinCLIP(nn.Module):
             for start in range(0, n * count, self.window_batch):
                 index = torch.arange(start, min(start + self.window_batch, n * count), device=tokens.device)
                 chunk = tokens[(index // count)[:, None], sequence[index % count]]  # [B, 1 + s*s, W]
-                with self._autocast():
+                with autocast(self.device, self.precision):
                     x, _ = self.backbone.run_vision(chunk)
                     flat[start:start + len(index)] = self.backbone.pool(x).float()
             out.append(flat.view(n, count, -1))
@@ -414,6 +410,7 @@ class WinCLIP(nn.Module):
         anomaly_map = F.interpolate(grid_map[:, None], size=(size, size), mode="bilinear",
                                     align_corners=False)[:, 0]
         provenance = {**self.provenance, "detector": self.name, "scales": list(self.scales),
+                      "precision": resolve(self.precision, self.device),
                       "references": {name: (m.count if m is not None else 0) for name, m in memories.items()}}
         return Prediction(anomaly_map=anomaly_map, image_score=image_score, text_score=text_score,
                           topk_score=self.topk_scores(anomaly_map), provenance=provenance)

@@ -33,7 +33,10 @@ How it is computed differs where the result does not:
   differences by 200, the two agree to 3.3e-6 on the map at full ViT-L size (random weights, 518 px) and
   both stay within 5e-6 of the reference on the tiny test models, while the explicit path costs 1.5x on
   CPU (10.2 s against 6.8 s per ViT-L image); it stays available as the literal mode
-  (``[aa_clip] attention``). fp32 throughout, no autograd in ``predict``.
+  (``[aa_clip] attention``). No autograd in ``predict``. ``precision`` (``[model] precision``,
+  ``inspector.precision``): the vision tower under bf16 autocast where "auto" says so (CUDA, CPUs with
+  native bf16); the taps from LN_post on, the text anchors and the maps always in fp32. "fp32": fp32
+  throughout (parity).
 
 Product outputs (no test-set statistics; §7 of the spec is the transductive metric-time fusion):
 
@@ -67,6 +70,7 @@ from ...backbone import (
     tokenize,
 )
 from ...imaging import ImageInput, as_list, preprocess
+from ...precision import autocast, check, fp32, resolve
 from ..base import EvalProtocol, Prediction
 from .adapters import (
     HeadFormatError,
@@ -198,7 +202,7 @@ class AACLIP(nn.Module):
 
     def __init__(self, backbone: ClipBackbone, *, text_adapter_weight: float = 0.1, image_adapter_weight: float = 0.1,
                  text_adapt_until: int = 3, image_adapt_until: int = 6, use_text_adapter: bool = True,
-                 domain: str = "industrial", attention: str = "auto", topk: int = 100,
+                 domain: str = "industrial", attention: str = "auto", topk: int = 100, precision: str = "fp32",
                  provenance: Mapping[str, Any] | None = None):
         super().__init__()
         # adapters "after" blocks a tower does not have (a tiny test tower) are built, so the files keep the
@@ -219,6 +223,7 @@ class AACLIP(nn.Module):
         self.domain = _check_domain(domain)
         self.attention = attention
         self.topk = int(topk)
+        self.precision = check(precision)
         self.provenance = dict(provenance or {})
         wv, et, e = backbone.vision_width, backbone.text_width, backbone.embed_dim
         self.text_adapter = build_text_adapter(et, e, self.text_adapt_until)
@@ -297,10 +302,12 @@ class AACLIP(nn.Module):
 
     @classmethod
     def scoring_options(cls, settings: Any) -> dict[str, Any]:
-        """The ``[aa_clip]`` options that change the numbers (part of a model version's identity)."""
+        """The ``[aa_clip]`` options and ``[model] precision``: what changes the numbers (part of a model
+        version's identity)."""
         options = getattr(settings, "aa_clip", None)
         return {"domain": getattr(options, "domain", "industrial"), "topk": getattr(options, "topk", 100),
-                "attention": getattr(options, "attention", "auto")}
+                "attention": getattr(options, "attention", "auto"),
+                "precision": getattr(getattr(settings, "model", None), "precision", "fp32")}
 
     # ---------------------------------------------------------------------------------------------
     # our head format
@@ -484,8 +491,8 @@ class AACLIP(nn.Module):
         _, taps = self.backbone.run_vision(tokens, self.levels, after_block=self._vision_hook,
                                            attention=self._attention())
         ln_post = self.backbone.clip.visual.ln_post
-        # in fp32 even under autocast (training on CUDA): the maps scale cosines by 100
-        with torch.autocast(pixels.device.type, enabled=False):
+        # in fp32 even under autocast (bf16 scoring, training on CUDA): the maps scale cosines by 100
+        with fp32(pixels.device):
             taps = [ln_post(t.float()) for t in taps]  # 4 x [N, L, Wv]
             features = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], taps)]
             det = F.normalize(self.image_adapter["det_proj"](taps[-1]), dim=-1).mean(1)
@@ -530,7 +537,8 @@ class AACLIP(nn.Module):
         class_names = list(class_names)
         if len(class_names) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(class_names)} class names")
-        features, det = self.image_features(pixels.to(self.device, torch.float32))
+        with autocast(self.device, self.precision):  # the vision tower; taps on are fp32 (image_features)
+            features, det = self.image_features(pixels.to(self.device, torch.float32))
         return self.score_features(features, det, class_names, domain=domain, size=pixels.shape[-1])
 
     @torch.inference_mode()
@@ -551,6 +559,7 @@ class AACLIP(nn.Module):
         topk = self.topk_scores(probability_map)
         image_score = 0.5 * text_score + 0.5 * topk if domain == "industrial" else topk
         provenance = {**self.provenance, "detector": self.name, "domain": domain,
+                      "precision": resolve(self.precision, self.device),
                       "text_adapter": self.use_text_adapter, "topk": self.topk}
         return Prediction(anomaly_map=anomaly_map, image_score=image_score, text_score=text_score,
                           topk_score=topk, provenance=provenance, probability_map=probability_map)
@@ -565,6 +574,8 @@ class AACLIP(nn.Module):
             class_names = [class_names] * len(images)
         return self.predict_tensors(preprocess(images, self.image_size), class_names, domain=domain)
 
+    @torch.inference_mode()
     def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
         """The plain backbone forward (what ``inspector bench`` measures against)."""
-        return self.backbone.encode_image_floor(pixels.to(self.device))
+        with autocast(self.device, self.precision):
+            return self.backbone.encode_image_floor(pixels.to(self.device))

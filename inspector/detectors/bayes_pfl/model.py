@@ -7,7 +7,8 @@ it is computed is not:
   their EOT (exact under the causal mask) and padded to the longest class name of the batch;
 * logit *differences* upsampled (bilinear is linear, so sigmoid(up(Z_a - Z_n)) equals the official
   two-way softmax of the upsampled logits), B·R channels per level instead of 2·B·R;
-* everything stays on the device; bf16/fp16 autocast on CUDA, fp32 on CPU; no autograd;
+* everything stays on the device; autocast as ``[model] precision`` says (``inspector.precision``: bf16 on
+  CUDA and on CPUs with native bf16 under "auto"), logit differences and upsampling in fp32; no autograd;
 * whatever depends only on the class (token embeddings, IAD samples, state-token inputs) is cached.
 
 Sequence order inside a batch is the official one: text embedding index m = s·(B·R) + r·B + b for
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch import nn
 
 from ...backbone import EOT_TOKEN, BackboneSpec, ClipBackbone, load_backbone, tokenize
 from ...imaging import ImageInput, as_list, content_seed, preprocess
+from ...precision import autocast, check, fp32, resolve
 from ..base import EvalProtocol, Prediction
 from .head import BayesPFLConfig, BayesPFLHead, describe
 
@@ -108,7 +109,7 @@ class BayesPFL(nn.Module):
     eval_protocol = OFFICIAL_PROTOCOL
 
     def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
-                 topk: int = 0, text_cache: str = "none", precision: str = "auto", prototype_images: int = 8,
+                 topk: int = 0, text_cache: str = "none", precision: str = "fp32", prototype_images: int = 8,
                  provenance: Mapping[str, Any] | None = None):
         super().__init__()
         c = head.config
@@ -127,7 +128,7 @@ class BayesPFL(nn.Module):
         self.samples, self.seed, self.topk = samples, seed, topk
         self.text_cache = text_cache
         self.prototype_images = prototype_images
-        self.precision = precision
+        self.precision = check(precision)
         self.provenance = dict(provenance or {})
         self._prompts: dict[str, _ClassPrompt] = {}
         self._iad: dict[tuple[str, int], torch.Tensor] = {}  # (class, R) -> state-token inputs [2, R, B, Q, E]
@@ -190,7 +191,7 @@ class BayesPFL(nn.Module):
 
     @torch.inference_mode()
     def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.precision):
             return self.backbone.encode_image_floor(pixels)
 
     @property
@@ -297,7 +298,7 @@ class BayesPFL(nn.Module):
         ], dim=-2).reshape(-1, length, e)  # [N·2·R·B, length, E]
         last = torch.tensor([p.last for p in prompts], device=self.device)
         last = last.repeat_interleave(2 * samples * c.bank_size)
-        with self._autocast():
+        with autocast(self.device, self.precision):
             t = self.backbone.encode_text(seq, last)  # [N·M, E]
         return F.normalize(t.float(), dim=-1).view(n, 2 * samples * c.bank_size, -1)
 
@@ -308,7 +309,7 @@ class BayesPFL(nn.Module):
             g = images.to(self.device).float()
         else:
             pixels = preprocess(as_list(images), self.backbone.image_size).to(self.device)
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), autocast(self.device, self.precision):
                 g = self.backbone.encode_image(pixels, layers=())[0].float()
         self._prototypes[class_name] = g.mean(0)
         self._class_text = {k: v for k, v in self._class_text.items() if k[0] != class_name}
@@ -332,12 +333,6 @@ class BayesPFL(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # scoring
 
-    def _autocast(self):
-        if self.device.type != "cuda":
-            return nullcontext()
-        dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
-
     def score_text_embeddings(self, t: torch.Tensor, g: torch.Tensor, patch_tokens: Sequence[torch.Tensor],
                               image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t: [N, M, E] normalised; g: [N, E]; F_l: [N, G*G, W] -> (s_text [N], map [N, S, S]).
@@ -348,23 +343,26 @@ class BayesPFL(nn.Module):
         head = self.head
         n, m, _ = t.shape
         half = m // 2
-        with self._autocast():
+        device = t.device
+        with autocast(device, self.precision):
             v = F.normalize(head.image_embedding(g, list(patch_tokens)).float(), dim=-1)  # [N, E]
             text = F.normalize(head.class_mapping(t).float(), dim=-1)  # [N, M, E]
-            logits = head.log_tau_image.exp() * torch.einsum("nme,ne->nm", text, v)
-            text_score = torch.sigmoid(logits[:, half:] - logits[:, :half]).mean(-1)  # [N]
+            with fp32(device):  # logits scaled by exp(tau) ~ 100, then their difference: fp32
+                logits = head.log_tau_image.exp() * torch.einsum("nme,ne->nm", text, v)
+                text_score = torch.sigmoid(logits[:, half:] - logits[:, :half]).mean(-1)  # [N]
             query = head.rca.q_proj(t)  # [N, M, E], shared by all levels
             grid = self.backbone.grid
-            anomaly_map = torch.zeros(n, image_size, image_size, device=t.device)
+            anomaly_map = torch.zeros(n, image_size, image_size, device=device)
             for level, tokens in enumerate(patch_tokens):
                 patches = head.rca.project_patches(level, tokens)  # F'_l [N, G*G, E]
                 refined = head.rca(t, query, patches).float()  # T'_l [N, M, E]
                 # Z_a - Z_n = exp(tau_pix)·F'_l·(T'_a - T'_n)^T: one product instead of two, and no
-                # cancellation of two large low-precision logits under autocast
-                delta = head.log_tau_pixel.exp() * (refined[:, half:] - refined[:, :half])  # [N, B·R, E]
-                diff = (patches @ delta.transpose(1, 2).to(patches.dtype)).float()  # [N, G*G, B·R]
-                diff = diff.transpose(1, 2).reshape(n, half, grid, grid)
-                anomaly_map += upsampled_sigmoid_sum(diff, image_size)
+                # cancellation of two large low-precision logits; the difference and its product in fp32
+                with fp32(device):
+                    delta = head.log_tau_pixel.exp() * (refined[:, half:] - refined[:, :half])  # [N, B·R, E]
+                    diff = patches.float() @ delta.transpose(1, 2)  # [N, G*G, B·R]
+                    diff = diff.transpose(1, 2).reshape(n, half, grid, grid)
+                    anomaly_map += upsampled_sigmoid_sum(diff, image_size)
         return text_score.float(), anomaly_map / (len(patch_tokens) * half)
 
     def topk_scores(self, anomaly_map: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
@@ -401,7 +399,7 @@ class BayesPFL(nn.Module):
         elif self.text_cache == "none":
             eps_isd = self.draw_isd_noise(pixels, samples, seeds)
         pixels = pixels.to(self.device)
-        with self._autocast():
+        with autocast(self.device, self.precision):
             g, patch_tokens = self.backbone.encode_image(pixels)
         g = g.float()
         if noise is not None:
@@ -425,7 +423,8 @@ class BayesPFL(nn.Module):
         text_score, anomaly_map = self.score_text_embeddings(t, g, patch_tokens, pixels.shape[-1])
         topk = self.topk_scores(anomaly_map, class_names)
         provenance = {**self.provenance, "detector": self.name, "samples": samples, "text_cache": self.text_cache,
-                      "seed": self.seed, "noise": "given" if noise is not None else "seeded"}
+                      "seed": self.seed, "noise": "given" if noise is not None else "seeded",
+                      "precision": resolve(self.precision, self.device)}
         return Prediction(anomaly_map=anomaly_map, text_score=text_score, topk_score=topk,
                           image_score=0.5 * text_score + 0.5 * topk, provenance=provenance)
 
@@ -464,7 +463,7 @@ def upsampled_sigmoid_sum(diff: torch.Tensor, size: int, block_rows: int | None 
     as ``F.interpolate`` followed by the sigmoid); on CUDA the whole map is one block.
     """
     n, _, grid, _ = diff.shape
-    with torch.autocast(diff.device.type, enabled=False):
+    with fp32(diff.device):
         matrix = bilinear_matrix(grid, size, diff.device)  # [S, G]
         half_up = diff.float() @ matrix.T  # [N, C, G, S]: columns upsampled
         if block_rows is None:

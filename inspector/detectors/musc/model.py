@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 
 from ...backbone import BackboneSpec, ClipBackbone, build_openai_clip, read_openai_state_dict
 from ...imaging import ImageInput, as_list, preprocess
+from ...precision import autocast, check, resolve
 from ...references import ReferenceStore
 from ..base import EvalProtocol, Prediction
 from .ops import (
@@ -94,7 +94,7 @@ class MuSc(nn.Module):
     def __init__(self, backbone: ClipBackbone, r_list: Sequence[int] = (1, 3, 5), fraction: float = FRACTION,
                  k_list: Sequence[int] = K_LIST_MVTEC, pool_size: int = 50, msm: str = "matmul",
                  memory_mb: int = 256, references: ReferenceStore | None = None, join_pool: bool = True,
-                 pool_dtype: str = "float32", topk: int = 0, precision: str = "auto", attention: str = "auto",
+                 pool_dtype: str = "float32", topk: int = 0, precision: str = "fp32", attention: str = "auto",
                  provenance: Mapping[str, Any] | None = None):
         super().__init__()
         if not backbone.spec.feature_layers:
@@ -121,7 +121,7 @@ class MuSc(nn.Module):
         self.join_pool = bool(join_pool)
         self.pool_dtype = pool_dtype
         self.topk = int(topk)
-        self.precision = precision
+        self.precision = check(precision)
         self.attention = attention
         self.provenance = dict(provenance or {})
         self.bench_pools: tuple[int, ...] = (10, 50, 100, 200)
@@ -160,7 +160,7 @@ class MuSc(nn.Module):
                 "msm": getattr(o, "msm", "matmul"), "memory_mb": int(getattr(o, "memory_mb", 256)),
                 "pool_dtype": getattr(o, "pool_dtype", "float32"), "topk": int(getattr(o, "topk", 0)),
                 "attention": getattr(o, "attention", "auto"),
-                "precision": getattr(getattr(settings, "model", None), "precision", "auto"),
+                "precision": getattr(getattr(settings, "model", None), "precision", "fp32"),
                 "pos_embed_antialias": bool(getattr(o, "pos_embed_antialias", False)),
                 "references": folder,
                 "reference_images": {name: list(store.fingerprint(name)) for name in store.classes()} if store else {}}
@@ -199,8 +199,10 @@ class MuSc(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.clip.visual.conv1.weight.device
 
+    @torch.inference_mode()
     def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image_floor(pixels)
+        with autocast(self.device, self.precision):
+            return self.backbone.encode_image_floor(pixels)
 
     def bytes_per_pooled_image(self) -> int:
         """Memory of one pooled image: R*T LNAMD maps of L x C values in ``pool_dtype`` (+ its embedding)."""
@@ -214,12 +216,6 @@ class MuSc(nn.Module):
                 pools[key] = _Pool(fn(p.features), fn(p.embeddings), p.hashes, p.start, p.fingerprint)
         return super()._apply(fn, *args, **kwargs)
 
-    def _autocast(self):
-        if self.device.type != "cuda":
-            return nullcontext()
-        dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
-
     # ---------------------------------------------------------------------------------------------
     # features
 
@@ -232,7 +228,7 @@ class MuSc(nn.Module):
         z, g = [], []
         for start in range(0, pixels.shape[0], chunk):
             tokens = self.backbone.embed_image(pixels[start:start + chunk].to(self.device))
-            with self._autocast():
+            with autocast(self.device, self.precision):
                 x, taps = self.backbone.run_vision(tokens, self.layers, attention=attention)
                 g.append(F.normalize(self.backbone.pool(x).float(), dim=-1))
             z.append(torch.stack([lnamd(t.float(), grid, r) for r in self.r_list for t in taps], dim=1))
@@ -471,7 +467,8 @@ class MuSc(nn.Module):
         probability_map = (anomaly_map / 2).clamp(0, 1)
         image_score = probability_map.flatten(1).amax(1)
         unscored = references == 0
-        provenance = {**self.provenance, "detector": self.name, "text_score": "none (MuSc has no text): "
+        provenance = {**self.provenance, "detector": self.name, "precision": resolve(self.precision, self.device),
+                      "text_score": "none (MuSc has no text): "
                       "the image score", "references": references.tolist(), "unscored": int(unscored.sum()),
                       "pool": {name: self.pool_count(name) for name in dict.fromkeys(class_names)}}
         if unscored.any():
