@@ -76,7 +76,8 @@ class ModelSettings:
     topk: int = 0
     #: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
-    #: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16".
+    #: "auto": bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in
+    #: /proc/cpuinfo), fp32 on other CPUs; "fp32" (exact, the parity mode); "bf16", "fp16" (forced).
     precision: str = "auto"
     #: Images per engine call.
     batch_size: int = 8
