@@ -111,11 +111,15 @@ def heat(values: np.ndarray) -> np.ndarray:
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
-def overlay(path: str, map_png: bytes, opacity: float, threshold: float | None, width: int = 560) -> Image.Image:
-    """The image with its anomaly map as a heatmap and, at the current threshold, the mask's contour."""
+def overlay(data: bytes, map_png: bytes, opacity: float, threshold: float | None, width: int = 560,
+            name: str = "image") -> Image.Image:
+    """The image (its file's bytes) with its anomaly map as a heatmap and, at the current threshold, the
+    mask's contour."""
+    import io
+
     from inspector.imaging import open_image
 
-    image = open_image(path)
+    image = open_image(io.BytesIO(data), name=name)
     height = max(1, round(image.height * width / image.width))
     image = image.resize((width, height), Image.BILINEAR)
     values = np.asarray(Image.fromarray((decode_map(map_png) * 255).astype(np.uint8)).resize(
@@ -177,14 +181,16 @@ def review_page(reviewer: str) -> None:
     left, right = st.columns([3, 2])
     with left:
         opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
-        if not rv.image_path_allowed(engine, row["path"]):
-            st.error("This image lies outside the watched folders and is not shown.")
-        elif not os.path.isfile(row["path"]):
+        try:  # the file actually opened is checked (regular, under a watched folder, still the scored one)
+            data = rv.read_allowed_image(engine, row["path"])
+            st.image(overlay(data, rv.anomaly_map(engine, row["id"], row["result_id"]), opacity, row["threshold"],
+                             name=row["path"]), caption=os.path.basename(row["path"]))
+        except rv.ImageNotAllowed as exc:
+            st.error(f"Not shown: {exc}")
+        except FileNotFoundError:
             st.warning(f"The file is gone: {row['path']}")
-        else:
-            st.image(overlay(row["path"], rv.anomaly_map(engine, row["id"], row["result_id"]), opacity,
-                             row["threshold"]),
-                     caption=os.path.basename(row["path"]))
+        except (OSError, ValueError) as exc:  # replaced by a non-image, unreadable: review it from the score
+            st.warning(f"The image cannot be shown ({exc}); its score and verdict buttons still work.")
     with right:
         st.metric("Image score", f"{row['image_score']:.4f}")
         threshold = row["threshold"]
