@@ -120,7 +120,14 @@ class Models:
         log.info("loading model version %s (%s, digest %s)", recipe.name, recipe.detector, recipe.digest[:12])
         if recipe.fallback:
             log.warning("DAY ONE: %s", recipe.fallback)
-        self.loaded[version] = build(recipe, settings)
+        try:
+            self.loaded[version] = build(recipe, settings)
+        except Exception:
+            if version in self.recipes:  # this process's own version: the user's configuration, say it
+                raise
+            log.exception("cannot load model version %s; leaving its jobs to other boxes", recipe.name)
+            self._cannot.add(version)
+            return None
         self.recipes[version] = recipe
         return self.loaded[version]
 

@@ -19,6 +19,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import Engine, and_, exists, func, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from .db import utcnow
 from .schema import (
@@ -81,12 +82,15 @@ def route_unrouted(engine: Engine, source_ids: list[int] | None = None, fallback
     if source_ids is not None:
         query = query.where(images.c.source_id.in_(source_ids))
     routed = 0
-    with engine.begin() as conn:
-        for row in conn.execute(query.order_by(images.c.id)).all():
-            wanted = targets(conn, row.source_id, row.class_name) or (
-                [(fallback, LIVE)] if fallback is not None else [])
-            if wanted and add_jobs(conn, row.id, wanted):
-                routed += 1
+    try:
+        with engine.begin() as conn:
+            for row in conn.execute(query.order_by(images.c.id)).all():
+                wanted = targets(conn, row.source_id, row.class_name) or (
+                    [(fallback, LIVE)] if fallback is not None else [])
+                if wanted and add_jobs(conn, row.id, wanted):
+                    routed += 1
+    except IntegrityError:  # another box routed the same images at the same moment: theirs stand
+        return 0
     return routed
 
 
