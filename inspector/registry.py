@@ -129,6 +129,14 @@ def resolve(name_or_path: str | os.PathLike, registry: str | os.PathLike = "mode
     raise RegistryError(f"no model '{name_or_path}' (looked for {candidate} and {by_name}); registered: {known}")
 
 
+def manifest_backbone(manifest: dict[str, Any]) -> BackboneSpec:
+    """The backbone a version's manifest names (keys a newer or older BackboneSpec lacks are ignored)."""
+    fields = {f.name for f in dataclasses.fields(BackboneSpec)}
+    entry = {k: v for k, v in manifest["backbone"].items() if k in fields}
+    entry["feature_layers"] = tuple(entry.get("feature_layers", (6, 12, 18, 24)))
+    return BackboneSpec(**entry)
+
+
 def backbone_spec(settings: Settings, detector: str | None = None) -> BackboneSpec:
     """The backbone ``settings`` describe; empty keys take the detector's own defaults (its paper's)."""
     m = settings.model
@@ -159,10 +167,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
         folder = resolve(name_or_path, settings.registry.path)
         manifest = read_manifest(folder)
         kind = manifest.get("detector", "bayes-pfl")
-        fields = {f.name for f in dataclasses.fields(BackboneSpec)}
-        entry = {k: v for k, v in manifest["backbone"].items() if k in fields}
-        entry["feature_layers"] = tuple(entry.get("feature_layers", (6, 12, 18, 24)))
-        spec = BackboneSpec(**entry)
+        spec = manifest_backbone(manifest)
         head_path = folder / manifest["head"]["file"] if manifest.get("head") else None
         provenance = {"model": manifest["name"], "backbone": spec.pretrained,
                       "head_sha256": (manifest.get("head") or {}).get("sha256"), "random_weights": spec.is_random}

@@ -17,7 +17,6 @@ settings (and a registry name) into a ``Recipe`` and a recipe into a loaded dete
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -119,17 +118,13 @@ def recipe_from_settings(settings: Settings, detector: str | None = None, fallba
 
 def recipe_from_registry(settings: Settings, name_or_path: str) -> Recipe:
     """A registered version (name or folder) with the scoring options of ``settings``."""
-    from .backbone import BackboneSpec
     from .detectors import detector_class
-    from .registry import read_manifest, resolve
+    from .registry import manifest_backbone, read_manifest, resolve
 
     folder = resolve(name_or_path, settings.registry.path)
     manifest = read_manifest(folder)
     kind = manifest.get("detector", "bayes-pfl")
-    fields = {f.name for f in dataclasses.fields(BackboneSpec)}
-    entry = {k: v for k, v in manifest["backbone"].items() if k in fields}
-    entry["feature_layers"] = tuple(entry.get("feature_layers", (6, 12, 18, 24)))
-    spec = BackboneSpec(**entry)
+    spec = manifest_backbone(manifest)
     head_sha = (manifest.get("head") or {}).get("sha256")
     cls = detector_class(kind)
     identity = _identity(kind, spec, head_sha, _options(cls, settings), False)
