@@ -424,13 +424,91 @@ def create_clip(spec: BackboneSpec) -> nn.Module:
     tags = open_clip.list_pretrained_tags_by_model(spec.arch)
     if source not in tags:
         raise BackboneError(f"'{source}' is not a file nor a pretrained tag of {spec.arch} ({', '.join(tags)})")
+    cached = _cached_pretrained(spec.arch, source)  # a file already here: no network at all
     try:
-        return open_clip.create_model(spec.arch, pretrained=source).float().eval()
+        return open_clip.create_model(spec.arch, pretrained=cached or source).float().eval()
     except Exception as exc:  # noqa: BLE001 - network failures surface in many types
         raise BackboneError(
             f"could not get pretrained weights {spec.arch}/{source} ({type(exc).__name__}: {exc}). "
-            "Without internet, pass a local checkpoint file with --pretrained PATH."
+            f"{_NO_DOWNLOAD_ADVICE}"
         ) from None
+
+
+_NO_DOWNLOAD_ADVICE = (
+    "Put a checkpoint file on this machine and set [model] pretrained to its path (INSPECTOR_MODEL__PRETRAINED=PATH "
+    "or --pretrained PATH), or try the pipeline on random weights: --pretrained random --backbone test-tiny "
+    "--allow-random-weights")
+
+
+def _cached_pretrained(arch: str, tag: str, timeout: float = 1.0) -> str:
+    """The local file of an open_clip pretrained tag when the Hugging Face cache holds it, else "".
+
+    Where the tag's file would have to be downloaded and there is no network (HF_HUB_OFFLINE=1, or the host
+    does not answer a TCP connect within ``timeout`` seconds), a BackboneError says so at once, instead of a
+    minute of download retries. Only the cache on disk and one connect are looked at, never the hub's API.
+    """
+    import os
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg or cfg.get("file"):
+        return ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if cfg.get("hf_hub") and oc_pretrained.has_hf_hub():  # open_clip prefers the hub where it has both
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" -> the default file name
+        filename = filename or HF_WEIGHTS_NAME
+        candidates = [filename]  # open_clip tries a .safetensors twin first
+        if filename == HF_WEIGHTS_NAME:
+            candidates.insert(0, HF_SAFE_WEIGHTS_NAME)
+        elif filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for name in candidates:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+        offline = offline or bool(constants.HF_HUB_OFFLINE)
+        where = f"{repo} on {constants.ENDPOINT}"
+        url = constants.ENDPOINT
+    else:
+        url = cfg.get("url", "")
+        if not url or os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))):
+            return ""  # open_clip finds (and checks) its own download
+        offline, where = False, url  # HF_HUB_OFFLINE does not stop open_clip's plain URL download
+    reason = "HF_HUB_OFFLINE is set" if offline else ""
+    if not offline:
+        target = urllib.parse.urlsplit(url)
+        proxy = urllib.request.getproxies().get(target.scheme or "https")
+        if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+            target = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+        answered = threading.Event()
+
+        def connect() -> None:  # in a thread: a name lookup may hang longer than any socket timeout
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                answered.set()
+            except OSError:
+                pass
+
+        probe = threading.Thread(target=connect, daemon=True)
+        probe.start()
+        probe.join(timeout)
+        if not answered.is_set():
+            reason = f"{host}:{port} does not answer"
+    if reason:
+        raise BackboneError(
+            f"backbone {arch} needs the weights '{tag}' ({where}), which are not cached here, and there is no network "
+            f"({reason}). {_NO_DOWNLOAD_ADVICE}")
+    return ""
 
 
 def resize_position_embedding(pos: torch.Tensor, grid: int, antialias: bool = True) -> torch.Tensor:
