@@ -7,7 +7,10 @@ watcher, the store, the dashboard, ``eval`` and ``bench`` see nothing but this i
   ``image_size`` and ``device``;
 * ``predict_tensors(pixels, class_names, seeds=None) -> Prediction``, batched;
 * ``encode_floor(pixels)``: the plain backbone forward, the floor ``inspector bench`` measures against;
-* ``eval_protocol``: how the method's paper evaluates (map smoothing, transductive image-score fusion).
+* ``eval_protocol``: how the method's paper evaluates (map smoothing, transductive image-score fusion);
+* optional, for detectors whose score belongs to a set of images (MuSc): ``score_closed_pool(pixels,
+  class_name, dataset_classes) -> Prediction``, which ``eval`` (official mode) calls once per class with its
+  whole test split, and ``eval_session()``, a context manager ``eval`` scores inside (fresh state, restored).
 
 Adding a detector means a module that implements this and one line in ``inspector.detectors.KINDS``.
 """

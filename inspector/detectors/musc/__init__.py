@@ -52,7 +52,7 @@ no text, and ``provenance`` says so).
 """
 
 from .model import MuSc, PoolScores, content_hash
-from .ops import K_LIST_MVTEC, K_LIST_VISA, lnamd, nearest_distances, official_k_list, rscin
+from .ops import K_LIST_MVTEC, K_LIST_VISA, dataset_k_list, lnamd, nearest_distances, official_k_list, rscin
 
-__all__ = ["K_LIST_MVTEC", "K_LIST_VISA", "MuSc", "PoolScores", "content_hash", "lnamd", "nearest_distances",
-           "official_k_list", "rscin"]
+__all__ = ["K_LIST_MVTEC", "K_LIST_VISA", "MuSc", "PoolScores", "content_hash", "dataset_k_list", "lnamd",
+           "nearest_distances", "official_k_list", "rscin"]

@@ -5,8 +5,12 @@ See the package docstring (``inspector.detectors.musc``) for the paper, the symb
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
+import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ from ..base import EvalProtocol, Prediction
 from .ops import (
     FRACTION,
     K_LIST_MVTEC,
+    dataset_k_list,
     lnamd,
     nearest_distances,
     nearest_distances_cdist,
@@ -32,12 +37,29 @@ from .ops import (
     top_min_mean,
     upsample,
 )
+from .persist import PoolFiles
 
 log = logging.getLogger(__name__)
 
 #: the distance between two unit vectors never exceeds 2: the map of an image that had no reference
 UNSCORED = 2.0
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_APPROX = ("none", "subsample")
+#: images of a class scored before the drift check has its baseline / needs for a verdict: ``drift_window``
+MIN_DRIFT_REFERENCES = 4  # images scored against fewer references are not counted (their scores run high)
+
+
+@dataclass
+class _Drift:
+    """Pool-level drift check of one class (``MuSc._drift_update``): the frozen baseline of image scores, the
+    scores of the most recent images and whether joining the pool is paused."""
+
+    baseline: list[float] = field(default_factory=list)
+    recent: deque = field(default_factory=deque)
+    drifting: bool = False
+
+    def state(self) -> dict[str, Any]:
+        return {"baseline": list(self.baseline), "recent": list(self.recent), "drifting": self.drifting}
 
 
 @dataclass
@@ -75,6 +97,15 @@ class _Pool:
         return len(self.hashes)
 
 
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The q quantile of values, linear between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def content_hash(pixels: torch.Tensor) -> str:
     """A short hash of one preprocessed image [3, S, S] (identical inputs = the same image)."""
     data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
@@ -95,7 +126,9 @@ class MuSc(nn.Module):
                  k_list: Sequence[int] = K_LIST_MVTEC, pool_size: int = 50, msm: str = "matmul",
                  memory_mb: int = 256, references: ReferenceStore | None = None, join_pool: bool = True,
                  pool_dtype: str = "float32", topk: int = 0, precision: str = "fp32", attention: str = "auto",
-                 provenance: Mapping[str, Any] | None = None):
+                 approx: str = "none", patch_budget: int = 256, drift_window: int = 16, drift_share: float = 0.5,
+                 drift_quantile: float = 0.95, pool_dir: str | Path | None = None,
+                 eval_k_list: Sequence[int] = (), provenance: Mapping[str, Any] | None = None):
         super().__init__()
         if not backbone.spec.feature_layers:
             raise ValueError("MuSc needs feature layers (the official taps are blocks 6, 12, 18, 24)")
@@ -109,6 +142,11 @@ class MuSc(nn.Module):
             raise ValueError(f"pool_dtype must be one of {', '.join(_DTYPES)}, not '{pool_dtype}'")
         if pool_size < 0 or memory_mb < 1 or not 0 < fraction <= 1:
             raise ValueError("pool_size must be >= 0, memory_mb >= 1 and 0 < fraction <= 1")
+        if approx not in _APPROX:
+            raise ValueError(f"approx must be 'none' or 'subsample', not '{approx}'")
+        if patch_budget < 1 or drift_window < 0 or not 0 < drift_share <= 1 or not 0 < drift_quantile <= 1:
+            raise ValueError("patch_budget must be >= 1, drift_window >= 0, 0 < drift_share <= 1 and "
+                             "0 < drift_quantile <= 1")
         self.backbone = backbone
         self.layers = tuple(backbone.spec.feature_layers)
         self.r_list = tuple(int(r) for r in r_list)
@@ -123,10 +161,20 @@ class MuSc(nn.Module):
         self.topk = int(topk)
         self.precision = check(precision)
         self.attention = attention
+        self.approx = approx
+        self.patch_budget = int(patch_budget)
+        self.drift_window, self.drift_share, self.drift_quantile = int(drift_window), float(drift_share), \
+            float(drift_quantile)
+        self.eval_k_list = tuple(int(k) for k in eval_k_list)
         self.provenance = dict(provenance or {})
         self.bench_pools: tuple[int, ...] = (10, 50, 100, 200)
         self._pools: dict[str, _Pool] = {}  # class -> rolling pool of earlier images
         self._pinned: dict[str, _Pool] = {}  # class -> reference images (store or ``set_references``)
+        self._drift: dict[str, _Drift] = {}  # class -> drift check state
+        self.files = PoolFiles(pool_dir) if pool_dir else None
+        self._restored: set[str] = set()  # classes whose stored pool was read (or that were cleared)
+        self._forget_disk = False  # clear_pools() of every class: nothing more is read from disk
+        self._bench_agreement: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------------------------------------
     # construction and the detector contract
@@ -140,10 +188,29 @@ class MuSc(nn.Module):
         if head:
             log.warning("MuSc is training-free: ignoring head %s", head)
         o = cls.scoring_options(settings)
-        backbone.set_pos_embed_antialias(o.pop("pos_embed_antialias"))
+        backbone.set_pos_embed_antialias(o["pos_embed_antialias"])
+        section = getattr(settings, "musc", None)
+        root = getattr(section, "pool_dir", "")
+        pool_dir = Path(root).expanduser() / cls.pool_key(o, backbone.spec) if root else None
+        o.pop("pos_embed_antialias")
         o.pop("reference_images")
         folder = o.pop("references")
-        return cls(backbone, references=ReferenceStore(folder) if folder else None, provenance=provenance, **o)
+        return cls(backbone, references=ReferenceStore(folder) if folder else None, provenance=provenance,
+                   pool_dir=pool_dir, eval_k_list=list(getattr(section, "eval_k_list", []) or []), **o)
+
+    @staticmethod
+    def pool_key(options: Mapping[str, Any], spec: BackboneSpec) -> str:
+        """The folder name of a model version's stored pools: a digest of the scoring options and the backbone
+        (its weights by SHA-256 when they are a file, as the version identity in ``inspector.versions``)."""
+        from ...versions import file_sha256
+
+        source = Path(spec.pretrained).expanduser()
+        weights = f"sha256:{file_sha256(source)}" if source.is_file() else spec.pretrained
+        backbone = {"arch": spec.arch, "weights": weights, "clip_format": spec.clip_format,
+                    "activation": spec.activation, "model_config": spec.model_config,
+                    "image_size": spec.image_size, "feature_layers": list(spec.feature_layers)}
+        text = json.dumps({"options": dict(options), "backbone": backbone}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @classmethod
     def scoring_options(cls, settings: Any) -> dict[str, Any]:
@@ -160,6 +227,10 @@ class MuSc(nn.Module):
                 "msm": getattr(o, "msm", "matmul"), "memory_mb": int(getattr(o, "memory_mb", 256)),
                 "pool_dtype": getattr(o, "pool_dtype", "float32"), "topk": int(getattr(o, "topk", 0)),
                 "attention": getattr(o, "attention", "auto"),
+                "approx": getattr(o, "approx", "none"), "patch_budget": int(getattr(o, "patch_budget", 256)),
+                "drift_window": int(getattr(o, "drift_window", 16)),
+                "drift_share": float(getattr(o, "drift_share", 0.5)),
+                "drift_quantile": float(getattr(o, "drift_quantile", 0.95)),
                 "precision": getattr(getattr(settings, "model", None), "precision", "fp32"),
                 "pos_embed_antialias": bool(getattr(o, "pos_embed_antialias", False)),
                 "references": folder,
@@ -189,7 +260,9 @@ class MuSc(nn.Module):
         return {"training_free": True, "r_list": list(self.r_list), "fraction": self.fraction,
                 "k_list": list(self.k_list), "pool_size": self.pool_size, "msm": self.msm,
                 "pool_dtype": self.pool_dtype, "pos_embed_antialias": self.backbone.spec.pos_embed_antialias,
-                "bytes_per_pooled_image": self.bytes_per_pooled_image()}
+                "approx": self.approx, "patch_budget": self.patch_budget if self.approx != "none" else None,
+                "bytes_per_pooled_image": self.bytes_per_pooled_image(),
+                "pool_dir": str(self.files.folder) if self.files else None}
 
     @property
     def image_size(self) -> int:
@@ -205,10 +278,33 @@ class MuSc(nn.Module):
             return self.backbone.encode_image_floor(pixels)
 
     def bytes_per_pooled_image(self) -> int:
-        """Memory of one pooled image: R*T LNAMD maps of L x C values in ``pool_dtype`` (+ its embedding)."""
-        length, width = self.backbone.grid ** 2, self.backbone.vision_width
+        """Memory of one pooled image: R*T LNAMD maps of L' x C values in ``pool_dtype`` (+ its embedding);
+        L' = L, or ``patch_budget`` with ``approx = "subsample"``."""
+        width = self.backbone.vision_width
         item = torch.empty((), dtype=_DTYPES[self.pool_dtype]).element_size()
-        return len(self.r_list) * len(self.layers) * length * width * item + self.backbone.embed_dim * 4
+        return len(self.r_list) * len(self.layers) * self.memory_length * width * item + self.backbone.embed_dim * 4
+
+    @property
+    def memory_length(self) -> int:
+        """Patches of an image as a reference (L, or the subsample budget L' = min(patch_budget, L))."""
+        length = self.backbone.grid ** 2
+        return length if self.approx == "none" else min(self.patch_budget, length)
+
+    def patch_subset(self, digest: str) -> torch.Tensor:
+        """The patches an image keeps as a reference with ``approx = "subsample"``: ``memory_length`` indices
+        of its L patches, drawn without replacement from a generator seeded by its content hash (the same
+        image always keeps the same patches, whatever pool or slot it is in), sorted."""
+        length = self.backbone.grid ** 2
+        gen = torch.Generator().manual_seed(int(digest[:15], 16))
+        return torch.randperm(length, generator=gen)[:self.memory_length].sort().values
+
+    def as_memory(self, z: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+        """Z [M, R*T, L, C] of images used as references -> [M, R*T, L', C]: itself (exact mode), or each
+        image's ``patch_subset`` (approximate mode: the nearest-patch search runs over L' patches)."""
+        if self.approx == "none" or self.memory_length == z.shape[2]:
+            return z
+        index = torch.stack([self.patch_subset(h) for h in hashes]).to(z.device)  # [M, L']
+        return torch.stack([z[i][:, index[i]] for i in range(z.shape[0])]) if len(hashes) else z[:, :, :0]
 
     def _apply(self, fn, *args, **kwargs):  # .to(device): pooled features follow the model
         for pools in (self._pools, self._pinned):
@@ -280,11 +376,39 @@ class MuSc(nn.Module):
                              "(the official code returns NaN maps)")
         z, g = self.features(pixels)
         excluded = torch.eye(n, dtype=torch.bool, device=z.device)
-        grid_map = self.mutual_scores(z, [(z, excluded)], torch.full((n,), k, device=z.device))
+        memory = self.as_memory(z, [content_hash(p) for p in pixels]) if self.approx != "none" else z
+        grid_map = self.mutual_scores(z, [(memory, excluded)], torch.full((n,), k, device=z.device))
         anomaly_map = upsample(grid_map, self.image_size)
         map_max = anomaly_map.flatten(1).amax(1)
         k_list = tuple(self.k_list if k_list is None else k_list)
         return PoolScores(anomaly_map, grid_map, map_max, rscin(map_max, g, k_list), g, k_list)
+
+    @torch.inference_mode()
+    def score_closed_pool(self, pixels: torch.Tensor, class_name: str, dataset_classes: Sequence[str] = ()
+                          ) -> Prediction:
+        """The eval hook of a transductive detector (``inspector.evaluation.score_dataset``, official mode):
+        one class's whole test split [N, 3, S, S] as one closed pool, as the paper evaluates. ``image_score``
+        is the RsCIN score, with ``[musc] eval_k_list`` or, when that is empty, the k list the official code
+        would pick for the dataset (``dataset_k_list(dataset_classes)``: [1, 8, 9] for VisA, else [1, 2, 3]),
+        each k clamped to N; ``anomaly_map`` is the official map, ``probability_map`` = map / 2. The rolling
+        pools are neither used nor changed."""
+        n = pixels.shape[0]
+        chosen = self.eval_k_list or dataset_k_list(list(dataset_classes) or [class_name])
+        k_list = tuple(min(int(k), n) for k in chosen)
+        if k_list != tuple(chosen):
+            log.warning("MuSc class '%s': %d images, RsCIN k list %s clamped to %s", class_name, n, list(chosen),
+                        list(k_list))
+        scores = self.score_pool(pixels, class_name, k_list=k_list)
+        anomaly_map = scores.anomaly_map.float()
+        probability_map = (anomaly_map / 2).clamp(0, 1)
+        image_score = scores.official_score.float()
+        provenance = {**self.provenance, "detector": self.name, "precision": resolve(self.precision, self.device),
+                      "mode": "closed pool (the paper's batch setting): the class's images score each other, "
+                      "image score after RsCIN", "k_list": list(k_list), "pool": n, "approx": self.approx,
+                      "map_max": scores.map_max.tolist()}
+        return Prediction(anomaly_map=anomaly_map, image_score=image_score, text_score=image_score.clone(),
+                          topk_score=self.topk_scores(probability_map), provenance=provenance,
+                          probability_map=probability_map)
 
     def _minimum_pool(self) -> int:
         n = 2
@@ -296,13 +420,15 @@ class MuSc(nn.Module):
     # pools for live scoring
 
     def _empty_pool(self, capacity: int) -> _Pool:
-        length, width = self.backbone.grid ** 2, self.backbone.vision_width
+        length, width = self.memory_length, self.backbone.vision_width
         combos = len(self.r_list) * len(self.layers)
         return _Pool(torch.empty(capacity, combos, length, width, dtype=_DTYPES[self.pool_dtype], device=self.device),
                      torch.empty(capacity, self.backbone.embed_dim, device=self.device))
 
     def _push(self, pool: _Pool, z: torch.Tensor, g: torch.Tensor, digest: str, capacity: int) -> _Pool:
-        """Add one image to a pool (growing by doubling up to ``capacity``, then replacing the oldest)."""
+        """Add one image (Z [R*T, L, C]) to a pool (growing by doubling up to ``capacity``, then replacing the
+        oldest); in approximate mode only its ``patch_subset`` is kept."""
+        z = self.as_memory(z[None], [digest])[0]
         if pool.count < capacity:
             if pool.count == pool.features.shape[0]:
                 bigger = self._empty_pool(min(capacity, max(4, 2 * pool.count)))
@@ -327,31 +453,83 @@ class MuSc(nn.Module):
         pixels = images if isinstance(images, torch.Tensor) else preprocess(as_list(images), self.image_size)
         with torch.inference_mode():
             z, g = self.features(pixels)
-            self._join(class_name, z, g, [content_hash(p) for p in pixels])
+            if self._join(class_name, z, g, [content_hash(p) for p in pixels]):
+                self._save(class_name)
         return self.pool_count(class_name)
 
-    def _join(self, class_name: str, z: torch.Tensor, g: torch.Tensor, hashes: Sequence[str]) -> None:
+    def _join(self, class_name: str, z: torch.Tensor, g: torch.Tensor, hashes: Sequence[str]) -> bool:
+        """Push the images that are neither pooled nor references; whether the pool changed."""
         if self.pool_size == 0:
-            return
-        pool = self._pools.get(class_name) or self._empty_pool(0)
+            return False
+        pool = self._rolling(class_name) or self._empty_pool(0)
         pinned = self._pinned.get(class_name)
         known = set(pool.hashes) | set(pinned.hashes if pinned else ())
+        changed = False
         for i, digest in enumerate(hashes):
             if digest not in known:
                 pool = self._push(pool, z[i], g[i], digest, self.pool_size)
                 known.add(digest)
+                changed = True
         self._pools[class_name] = pool
+        return changed
 
     def pool_count(self, class_name: str) -> int:
-        pool = self._pools.get(class_name)
+        pool = self._rolling(class_name)
         return pool.count if pool is not None else 0
+
+    def pool_hashes(self, class_name: str) -> list[str]:
+        """Content hashes of the rolling pool of a class, oldest first."""
+        pool = self._rolling(class_name)
+        if pool is None:
+            return []
+        return [pool.hashes[(pool.start + i) % pool.count] for i in range(pool.count)]
+
+    # ---------------------------------------------------------------------------------------------
+    # pools on disk (``persist.py``): read on a class's first use, written after each change
+
+    def _rolling(self, class_name: str) -> _Pool | None:
+        """The rolling pool of a class, read from ``pool_dir`` the first time the class is used."""
+        if self.files is not None and class_name not in self._restored and not self._forget_disk:
+            self._restored.add(class_name)
+            combos = len(self.r_list) * len(self.layers)
+            shape = (combos, self.memory_length, self.backbone.vision_width)
+            stored = self.files.load(class_name, self.device, shape, _DTYPES[self.pool_dtype])
+            if stored is not None:
+                hashes, features, start = stored["hashes"], stored["features"], stored["start"]
+                if len(hashes) > max(self.pool_size, 0):  # the cap applies to what was stored too
+                    order = [(start + i) % len(hashes) for i in range(len(hashes))][len(hashes) - self.pool_size:]
+                    index = torch.tensor(order, dtype=torch.long, device=features.device)
+                    hashes, features, start = [hashes[i] for i in order], features[index], 0
+                    stored["embeddings"] = stored["embeddings"][index.to(stored["embeddings"].device)]
+                if hashes:
+                    self._pools[class_name] = _Pool(features, stored["embeddings"], list(hashes), start)
+                drift = stored["drift"]
+                if drift:
+                    self._drift[class_name] = _Drift([float(v) for v in drift.get("baseline", [])],
+                                                     deque((float(v) for v in drift.get("recent", [])),
+                                                           maxlen=max(self.drift_window, 1)),
+                                                     bool(drift.get("drifting", False)))
+                log.info("class '%s': MuSc pool of %d image(s) restored from %s", class_name, len(hashes),
+                         self.files.class_dir(class_name))
+        return self._pools.get(class_name)
+
+    def _save(self, class_name: str) -> None:
+        """Write the pool and drift state of a class to ``pool_dir`` (nothing without one)."""
+        if self.files is None:
+            return
+        pool = self._pools.get(class_name) or self._empty_pool(0)
+        count = pool.count
+        features = {pool.hashes[i]: pool.features[i] for i in range(count)}
+        drift = self._drift.get(class_name)
+        self.files.save(class_name, features, list(pool.hashes), pool.start, pool.embeddings[:count],
+                        drift.state() if drift else {})
 
     def pool_remove(self, class_name: str, images: Sequence[ImageInput] | torch.Tensor) -> int:
         """Take images out of the rolling pool of a class (a reviewer rejected them as defects), by
         content. Returns how many were removed."""
         pixels = images if isinstance(images, torch.Tensor) else preprocess(as_list(images), self.image_size)
         drop = {content_hash(p) for p in pixels}
-        pool = self._pools.get(class_name)
+        pool = self._rolling(class_name)
         if pool is None:
             return 0
         order = [(pool.start + i) % pool.count for i in range(pool.count)]  # oldest first
@@ -364,13 +542,20 @@ class MuSc(nn.Module):
         fresh.embeddings[:len(keep)] = pool.embeddings[index]
         fresh.hashes = [pool.hashes[s] for s in keep]
         self._pools[class_name] = fresh
+        self._save(class_name)
         return pool.count - len(keep)
 
     def clear_pools(self, class_name: str | None = None) -> None:
-        """Forget the rolling pool of one class (or all) and the reference images read from the store."""
-        for pools in (self._pools, self._pinned):
+        """Forget the rolling pool and drift state of one class (or all) and the reference images read from
+        the store, in memory: the files in ``pool_dir`` stay until the class's pool next changes (then they
+        are replaced), and are not read again by this instance."""
+        for pools in (self._pools, self._pinned, self._drift):
             for key in [class_name] if class_name is not None else list(pools):
                 pools.pop(key, None)
+        if class_name is None:
+            self._forget_disk = True
+        else:
+            self._restored.add(class_name)
 
     clear_caches = clear_pools
 
@@ -423,12 +608,14 @@ class MuSc(nn.Module):
         """Z of a class's batch images -> (grid map [B, G, G] float64, references per image [B])."""
         b = z.shape[0]
         same = torch.tensor([[a == c for c in hashes] for a in hashes], dtype=torch.bool, device=z.device)
-        sources = [(z, same | torch.eye(b, dtype=torch.bool, device=z.device))]
-        for pool in (self.reference_pool(class_name), self._pools.get(class_name)):
+        sources = [(self.as_memory(z, hashes), same | torch.eye(b, dtype=torch.bool, device=z.device))]
+        batch = set(hashes)
+        for pool in (self.reference_pool(class_name), self._rolling(class_name)):
             if pool is not None and pool.count:
-                known = torch.tensor([[a == c for c in pool.hashes] for a in hashes], dtype=torch.bool,
-                                     device=z.device)
-                sources.append((pool.features[:pool.count], known))
+                # an entry with the content of any batch image is left out: that image is a reference
+                # already (or the query itself), and each content counts once
+                known = torch.tensor([c in batch for c in pool.hashes], dtype=torch.bool, device=z.device)
+                sources.append((pool.features[:pool.count], known[None].expand(b, -1)))
         excluded = torch.cat([e for _, e in sources], dim=1)
         references = (~excluded).sum(1)
         # small pools: at least the nearest image (the official k = int(0.3 m) is 0 below m = 4: NaN)
@@ -458,25 +645,96 @@ class MuSc(nn.Module):
             idx = [i for i, c in enumerate(class_names) if c == name]
             index = torch.tensor(idx, device=z.device)
             grid_map[index], references[index] = self._score_class(z[index], [hashes[i] for i in idx], name)
-        if self.join_pool:
-            for name in dict.fromkeys(class_names):
-                idx = [i for i, c in enumerate(class_names) if c == name]
-                index = torch.tensor(idx, device=z.device)
-                self._join(name, z[index], g[index], [hashes[i] for i in idx])
         anomaly_map = upsample(grid_map, size).float()
         probability_map = (anomaly_map / 2).clamp(0, 1)
         image_score = probability_map.flatten(1).amax(1)
+        drift = {}
+        for name in dict.fromkeys(class_names):
+            idx = [i for i, c in enumerate(class_names) if c == name]
+            counted = [float(image_score[i]) for i in idx if int(references[i]) >= MIN_DRIFT_REFERENCES]
+            drift[name] = self._drift_update(name, counted)
+            if self.join_pool:
+                index = torch.tensor(idx, device=z.device)
+                joined = not drift[name]["drifting"] and self._join(name, z[index], g[index],
+                                                                    [hashes[i] for i in idx])
+                drift[name]["joined"] = not drift[name]["drifting"]
+                if joined or counted:
+                    self._save(name)
         unscored = references == 0
         provenance = {**self.provenance, "detector": self.name, "precision": resolve(self.precision, self.device),
                       "text_score": "none (MuSc has no text): "
                       "the image score", "references": references.tolist(), "unscored": int(unscored.sum()),
-                      "pool": {name: self.pool_count(name) for name in dict.fromkeys(class_names)}}
+                      "pool": {name: self.pool_count(name) for name in dict.fromkeys(class_names)},
+                      "pool_drift": drift, "approx": self.approx}
         if unscored.any():
             log.warning("MuSc: %d image(s) had no other image of their class to be compared with (warm-up); "
                         "they get the highest score (flagged for review)", int(unscored.sum()))
         return Prediction(anomaly_map=anomaly_map, image_score=image_score, text_score=image_score.clone(),
                           topk_score=self.topk_scores(probability_map), provenance=provenance,
                           probability_map=probability_map)
+
+    def _drift_update(self, class_name: str, scores: Sequence[float]) -> dict[str, Any]:
+        """The pool-level drift check of a class after a batch; ``scores``: its image scores (of images with
+        at least ``MIN_DRIFT_REFERENCES`` references). The rule:
+
+        * baseline: the first ``drift_window`` such scores of the class (of this model version), frozen;
+          threshold t = their ``drift_quantile`` quantile (0.95: about the largest normal score);
+        * recent: the scores of the last ``drift_window`` images, joined or not;
+        * drift when the recent window is full and a share >= ``drift_share`` (0.5) of it is above t: a run
+          of images unlike the class's early production. While drifting the class's images do **not** join
+          the pool (it cannot learn a systematic defect as normal), a warning is logged for every batch and
+          ``provenance["pool_drift"][class]["drifting"]`` is true; it ends by itself once the recent share
+          falls below ``drift_share`` again (the line is back to normal), or with ``drift_reset``.
+
+        A defect pattern scores high while it is new; without the pause it would score low once about
+        ``fraction`` of the pool showed it. ``drift_window = 0`` turns the check off."""
+        if self.drift_window == 0:
+            return {"state": "off", "drifting": False}
+        state = self._drift.get(class_name)
+        if state is None:
+            state = self._drift[class_name] = _Drift(recent=deque(maxlen=self.drift_window))
+        for value in scores:
+            if len(state.baseline) < self.drift_window:
+                state.baseline.append(float(value))
+            else:
+                state.recent.append(float(value))
+        if len(state.baseline) < self.drift_window:
+            return {"state": "collecting baseline", "drifting": False, "baseline": len(state.baseline),
+                    "window": self.drift_window}
+        threshold = _quantile(state.baseline, self.drift_quantile)
+        high = sum(v > threshold for v in state.recent)
+        share = high / len(state.recent) if state.recent else 0.0
+        was = state.drifting
+        state.drifting = len(state.recent) == self.drift_window and share >= self.drift_share
+        if state.drifting:
+            log.warning("MuSc class '%s': POOL DRIFT: %d of the last %d images score above %.4f (the %.2f quantile "
+                        "of the class's first %d); these images do not join the pool until the share falls "
+                        "below %.2f (a run of one defect would otherwise be learned as normal)", class_name,
+                        high, len(state.recent), threshold, self.drift_quantile, self.drift_window, self.drift_share)
+        elif was:
+            log.warning("MuSc class '%s': pool drift over (%d of the last %d above %.4f); joining resumes",
+                        class_name, high, len(state.recent), threshold)
+        return {"state": "drift" if state.drifting else "ok", "drifting": state.drifting, "share": share,
+                "threshold": threshold, "window": self.drift_window}
+
+    def drift_reset(self, class_name: str) -> None:
+        """Forget the drift baseline and window of a class (after a product change, say): the next
+        ``drift_window`` scores form a new baseline."""
+        self._rolling(class_name)
+        self._drift.pop(class_name, None)
+        self._save(class_name)
+
+    @contextlib.contextmanager
+    def eval_session(self):
+        """``inspector eval`` (``evaluation.score_dataset``): score a dataset from empty rolling pools held in
+        memory only (no stored pool read or written, so an eval never mixes with a line's pools), then give the
+        instance back its pools as they were."""
+        saved = (self.files, self._pools, self._drift, self._restored, self._forget_disk)
+        self.files, self._pools, self._drift, self._restored, self._forget_disk = None, {}, {}, set(), False
+        try:
+            yield self
+        finally:
+            self.files, self._pools, self._drift, self._restored, self._forget_disk = saved
 
     def predict(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str]) -> Prediction:
         """Score PIL images or file paths of the named classes (one name for all, or one per image)."""
@@ -492,19 +750,30 @@ class MuSc(nn.Module):
                    ) -> list[tuple[str, Callable[[], Any]]]:
         """Timed cases for ``inspector bench``: the batch scored live against a pool of N - 1 earlier images
         (N = ``pool_size`` + 1 as "musc", and each N of ``bench_pools``). The pool images are shifted copies
-        of the bench images, encoded once outside the timing; the pool is restored after each call."""
+        of the bench images, encoded once outside the timing; the pool is restored after each call, and no
+        stored pool is read for the bench class. With ``approx = "none"`` and a ``patch_budget`` below L, one
+        more case times the subsampled search at the largest N, and ``bench_report()["approx_agreement"]``
+        compares the two modes."""
         name = class_names[0]
+        self._restored.add(name)
         sizes = [self.pool_size + 1] + [s for s in self.bench_pools if s != self.pool_size + 1]
         needed = max(sizes) - 1
         copies = [pixels[i % pixels.shape[0]].roll((7 * (i + 1), 3 * (i + 1)), dims=(-2, -1)) for i in range(needed)]
         with torch.inference_mode():
             z, g = self.features(torch.stack(copies)) if copies else self.features(pixels[:0])
+        hashes = [f"{i:024x}" for i in range(needed)]
+        memories = {self.approx: self.as_memory(z, hashes).to(_DTYPES[self.pool_dtype])}
+        if self.approx == "none":  # the subsampled pool of the approximate case, cut outside the timing
+            self.approx = "subsample"
+            try:
+                memories["subsample"] = self.as_memory(z, hashes).to(_DTYPES[self.pool_dtype])
+            finally:
+                self.approx = "none"
 
         def case(count: int) -> Callable[[], Any]:
             def run() -> Any:
                 saved, join = self._pools.get(name), self.join_pool
-                self._pools[name] = _Pool(z[:count].to(_DTYPES[self.pool_dtype]), g[:count],
-                                          [f"bench-{i}" for i in range(count)])
+                self._pools[name] = _Pool(memories[self.approx][:count], g[:count], hashes[:count])
                 self.join_pool = False
                 try:
                     return self.predict_tensors(pixels, [name] * pixels.shape[0])
@@ -516,16 +785,70 @@ class MuSc(nn.Module):
                         self._pools[name] = saved
             return run
 
-        return [("musc" if i == 0 else f"musc N={s}", case(s - 1)) for i, s in enumerate(sizes)]
+        plan = [("musc" if i == 0 else f"musc N={s}", case(s - 1)) for i, s in enumerate(sizes)]
+        self._bench_agreement = self._approx_agreement(z, hashes)
+        if self.approx == "none" and self._bench_agreement is not None:
+            def fast(run: Callable[[], Any]) -> Callable[[], Any]:
+                def timed() -> Any:
+                    self.approx = "subsample"
+                    try:
+                        return run()
+                    finally:
+                        self.approx = "none"
+                return timed
+
+            largest = max(sizes)  # the subsampled search at the largest pool
+            plan.append((f"musc N={largest} subsample {self._bench_budget()}", fast(case(largest - 1))))
+        return plan
+
+    def _bench_budget(self) -> int:
+        return min(self.patch_budget, self.backbone.grid ** 2)
+
+    def _approx_agreement(self, z: torch.Tensor, hashes: list[str], images: int = 16) -> dict[str, Any] | None:
+        """Agreement of ``approx = "subsample"`` with the exact search on a closed pool of up to ``images`` of
+        the bench pool's images (features already computed): Spearman of the raw image scores, max and mean
+        absolute difference of the probability maps (map / 2) and of the image scores."""
+        from ...bench import spearman
+
+        count = min(images, z.shape[0])
+        k = official_k(count - 1, self.fraction)
+        if k < 1 or self.patch_budget >= self.backbone.grid ** 2:
+            return None
+        z, hashes = z[:count], hashes[:count]
+        excluded = torch.eye(count, dtype=torch.bool, device=z.device)
+        ks = torch.full((count,), k, device=z.device)
+        saved = self.approx
+        try:
+            out = {}
+            for mode in ("none", "subsample"):
+                self.approx = mode
+                with torch.inference_mode():
+                    grid_map = self.mutual_scores(z, [(self.as_memory(z, hashes), excluded)], ks)
+                out[mode] = upsample(grid_map, self.image_size) / 2
+        finally:
+            self.approx = saved
+        exact, fast = out["none"], out["subsample"]
+        diff = (exact - fast).abs()
+        a, b = exact.flatten(1).amax(1), fast.flatten(1).amax(1)
+        return {"images": count, "patch_budget": self._bench_budget(), "patches": self.backbone.grid ** 2,
+                "spearman_image_score": spearman(a.cpu(), b.cpu()), "max_abs_map_diff": float(diff.max()),
+                "mean_abs_map_diff": float(diff.mean()), "max_abs_image_score_diff": float((a - b).abs().max()),
+                "mean_signed_image_score_diff": float((b - a).mean()),
+                "what": "closed pool of the bench's pool images, exact vs subsampled references (probability "
+                        "maps = map / 2); a subsample can only raise a nearest distance"}
 
     def bench_report(self) -> dict[str, Any]:
         """Memory per pooled image here and the full-size cost model (ViT-L/14 at 518: L = 1369, C = 1024)."""
         length, width = self.backbone.grid ** 2, self.backbone.vision_width
         combos = len(self.r_list) * len(self.layers)
         full = {n: 2 * 12 * (n - 1) * 1369 ** 2 * (1024 + 2) / 1e9 for n in (10, 50, 100, 200)}
-        return {"bytes_per_pooled_image": self.bytes_per_pooled_image(),
+        return {"bytes_per_pooled_image": self.bytes_per_pooled_image(), "approx": self.approx,
+                "approx_agreement": self._bench_agreement,
                 "msm_gflop_per_image_per_other_image": 2 * combos * length ** 2 * (width + 2) / 1e9,
                 "full_size": {"bytes_per_pooled_image_fp16": 12 * 1369 * 1024 * 2,
                               "backbone_tflop_per_image": 2 * 24 * (12 * 1369 * 1024 ** 2 + 2 * 1369 ** 2 * 1024)
                               / 1e12,
-                              "msm_gflop_per_image": full}}
+                              "msm_gflop_per_image": full,
+                              "subsample_patch_budget": self.patch_budget,
+                              "msm_gflop_per_image_subsample": {n: v * min(self.patch_budget, 1369) / 1369
+                                                                for n, v in full.items()}}}

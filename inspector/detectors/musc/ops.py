@@ -18,9 +18,21 @@ K_LIST_MVTEC = (1, 2, 3)
 K_LIST_VISA = (1, 8, 9)
 
 
+#: VisA's 12 categories (the official VisA reader's list)
+VISA_CLASSES = frozenset({"candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
+                          "pcb2", "pcb3", "pcb4", "pipe_fryum"})
+
+
 def official_k_list(dataset: str) -> tuple[int, ...]:
     """The official choice: [1, 8, 9] when the dataset is named "visa", [1, 2, 3] otherwise."""
     return K_LIST_VISA if dataset.lower() == "visa" else K_LIST_MVTEC
+
+
+def dataset_k_list(class_names: Sequence[str]) -> tuple[int, ...]:
+    """The official choice for a dataset known by its classes rather than its name (``inspector eval`` reads
+    folders): VisA-style [1, 8, 9] when every class is a VisA category, MVTec-style [1, 2, 3] otherwise."""
+    names = {str(c).lower() for c in class_names}
+    return official_k_list("visa" if names and names <= VISA_CLASSES else "mvtec")
 
 
 def lnamd(tokens: torch.Tensor, grid: int, r: int) -> torch.Tensor:
