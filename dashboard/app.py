@@ -146,7 +146,9 @@ def review_page(reviewer: str) -> None:
     c1, c2, c3, c4 = st.columns(4)
     class_name = c1.selectbox("Class", ["all", *classes], key="f_class")
     decision = c2.selectbox("Decision", ["all", "defect", "normal"], key="f_decision")
-    state = c3.selectbox("Review state", ["unreviewed", "reviewed", "all"], key="f_reviewed")
+    state = c3.selectbox("Review state", ["unreviewed", "reviewed", "all", "audit sample"], key="f_reviewed",
+                         help="audit sample: the random share of passed images drawn to measure the escape "
+                              "rate (review them all: they are not chosen by score)")
     order = c4.radio("Order", ["score", "closeness"], horizontal=True, key="f_order",
                      help="score: highest first; closeness: nearest to the class threshold first (the unsure ones)")
     c5, c6, c7, c8 = st.columns(4)
@@ -166,7 +168,8 @@ def review_page(reviewer: str) -> None:
         since=dt.datetime.combine(dates[0], dt.time()) if len(dates) == 2 else None,
         until=dt.datetime.combine(dates[1], dt.time()) + dt.timedelta(days=1) if len(dates) == 2 else None,
         score_min=low, score_max=high, decision=None if decision == "all" else decision,
-        reviewed={"unreviewed": False, "reviewed": True, "all": None}[state], order=order,
+        reviewed={"unreviewed": False, "reviewed": True, "all": None, "audit sample": False}[state], order=order,
+        audit=True if state == "audit sample" else None,
         limit=settings.dashboard.page_size, offset=st.session_state.get("offset", 0),
         model_version_id=versions.get(version_label))
     if not rows:
@@ -197,6 +200,9 @@ def review_page(reviewer: str) -> None:
         st.write(f"Class **{row['class_name']}** · model version `{row['model_version']}` · threshold "
                  + (f"{threshold:.3f} (v{row['threshold_version']}) → **{row['decision']}**" if threshold is not None
                     else "not calibrated for this version"))
+        if row["stored_decision"]:
+            st.write(f"Decided when stored: **{row['stored_decision']}**"
+                     + (" · in the audit sample (a random pass: review it)" if row["audit"] else ""))
         reason = st.text_input("Reason (optional)", key=f"reason_{row['id']}")
         b1, b2, b3 = st.columns(3)
         verdict = None
@@ -270,6 +276,9 @@ def thresholds_page(reviewer: str) -> None:
     if "t_value" not in st.session_state or st.session_state.get("t_for") != (class_name, version_id):
         st.session_state["t_value"] = float(current["value"]) if current else 0.5
         st.session_state["t_for"] = (class_name, version_id)
+    if current is not None and current.get("kind") == "provisional":
+        st.info(f"The threshold in force is **provisional** ({current['note']}): no reviewer has calibrated it.")
+    calibration_section(scores, labels)
     target = st.number_input("Reach recall", 0.0, 1.0, 0.95, 0.01, key="t_recall")
     if st.button("Set the threshold for this recall", key="t_reach"):
         found = rv.threshold_for_recall(scores, labels, target)
@@ -298,8 +307,11 @@ def thresholds_page(reviewer: str) -> None:
             c2.caption("Precision-recall (reviewed images)")
             c2.line_chart(pr, x="recall", y="precision")
     note = st.text_input("Note for this version", key="t_note")
+    band = st.number_input("Review band (± around the threshold: decision 'review')", 0.0, 0.49,
+                           float(current["review_band"]) if current else 0.0, 0.001, format="%.3f", key="t_band")
     if st.button("Save threshold", key="t_save", disabled=not reviewer, type="primary"):
-        version = rv.save_threshold(engine, class_name, value, reviewer, note, model_version_id=version_id)
+        version = rv.save_threshold(engine, class_name, value, reviewer, note, model_version_id=version_id,
+                                    review_band=band)
         st.success(f"Saved {class_name} threshold {value:.3f} as v{version} for {chosen['name']}; every decision "
                    "of this version now uses it.")
     if not reviewer:
@@ -314,6 +326,29 @@ def thresholds_page(reviewer: str) -> None:
             st.success(f"v{new} restores the value of v{version}.")
             st.rerun()
     compare_section(class_name, versions)
+
+
+def calibration_section(scores: np.ndarray, labels: np.ndarray) -> None:
+    """Targets with honest uncertainty: exact (Clopper-Pearson) 95 % intervals on the reviewed images."""
+    from inspector import stats
+
+    st.subheader("Calibrate with 95 % confidence")
+    c1, c2 = st.columns(2)
+    recall = c1.number_input("Recall at least (lower bound)", 0.5, 0.999, 0.9, 0.01, key="t_conf_recall")
+    alarms = c2.number_input("False alarms at most (upper bound)", 0.001, 0.5, 0.05, 0.005, key="t_conf_fa")
+    fmt = (lambda iv: f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f} %")
+    for label, proposal in ((f"recall ≥ {100 * recall:.1f} %", stats.propose_for_recall(scores, labels, recall)),
+                            (f"false alarms ≤ {100 * alarms:.1f} %",
+                             stats.propose_for_false_alarms(scores, labels, alarms))):
+        if proposal.threshold is None:
+            st.write(f"**{label}**: no threshold reaches it on the reviewed images yet"
+                     + (f"; review at least {proposal.more_defects_needed} more defects"
+                        if proposal.more_defects_needed else "") + ".")
+            continue
+        st.write(f"**{label}** → threshold **{proposal.threshold:.4f}**: recall {fmt(proposal.recall_interval)}, "
+                 f"false alarms {fmt(proposal.false_alarm_interval)} (95 % exact intervals)"
+                 + (f"; the target is not shown yet: {proposal.more_defects_needed} more reviewed defects needed"
+                    if proposal.more_defects_needed else ""))
 
 
 def compare_section(class_name: str, versions: list[dict]) -> None:
@@ -365,6 +400,20 @@ def overview_page() -> None:
         st.caption("Active model version per class")
         st.dataframe([{"class": c, "model version": v} for c, v in info["active_by_class"].items()],
                      hide_index=True)
+    escape = rv.escape_counts(engine, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(days=7))
+    if escape:
+        from inspector.stats import escape_rate
+
+        st.caption("Escape rate (last 7 days): defects found among audited passes, scaled to all passes; "
+                   "95 % exact interval")
+        table = []
+        for row in escape:
+            e = escape_rate(row["passes"], row["audited"], row["found"])
+            table.append({"class": row["class_name"], "line": row["line"] or "–", "passes": e.passes,
+                          "audited": e.audited, "defects found": e.escapes_found,
+                          "escape rate": "–" if e.rate is None else f"{100 * e.rate:.2f} %",
+                          "95 % interval": f"{100 * e.interval[0]:.2f}–{100 * e.interval[1]:.2f} %"})
+        st.dataframe(table, hide_index=True)
     if info["errors"]:
         st.subheader("Errors")
         st.dataframe(info["errors"], hide_index=True)

@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from .config import Settings
 from .intake import Intake, WatchedFolder
 from .store.db import open_store
+from .store.decisions import DecisionPolicy
 from .store.queue import pending_count
 from .store.versions import ensure_model_version, promoted_version, record_promotion, version_row
 from .versions import Recipe, build, recipe_from_registry, recipe_from_settings
@@ -205,11 +206,51 @@ def register_model_version(engine: Engine, detector: Any, source_ids: list[int] 
     return version
 
 
+def decision_policy(settings: Settings) -> DecisionPolicy:
+    """``[decisions]`` and the enabled ``[outputs]`` sinks, as the store applies them."""
+    from .delivery import enabled_sinks
+
+    d = settings.decisions
+    return DecisionPolicy(provisional_after=d.provisional_after, rule=d.provisional_rule, k=d.provisional_k,
+                          expected_flag_rate=d.expected_flag_rate, review_band=d.review_band,
+                          audit_share=d.audit_share, audit_seed=d.audit_seed, sinks=enabled_sinks(settings.outputs))
+
+
 def make_worker(engine: Engine, models: dict[int, Any], settings: Settings, on_batch=None, refresh=None) -> Worker:
     w = settings.watch
     return Worker(engine, models, batch_size=settings.model.batch_size, lease_seconds=w.lease_seconds,
                   max_attempts=w.max_attempts, map_size=w.map_size, decode_threads=w.decode_threads,
-                  on_batch=on_batch, refresh=refresh)
+                  on_batch=on_batch, refresh=refresh, policy=decision_policy(settings),
+                  pixel_budget=w.batch_pixel_budget)
+
+
+def start_delivery(engine: Engine, settings: Settings, source_ids: list[int | None],
+                   stop: threading.Event) -> tuple[Any, threading.Thread] | None:
+    """A ``Dispatcher`` thread for these sources' events, if any ``[outputs]`` sink is configured."""
+    from .delivery import Dispatcher, enabled_sinks
+
+    if not enabled_sinks(settings.outputs):
+        return None
+    dispatcher = Dispatcher(engine, settings.outputs, source_ids)
+    thread = threading.Thread(target=dispatcher.run, args=(stop,), name="delivery", daemon=True)
+    thread.start()
+    return dispatcher, thread
+
+
+def finish_delivery(engine: Engine, delivery: tuple[Any, threading.Thread] | None, stop: threading.Event,
+                    source_ids: list[int | None], wait_seconds: float = 10.0) -> None:
+    """Give the dispatcher up to ``wait_seconds`` to send what is pending (a batch run), then stop it; what
+    is left stays in the outbox for the next run."""
+    from .store.outbox import due
+
+    if delivery is None:
+        return
+    dispatcher, thread = delivery
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline and any(due(engine, name, source_ids, 1) for name in dispatcher.sinks):
+        time.sleep(0.1)
+    stop.set()
+    thread.join(timeout=wait_seconds + 10)
 
 
 def import_legacy_registry(engine: Engine, settings: Settings) -> int:
@@ -335,6 +376,8 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
     metrics = Metrics(metrics_port, engine, settings.watch.metrics_address) if metrics_port else None
     worker = make_worker(engine, {}, settings, on_batch=metrics.on_batch if metrics else None, refresh=refresh)
     refresh(worker)
+    sending = threading.Event()
+    delivery = start_delivery(engine, settings, list(source_ids), sending)
     started = time.perf_counter()
     if once:
         intake.scan()
@@ -353,6 +396,7 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
             stop.set()
             thread.join(timeout=10)
     elapsed = time.perf_counter() - started
+    finish_delivery(engine, delivery, sending, list(source_ids), wait_seconds=10.0 if once else 5.0)
     engine.dispose()
     names = sorted({models.recipes[v].name for v in models.loaded})
     return {"stored": worker.stored, "failed": worker.failed, "seconds": elapsed, "intake": dict(intake.counts),
@@ -392,12 +436,27 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_
     return worker.stored
 
 
-def status_json(settings: Settings) -> str:
+def status_json(settings: Settings, escape_days: float = 7.0) -> str:
+    """`inspector status --json`: the queue per version, the outbox backlog per sink, and the escape-rate
+    estimate per class and line over the last ``escape_days`` (defects among audited passes, 95 % exact
+    interval, scaled to all passes)."""
+    import dataclasses
+    import datetime as dt
+
+    from .stats import escape_rate
+    from .store.outbox import backlog
     from .store.queue import status
+    from .store.review import escape_counts
 
     engine = open_store(settings.database.url)
     try:
-        return json.dumps(status(engine), default=str)
+        data = status(engine)
+        data["outbox"] = backlog(engine)
+        since = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(days=escape_days)
+        data["escape_window_days"] = escape_days
+        data["escape"] = [{**row, **dataclasses.asdict(escape_rate(row["passes"], row["audited"], row["found"]))}
+                          for row in escape_counts(engine, since)]
+        return json.dumps(data, default=str)
     finally:
         engine.dispose()
 
@@ -456,7 +515,10 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
     total = len(paths)
     worker = make_worker(engine, {version: detector}, settings,
                          on_batch=(lambda claimed, stored, s: progress(total - remaining())) if progress else None)
+    sending = threading.Event()
+    delivery = start_delivery(engine, settings, [None], sending)
     worker.run(threading.Event(), until_empty=lambda: remaining() == 0, idle_seconds=settings.watch.idle_seconds)
+    finish_delivery(engine, delivery, sending, [None])
     by_path = rows_for()
     out = []
     with engine.connect() as conn:

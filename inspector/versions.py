@@ -77,8 +77,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _options(cls: Any, settings: Settings) -> dict[str, Any]:
-    """The detector's scoring options (``scoring_options(settings)``, part of its interface)."""
-    return cls.scoring_options(settings)
+    """The detector's scoring options (``scoring_options(settings)``, part of its interface), with
+    ``precision = "auto"`` replaced by the arithmetic it means on this box's device (bf16 on CUDA and on
+    CPUs with native bf16, fp32 elsewhere): a box that computes in another precision scores another
+    version, and says so instead of writing its numbers under the other's name."""
+    options = dict(cls.scoring_options(settings))
+    if options.get("precision") == "auto":
+        from .detectors.bayes_pfl.model import resolve_device
+        from .precision import resolve
+
+        try:
+            device = resolve_device(settings.model.device)
+        except (ValueError, RuntimeError):
+            device = "cpu"  # the device error is the loader's to report, with its own message
+        options["precision"] = resolve("auto", device)
+    return options
 
 
 def _weights_identity(pretrained: str) -> str:

@@ -15,7 +15,7 @@ from inspector.config import Settings
 def tiny_settings(**model: object) -> Settings:
     s = Settings()
     s.override("model", **{"backbone": "test-tiny", "pretrained": "random", "image_size": 518, "samples": 3,
-                            "device": "cpu", **model})
+                            "device": "cpu", "precision": "fp32", **model})  # exact: tests compare to 1e-6
     return s
 
 

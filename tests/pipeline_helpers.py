@@ -24,6 +24,7 @@ FAST_ENV = {
     "INSPECTOR_MODEL__IMAGE_SIZE": "224",
     "INSPECTOR_MODEL__SAMPLES": "1",
     "INSPECTOR_MODEL__DEVICE": "cpu",
+    "INSPECTOR_MODEL__PRECISION": "fp32",  # "auto" is bf16 on CPUs with native bf16; tests compare exactly
     "INSPECTOR_MODEL__BATCH_SIZE": "8",
     "INSPECTOR_MODEL__ALLOW_RANDOM_WEIGHTS": "true",
     # these tests exercise the pipeline with an untrained Bayes-PFL; the day-one fallback has its own tests

@@ -368,6 +368,7 @@ def test_import_official_registers_a_version_that_predicts_the_same(main, tmp_pa
     settings = Settings()
     settings.registry.path = str(tmp_path / "models")
     settings.model.device = "cpu"
+    settings.model.precision = "fp32"  # from_official is exact fp32; "auto" may be bf16 on this CPU
     loaded = load_model("aa-official", settings=settings)
     pixels = main.pixels
     a, b = loaded.predict_tensors(pixels, CLASSES), main.model.predict_tensors(pixels, CLASSES)

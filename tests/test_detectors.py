@@ -21,7 +21,7 @@ from .test_cli import _images, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"backbone": "test-tiny", "pretrained": "random", "image_size": 224, "device": "cpu", "samples": 1,
+TINY = {"backbone": "test-tiny", "pretrained": "random", "image_size": 224, "device": "cpu", "samples": 1, "precision": "fp32",
         "allow_random_weights": True}
 
 

@@ -102,12 +102,15 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
                  since: dt.datetime | None = None, until: dt.datetime | None = None,
                  score_min: float | None = None, score_max: float | None = None, decision: str | None = None,
                  reviewed: bool | None = None, order: str = "score", limit: int = 50,
-                 offset: int = 0, model_version_id: int | None = None) -> list[dict[str, Any]]:
+                 offset: int = 0, model_version_id: int | None = None,
+                 audit: bool | None = None) -> list[dict[str, Any]]:
     """Scored images with their decision and last review, filtered, sorted and paginated in SQL.
 
     One result per image: of ``model_version_id``, or of its class's active version.
     order: "score" (highest first) or "closeness" (nearest to the threshold first: the unsure ones).
-    decision: "defect" (score >= threshold), "normal" (below), or None. reviewed: True/False/None.
+    decision: "defect" (score >= threshold), "normal" (below), or None: the what-if decision at the current
+    threshold (``stored_decision`` is the pass/fail/review made when the result was stored). reviewed:
+    True/False/None. audit: True = only the audit sample of passes.
     """
     th = _latest_thresholds()
     flagged = case((th.c.value.is_(None), None), (results.c.image_score >= th.c.value, "defect"), else_="normal")
@@ -120,6 +123,7 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
     query = (select(images.c.id, images.c.path, images.c.class_name, images.c.source_id, images.c.width,
                     images.c.height, results.c.id.label("result_id"), results.c.image_score, results.c.text_score,
                     results.c.topk_score, results.c.created_at, results.c.model_version_id,
+                    results.c.decision.label("stored_decision"), results.c.audit,
                     model_versions.c.name.label("model_version"), th.c.value.label("threshold"),
                     th.c.version.label("threshold_version"), flagged.label("decision"),
                     verdict.label("verdict"), last_review(reviews.c.reviewer).label("reviewer"),
@@ -141,6 +145,8 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
         query = query.where(results.c.image_score <= score_max)
     if decision is not None:
         query = query.where(flagged == decision)
+    if audit is not None:
+        query = query.where(results.c.audit.is_(True) if audit else results.c.audit.is_(False))
     reviewed_any = select(reviews.c.id).where(reviews.c.image_id == images.c.id).exists()
     if reviewed is True:
         query = query.where(reviewed_any)
@@ -228,7 +234,7 @@ def latest_other_threshold(engine: Engine, class_name: str, model_version_id: in
 
 
 def save_threshold(engine: Engine, class_name: str, value: float, who: str, note: str | None = None,
-                   model_version_id: int | None = None) -> int:
+                   model_version_id: int | None = None, review_band: float = 0.0) -> int:
     """Append a new threshold version for (``class_name``, ``model_version_id``; default the class's active
     version); returns its number."""
     model_version_id = _or_active(engine, class_name, model_version_id)
@@ -236,12 +242,15 @@ def save_threshold(engine: Engine, class_name: str, value: float, who: str, note
         raise ReviewError("a name is required to change a threshold")
     if not 0.0 <= value <= 1.0:
         raise ReviewError(f"threshold must lie in [0, 1], not {value}")
+    if not 0.0 <= review_band < 0.5:
+        raise ReviewError(f"the review band must lie in [0, 0.5), not {review_band}")
     with engine.begin() as conn:
         last = conn.execute(select(func.max(thresholds.c.version)).where(
             thresholds.c.class_name == class_name, _version_where(model_version_id))).scalar() or 0
         conn.execute(thresholds.insert().values(class_name=class_name, model_version_id=model_version_id,
                                                 version=last + 1, value=float(value), created_by=who.strip(),
-                                                created_at=utcnow(), note=note or None))
+                                                created_at=utcnow(), note=note or None, kind="reviewed",
+                                                review_band=float(review_band)))
         return last + 1
 
 
@@ -351,6 +360,29 @@ def compare_versions(engine: Engine, class_name: str, active: int, candidate: in
     else:
         out["disagreements"] = None  # a version without a threshold has no decisions to compare
     return out
+
+
+def escape_counts(engine: Engine, since: dt.datetime | None = None,
+                  class_name: str | None = None) -> list[dict[str, Any]]:
+    """Per (class, line): passes stored since ``since``, audited passes a reviewer judged (normal or
+    defect), and defects found among them (the inputs of ``stats.escape_rate``)."""
+    rv = _latest_reviews()
+    judged = and_(results.c.audit.is_(True), rv.c.verdict.in_(("normal", "defect")))
+    query = (select(images.c.class_name, sources.c.line, func.count().label("passes"),
+                    func.sum(case((judged, 1), else_=0)).label("audited"),
+                    func.sum(case((and_(judged, rv.c.verdict == "defect"), 1), else_=0)).label("found"))
+             .select_from(results).join(images, images.c.id == results.c.image_id)
+             .join(sources, sources.c.id == images.c.source_id, isouter=True)
+             .join(rv, rv.c.image_id == images.c.id, isouter=True)
+             .where(results.c.decision == "pass").group_by(images.c.class_name, sources.c.line)
+             .order_by(images.c.class_name, sources.c.line))
+    if since is not None:
+        query = query.where(results.c.created_at >= since)
+    if class_name is not None:
+        query = query.where(images.c.class_name == class_name)
+    with engine.connect() as conn:
+        return [{"class_name": r.class_name, "line": r.line, "passes": r.passes, "audited": int(r.audited or 0),
+                 "found": int(r.found or 0)} for r in conn.execute(query)]
 
 
 def classes(engine: Engine) -> list[str]:

@@ -9,7 +9,9 @@
     promotions      append-only: which version is active (site-wide or per class), which run in shadow
     jobs            the queue: one row per (image, model version) with status, lease, attempts, priority
     results         one per (image, model version): scores and the anomaly map as an 8-bit PNG
-    thresholds      decision thresholds per (class, model version), versioned (never updated in place)
+    thresholds      decision thresholds per (class, model version), versioned (never updated in place):
+                    reviewed (saved by a person) or provisional (computed from the first unlabeled scores)
+    outbox          decisions on their way to the line (MQTT, webhook, folders), written with the result
     reviews         human verdicts, one row per review (history is never overwritten), with the result
                     (and so the model version) the reviewer was shown
 
@@ -151,6 +153,11 @@ results = Table(
     Column("latency_ms", Float, nullable=True),
     Column("worker", String(200), nullable=True),
     Column("created_at", DateTime(), nullable=False),
+    # the decision made when the result was stored (live and `score` results only; shadow and backfill
+    # results decide nothing): pass | fail | review, by the threshold row in force then (None: none yet)
+    Column("decision", String(8), nullable=True),
+    Column("threshold_id", Integer, ForeignKey("thresholds.id"), nullable=True),
+    Column("audit", Boolean, nullable=False, default=False),  # a pass drawn into the audit sample
     UniqueConstraint("image_id", "model_version_id"),
     Index("ix_results_created_at", "created_at"),
     Index("ix_results_image_score", "image_score"),
@@ -166,6 +173,8 @@ thresholds = Table(
     Column("created_by", String(200), nullable=False),
     Column("created_at", DateTime(), nullable=False),
     Column("note", Text, nullable=True),
+    Column("kind", String(16), nullable=False, default="reviewed"),  # reviewed | provisional
+    Column("review_band", Float, nullable=False, default=0.0),  # |score - value| < band: decision "review"
     UniqueConstraint("class_name", "model_version_id", "version"),
     Index("ix_thresholds_class_name", "class_name"),
 )
@@ -180,4 +189,23 @@ reviews = Table(
     Column("created_at", DateTime(), nullable=False),
     Column("result_id", Integer, ForeignKey("results.id"), nullable=True),  # what the reviewer was shown
     Index("ix_reviews_image_id", "image_id"),
+)
+
+#: delivery of decisions to the line: written in the transaction that stores the result (so a crash between
+#: storing and sending loses nothing), sent at least once and in order per (sink, source)
+outbox = Table(
+    "outbox", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("result_id", Integer, ForeignKey("results.id"), nullable=False),
+    Column("sink", String(100), nullable=False),
+    Column("source_id", Integer, ForeignKey("sources.id"), nullable=True),
+    Column("payload", Text, nullable=False),  # the event as JSON
+    Column("status", String(16), nullable=False),  # pending | sent
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("next_attempt_at", DateTime(), nullable=False),
+    Column("created_at", DateTime(), nullable=False),
+    Column("sent_at", DateTime(), nullable=True),
+    UniqueConstraint("result_id", "sink"),
+    Index("ix_outbox_sink_status", "sink", "status"),
 )
