@@ -309,6 +309,14 @@ class Metrics:
         self.batch = Histogram("inspector_batch_seconds", "Seconds per batch, read to stored")
         queue_depth = Gauge("inspector_queue_depth", "Images waiting to be scored")
         queue_depth.set_function(lambda: _safe(lambda: pending_count(engine)))
+        outbox_pending = Gauge("inspector_outbox_pending", "Decision events not yet accepted by their sink",
+                               ["sink"])
+        from .delivery import SINKS
+        from .store.outbox import backlog
+
+        for sink in SINKS:
+            outbox_pending.labels(sink).set_function(
+                lambda sink=sink: _safe(lambda: backlog(engine).get(sink, {}).get("pending", 0)))
         start_http_server(port, addr=address)
 
     def on_batch(self, claimed: int, stored: int, seconds: float) -> None:
