@@ -35,6 +35,7 @@ of the fp32 image scores, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -247,7 +248,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
             "agreement": precision_agreement(model, pixels_all, [class_name] * pixels_all.shape[0], low,
                                              quantile=threshold_quantile, **options),
         }
-    pipeline = pipeline_case(model, max(batch_sizes), samples, count=max(6 * max(batch_sizes), 24))
+    pipeline, latency = pipeline_case(model, max(batch_sizes), samples, count=max(6 * max(batch_sizes), 24))
     exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
     pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
     pipeline.precision = resolved
@@ -256,6 +257,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "detector": model.name,
         "main_case": main_case,
         "pipeline_overhead": pipeline.ms_per_image / exact.ms_per_image - 1.0,
+        "decision_latency": latency,
         "device": device_name(device),
         "precision": resolved,
         "precision_setting": setting,
@@ -387,15 +389,63 @@ def side_by_side(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) -> Case:
-    """Time `watch --once` on ``count`` PNG files with the already-loaded ``model`` (no load time)."""
+@contextlib.contextmanager
+def _local_broker(folder: Path):
+    """A mosquitto broker on a free loopback port for the run (None when the machine has none)."""
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    try:
+        import paho.mqtt.client  # noqa: F401 - the optional [mqtt] extra
+    except ImportError:
+        binary = None
+    if binary is None:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = folder / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _percentiles(values: list[float]) -> dict[str, float | int]:
+    data = np.asarray(values, dtype=np.float64)
+    return {"events": int(data.size), **{f"p{q}_ms": float(np.percentile(data, q)) for q in (50, 95, 99)}}
+
+
+def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) -> tuple[Case, dict[str, Any]]:
+    """Time `watch --once` on ``count`` PNG files with the already-loaded ``model`` (no load time), deciding
+    each result and delivering its event to a real local MQTT broker when the machine has mosquitto:
+    returns the case and the file-stable -> decision-delivered latency (p50, p95, p99)."""
+    import datetime as dt
     import tempfile
     import threading
 
+    from sqlalchemy import select
+
+    from .config import OutputSettings
+    from .delivery import Dispatcher
     from .intake import Intake, WatchedFolder
     from .pipeline import register_model_version
     from .store.db import open_store
+    from .store.decisions import DecisionPolicy
     from .store.queue import pending_count
+    from .store.schema import images, results
     from .worker import Worker
 
     old_samples = getattr(model, "samples", None)
@@ -407,22 +457,53 @@ def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) ->
         for i, image in enumerate(synthetic_images(count, size=640, seed=100)):
             image.save(folder / f"img_{i:04d}.png")
         engine = open_store(f"sqlite:///{tmp}/bench.sqlite", auto_upgrade=True)
+        latency: dict[str, Any] = {"skipped": "no mosquitto (or paho-mqtt) on this machine"}
         try:
-            with _PeakRSS() as rss:
+            with _local_broker(Path(tmp)) as port, _PeakRSS() as rss:
+                received: dict[int, dt.datetime] = {}
+                stop = threading.Event()
+                dispatcher = subscriber = None
+                if port is not None:
+                    import paho.mqtt.client as mqtt
+
+                    subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+                    subscriber.on_message = lambda c, u, m: received.setdefault(
+                        json.loads(m.payload)["id"], dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+                    subscriber.connect("127.0.0.1", port)
+                    subscriber.subscribe("inspector/#", qos=1)
+                    subscriber.loop_start()
                 start = time.perf_counter()
                 intake = Intake(engine, [WatchedFolder(folder, "bench part")], stable_seconds=0, rescan_seconds=0)
                 version = register_model_version(engine, model, [intake.folders[0].source_id])
+                policy = DecisionPolicy(provisional_after=1, sinks=("mqtt",) if port else ())
+                if port is not None:
+                    dispatcher = Dispatcher(engine, OutputSettings(mqtt_url=f"mqtt://127.0.0.1:{port}"),
+                                            [intake.folders[0].source_id], interval=0.01)
+                    threading.Thread(target=dispatcher.run, args=(stop,), daemon=True).start()
                 intake.scan()
                 intake.tick()
-                worker = Worker(engine, {version: model}, batch_size=batch_size)
+                worker = Worker(engine, {version: model}, batch_size=batch_size, policy=policy)
                 worker.run(threading.Event(), until_empty=lambda: pending_count(engine) == 0, idle_seconds=0.05)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
+                if port is not None:
+                    deadline = time.monotonic() + 30
+                    while len(received) < count and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    stop.set()
+                    subscriber.loop_stop()
+                    with engine.connect() as conn:
+                        found = {r.id: r.discovered_at for r in conn.execute(
+                            select(results.c.id, images.c.discovered_at).join(images, images.c.id == results.c.image_id))}
+                    latency = _percentiles([(received[i] - found[i]).total_seconds() * 1000
+                                            for i in received if i in found])
+                    latency["broker"] = "mosquitto on 127.0.0.1 (QoS 1)"
             if worker.stored != count:
                 raise RuntimeError(f"pipeline bench stored {worker.stored} of {count} images")
         finally:
             engine.dispose()
             if old_samples is not None:
                 model.samples = old_samples
-    return Case("pipeline (watch --once)", batch_size, seconds * 1000 / count, count / seconds, rss.peak / 2**20)
+    case = Case("pipeline (watch --once)", batch_size, seconds * 1000 / count, count / seconds, rss.peak / 2**20)
+    return case, latency
