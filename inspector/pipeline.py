@@ -550,6 +550,9 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
                         "text_score": result["text_score"] if result else None,
                         "topk_score": result["topk_score"] if result else None,
                         "latency_ms": result["latency_ms"] if result else None,
+                        "decision": result["decision"] if result else None,
+                        "threshold_id": result["threshold_id"] if result else None,
+                        "audit": bool(result["audit"]) if result else None,
                         "anomaly_map_png": result["anomaly_map"] if result else None})
     engine.dispose()
     return out, detector
