@@ -42,6 +42,15 @@ other detectors, 0.005 away on a tiny map).
   it. Duplicates (the same preprocessed pixels) are never each other's references and join the pool once
   (the official code keeps them, which halves a twin's score). ``pool_remove`` takes reviewer-rejected
   images out by content, ``pool_add`` adds known-good ones without scoring.
+* Restart: with a ``pool_dir`` (``[musc] pool_dir``, one folder per model version) the rolling pools are
+  written after each batch and read back on a class's first use (``persist.py``), so a restarted worker
+  rescores nothing. Drift: ``_drift_update`` pauses joining while a class's recent images mostly score
+  above its early baseline (a run of one defect is not learned as normal); ``provenance["pool_drift"]``.
+* ``score_closed_pool`` / ``eval_session``: ``inspector eval``'s batch mode (each class's test split one
+  pool, RsCIN with the k list the official code picks) and its live mode from empty in-memory pools.
+* ``[musc] approx = "subsample"``: each reference image keeps ``patch_budget`` patches (seeded by its
+  content hash) for the nearest-patch search; ``bench_report()["approx_agreement"]`` compares it with the
+  exact search.
 * Memory: R*T*L*C values per pooled image in ``[musc] pool_dtype`` (``bytes_per_pooled_image``; 67 MB fp32 /
   34 MB fp16 at full size). MSM works in blocks of at most ``[musc] memory_mb`` of distances.
   ``[musc] msm = "cdist"`` runs the official ``torch.cdist`` arithmetic on the full matrix instead.
