@@ -34,6 +34,7 @@ FAST_ENV = {
     "INSPECTOR_WATCH__LEASE_SECONDS": "4",
     "INSPECTOR_WATCH__IDLE_SECONDS": "0.2",
     "INSPECTOR_WATCH__DECODE_THREADS": "2",
+    "INSPECTOR_MUSC__POOL_DIR": "",  # MuSc's rolling pools in memory: tests write nothing to the home cache
 }
 
 

@@ -28,6 +28,7 @@ TINY = {"backbone": "test-tiny", "pretrained": "random", "image_size": 224, "dev
 def tiny(detector: str, **model: object) -> Settings:
     s = Settings()
     s.override("model", **{**TINY, "detector": detector, **model})
+    s.override("musc", pool_dir="")  # MuSc's rolling pools in memory: tests write nothing to the home cache
     return s
 
 
