@@ -15,10 +15,12 @@ known by path and content is not enqueued again; a renamed file is recognised by
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from .config import check_name
 from .imaging import IMAGE_SUFFIXES
 from .store.queue import ensure_source, known_files, register_file
 
@@ -57,9 +60,49 @@ def ignored_name(name: str) -> bool:
     return suffix in TEMP_SUFFIXES or suffix not in IMAGE_SUFFIXES
 
 
+class NotRegularFile(OSError):
+    """A path that is not a regular file (a FIFO, a socket, a device): never opened for reading, because
+    opening or reading one can block forever."""
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def not_regular(mode: int) -> str:
+    return f"not a regular file: {kind_of(mode)}"
+
+
+def open_regular(path: str):
+    """Open ``path`` for reading only if it is a regular file: stat first (a FIFO is never opened), then open
+    non-blocking and check the opened file again (it may have been swapped in between). Raises
+    ``NotRegularFile`` otherwise."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(errno.EINVAL, not_regular(mode), path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, not_regular(mode), path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while block := handle.read(chunk):
             digest.update(block)
             size += len(block)
@@ -81,10 +124,14 @@ class Intake:
         self._candidates: dict[str, tuple[int, int, float, WatchedFolder]] = {}  # path -> size, mtime, since, folder
         self._known: dict[str, tuple[int | None, int | None]] = {}
         self._observers: list = []
+        self._armed: dict[str, tuple[int, int] | None] = {}  # watched folder -> (device, inode) when armed
         self._last_scan = 0.0
         for folder in folders:
             if not folder.path.is_dir():
                 raise FileNotFoundError(f"watched folder not found: {folder.path}")
+            folder.class_name = check_name(folder.class_name, f"class name of {folder.path}")
+            if folder.line:
+                folder.line = check_name(folder.line, f"line of {folder.path}", required=False)
             folder.source_id = ensure_source(engine, str(folder.path), folder.class_name, folder.line,
                                              folder.recursive)
             self._known.update(known_files(engine, folder.source_id))
@@ -135,6 +182,7 @@ class Intake:
                     return
                 intake._events.put(path)
 
+        self._armed = self._root_ids()
         polled = [f for f in self.folders if (self.polling if f.polling is None else f.polling)]
         notified = [f for f in self.folders if f not in polled]
         self._observers = []
@@ -143,7 +191,11 @@ class Intake:
                 continue
             observer = kind(timeout=1.0) if kind is PollingObserver else kind()
             for folder in group:
-                observer.schedule(Handler(), str(folder.path), recursive=folder.recursive)
+                try:
+                    observer.schedule(Handler(), str(folder.path), recursive=folder.recursive)
+                except OSError as exc:  # gone right now: armed again when it is back (roots_changed)
+                    log.warning("cannot watch %s: %s", folder.path, exc)
+                    self._armed[str(folder.path)] = None
             observer.daemon = True
             observer.start()
             self._observers.append(observer)
@@ -151,19 +203,45 @@ class Intake:
     def observer_alive(self) -> bool:
         return bool(self._observers) and all(o.is_alive() for o in self._observers)
 
+    def _root_ids(self) -> dict[str, tuple[int, int] | None]:
+        out: dict[str, tuple[int, int] | None] = {}
+        for folder in self.folders:
+            try:
+                st = os.stat(folder.path)
+                out[str(folder.path)] = (st.st_dev, st.st_ino)
+            except OSError:
+                out[str(folder.path)] = None
+        return out
+
+    def roots_changed(self) -> bool:
+        """A watched folder was deleted and re-created (or replaced) since the observer armed its watch:
+        inotify watches the old folder, which is gone, so nothing would be seen until the next rescan."""
+        now = self._root_ids()
+        changed = any(ident is not None and ident != self._armed.get(root) for root, ident in now.items())
+        for root, ident in now.items():  # a folder that is gone for now: re-armed once it is back
+            if ident is None:
+                self._armed[root] = None
+        return changed
+
     def stop(self) -> None:
         for observer in self._observers:
             observer.stop()
             observer.join(timeout=5)
         self._observers = []
 
-    def _folder_of(self, path: str) -> WatchedFolder | None:
+    def _folder_of(self, path: str, is_dir: bool = False) -> WatchedFolder | None:
+        """The watched folder an event's path belongs to, by the scan's rules: a non-recursive folder owns
+        only its own files (no sub-folder), a recursive one everything but dot-folders."""
         for folder in self.folders:
             root = str(folder.path)
             if path.startswith(root + os.sep):
-                rest = path[len(root) + 1:]
-                if folder.recursive or os.sep not in rest.rstrip(os.sep):
-                    return folder
+                parts = path[len(root) + 1:].rstrip(os.sep).split(os.sep)
+                folders = parts if is_dir else parts[:-1]
+                if folders and not folder.recursive:
+                    continue
+                if any(p.startswith(".") for p in folders):
+                    continue
+                return folder
         return None
 
     def _drain_events(self) -> None:
@@ -172,11 +250,13 @@ class Intake:
                 path = self._events.get_nowait()
             except queue.Empty:
                 return
-            folder = self._folder_of(path.rstrip(os.sep))
+            is_dir = path.endswith(os.sep)
+            folder = self._folder_of(path.rstrip(os.sep), is_dir)
             if folder is None:
                 continue
-            if path.endswith(os.sep):
-                sub = WatchedFolder(Path(path.rstrip(os.sep)), folder.class_name, True, folder.line, folder.source_id)
+            if is_dir:  # a folder created or moved in (only a recursive watch gets here): its files
+                sub = WatchedFolder(Path(path.rstrip(os.sep)), folder.class_name, folder.recursive, folder.line,
+                                    folder.source_id)
                 for found in self._walk(sub):
                     self._consider(found, folder, "event")
             elif not ignored_name(os.path.basename(path)):
@@ -195,6 +275,11 @@ class Intake:
             return
         except OSError as exc:
             self._register_error(path, folder, f"cannot stat: {exc.strerror or exc}")
+            return
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device is recorded, never opened
+            self._candidates.pop(path, None)
+            if self._known.get(path) != (None, None):
+                self._register_error(path, folder, not_regular(st.st_mode))
             return
         state = (st.st_size, st.st_mtime_ns)
         if self._known.get(path) == state:
@@ -241,6 +326,8 @@ class Intake:
             sha, size = sha256_file(path)
         except FileNotFoundError:
             return 0
+        except NotRegularFile as exc:
+            return self._register_error(path, folder, exc.strerror)
         except PermissionError:
             return self._register_error(path, folder, "cannot read the file: permission denied")
         except OSError as exc:
@@ -276,6 +363,11 @@ class Intake:
             while not stop.is_set():
                 if not self.observer_alive():
                     log.warning("file observer died; restarting it (a rescan covers the gap)")
+                    self.stop()
+                    self.start_observer()
+                    self.scan()
+                elif self.roots_changed():
+                    log.warning("a watched folder was deleted and re-created; watching the new one")
                     self.stop()
                     self.start_observer()
                     self.scan()

@@ -68,7 +68,7 @@ def test_schema_matches_models_and_is_checked(db_url):
     engine = make_engine(db_url)
     with pytest.raises(StoreError, match="inspector db upgrade"):
         check_schema(engine)
-    assert upgrade(db_url) == "0003"
+    assert upgrade(db_url) == "0004"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -102,6 +102,8 @@ def test_expired_lease_returns_images_and_old_worker_cannot_write(engine, tmp_pa
     assert claim(engine, "alive", 2, lease_seconds=60) == []
     time.sleep(0.4)
     taken = claim(engine, "alive", 2, lease_seconds=60)
+    assert len(taken) == 1  # claimed before (its worker died on it): one at a time, isolating a poison pill
+    taken += claim(engine, "alive", 2, lease_seconds=60)
     assert {c.id for c in taken} == {c.id for c in dead}
     assert taken[0].attempts == 2
     assert complete(engine, "dead", [Outcome(c.id, result=result_row()) for c in dead]) == 0
@@ -202,7 +204,7 @@ def test_migrating_an_existing_database_keeps_its_rows(db_url, tmp_path):
             mtime_ns=1, status="pending", attempts=0, next_attempt_at=now, discovered_at=now, updated_at=now))
     with pytest.raises(StoreError, match="revision 0001"):
         check_schema(engine)
-    assert upgrade(db_url) == "0003"
+    assert upgrade(db_url) == "0004"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
