@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, check_name, load_settings
 
 app = typer.Typer(help="Batch visual inspection: zero-shot anomaly detection on CLIP (Bayes-PFL, AA-CLIP, WinCLIP).",
                   no_args_is_help=True,
@@ -46,11 +46,22 @@ class _State:
 state = _State()
 
 
-# options shared by several verbs (one definition, one help text)
-MODEL_OPTION = typer.Option(None, "--model", "-m", help="Registered model name or version folder.")
-DETECTOR_OPTION = typer.Option(None, "--detector", "-d",
-                               help="bayes-pfl, aa-clip or winclip (default: [model] detector).")
-DATABASE_OPTION = typer.Option(None, "--database", help=escape("Database URL (default: [database] url)."))
+# Built-in defaults, for help texts ("default: [model] batch_size, 8"); config.toml and the environment may
+# change them, `inspector config show` prints the effective ones.
+DEFAULTS = Settings()
+
+# options shared by several verbs (one definition, one help text). Help texts are plain text: square brackets
+# are escaped for rich when the command tree is built (see _tidy_help), so write "[model] detector" as is.
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Registered model name or version folder (default: "
+                            "[model] name, else the version promoted for the class).")
+DETECTOR_OPTION = typer.Option(None, "--detector", "-d", help="bayes-pfl, aa-clip, winclip or musc (default: "
+                               f"[model] detector, {DEFAULTS.model.detector}).")
+BACKBONE_OPTION = typer.Option(None, "--backbone", help="open_clip architecture, e.g. test-tiny (default: "
+                               "[model] backbone, else the detector's own; ignored with --model).")
+PRETRAINED_OPTION = typer.Option(None, "--pretrained", help="Backbone weights: an open_clip pretrained tag, a "
+                                 "checkpoint file, or 'random' (default: [model] pretrained, else the detector's "
+                                 "own; env INSPECTOR_MODEL__PRETRAINED).")
+DATABASE_OPTION = typer.Option(None, "--database", help="Database URL (default: [database] url).")
 METRICS_OPTION = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port.")
 RANDOM_OPTION = typer.Option(None, "--allow-random-weights",
                              help="Accept random or untrained weights (tests and demos only).")
@@ -61,22 +72,58 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .backbone import BackboneError
-        from .detectors.bayes_pfl.head import HeadFormatError
-        from .imaging import ImageDecodeError
-        from .registry import RegistryError
-        from .store.db import StoreError
-
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, BackboneError, HeadFormatError, RegistryError, ImageDecodeError, ValueError,
-                FileNotFoundError, StoreError) as exc:
-            if state.verbose:
+        except Exception as exc:
+            if state.verbose or not isinstance(exc, _user_error_types()):
                 raise
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(_cli_spelling(_one_line(exc), fn))}", highlight=False,
+                          soft_wrap=True)  # one line, as long as it is (the terminal wraps it)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+#: module -> its exception class that means "the user's mistake"; looked up only in modules already imported
+#: (an exception cannot come from a module that never loaded), so no verb imports torch just to catch errors
+_USER_ERRORS = {"inspector.backbone": "BackboneError", "inspector.detectors.bayes_pfl.head": "HeadFormatError",
+                "inspector.imaging": "ImageDecodeError", "inspector.registry": "RegistryError",
+                "inspector.store.db": "StoreError"}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    found = [getattr(sys.modules[m], name) for m, name in _USER_ERRORS.items() if m in sys.modules]
+    if "sqlalchemy.exc" in sys.modules:  # a database that cannot be used (corrupt file, full disk, gone)
+        found.append(sys.modules["sqlalchemy.exc"].DBAPIError)
+    return (ConfigError, ValueError, OSError, *found)  # OSError: a full disk, a name too long, no permission
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: a database error by its driver's first line (not the SQL statement)."""
+    if "sqlalchemy.exc" in sys.modules and isinstance(exc, sys.modules["sqlalchemy.exc"].DBAPIError):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"database error: {first}"
+    return str(exc)
+
+
+def _cli_spelling(message: str, fn: Callable[..., Any]) -> str:
+    """Python keyword spellings of the verb's options in a message, as flags: ``orphan_masks='ignore'`` ->
+    ``--orphan-masks ignore`` (the library's messages name keywords; a CLI user types flags)."""
+    import inspect
+    import re
+
+    from typer.models import OptionInfo
+
+    flags = {}
+    for name, parameter in inspect.signature(fn).parameters.items():
+        decls = [d for d in getattr(parameter.default, "param_decls", None) or () if d.startswith("--")]
+        if isinstance(parameter.default, OptionInfo):
+            flags[name] = max(decls, key=len) if decls else "--" + name.replace("_", "-")
+
+    def flag(m: re.Match[str]) -> str:
+        return f"{flags[m.group(1)]} {m.group(3)}" if m.group(1) in flags else m.group(0)
+
+    return re.sub(r"\b([a-z][a-z0-9_]*)=(['\"])([^'\"]*)\2", flag, message)
 
 
 def settings() -> Settings:
@@ -87,7 +134,8 @@ def settings() -> Settings:
 def main_options(
     config: Path | None = typer.Option(None, "--config", "-c", help="config.toml to read (default ./config.toml "
                                           "or $INSPECTOR_CONFIG)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs and full tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs and full tracebacks (also after the "
+                                 "verb: inspector watch DIR -n NAME --verbose)."),
 ) -> None:
     """Settings: defaults < config.toml < INSPECTOR_<SECTION>__<KEY> environment variables < flags."""
     state.config, state.verbose = config, verbose
@@ -120,17 +168,27 @@ def _random_banner(provenance: dict[str, Any]) -> None:
 @app.command()
 @user_errors
 def score(
-    paths: list[Path] = typer.Argument(..., help="Image files or folders (folders: their images, not recursive)."),
+    paths: list[Path] = typer.Argument(..., help="Image files or folders (folders: their images; sub-folders "
+                                       "too with --recursive)."),
     class_name: str = typer.Option(..., "--class-name", "-n", help='Product class, e.g. "metal nut".'),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
-    maps: Path | None = typer.Option(None, "--maps", help="Write each anomaly map as an 8-bit PNG here."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout (latency_ms: the "
+                                 "image's share of its batch's time, i.e. batch time / images in the batch; "
+                                 "fallback: why the day-one detector scored instead of the configured one)."),
+    maps: Path | None = typer.Option(None, "--maps", help="Write each anomaly map as an 8-bit PNG here, named "
+                                     "by the image's path under the common folder (good/000.png -> "
+                                     "good_000_map.png)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also score images in sub-folders."),
     model: str | None = MODEL_OPTION,
-    backbone: str | None = typer.Option(None, help="open_clip architecture (without --model)."),
-    pretrained: str | None = typer.Option(None, help="Pretrained tag, checkpoint file, or 'random'."),
-    head: str | None = typer.Option(None, help="Trained head of the detector (Bayes-PFL: ours or official)."),
-    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (Bayes-PFL)."),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
-    batch_size: int | None = typer.Option(None, help="Images per batch."),
+    backbone: str | None = BACKBONE_OPTION,
+    pretrained: str | None = PRETRAINED_OPTION,
+    head: str | None = typer.Option(None, help="Trained head of the detector (Bayes-PFL: ours or official; "
+                                    "default: [model] head)."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (Bayes-PFL; "
+                                       f"default: [model] samples, {DEFAULTS.model.samples})."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ... (default: [model] device, "
+                                      f"{DEFAULTS.model.device})."),
+    batch_size: int | None = typer.Option(None, help="Images per batch (default: [model] batch_size, "
+                                          f"{DEFAULTS.model.batch_size})."),
     database: str | None = DATABASE_OPTION,
     allow_random_weights: bool | None = RANDOM_OPTION,
     detector: str | None = DETECTOR_OPTION,
@@ -147,35 +205,99 @@ def score(
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            found = path.rglob("*") if recursive else path.iterdir()
+            files.extend(sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
         elif path.exists() or path.is_symlink():
             files.append(path)
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
     if not files:
-        raise ValueError("no images found in the given paths")
+        raise ValueError("no images found in the given paths" + ("" if recursive else " (sub-folders: --recursive)"))
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("scoring", total=len(files))
-        rows, detector = score_files(s, files, class_name, progress=lambda done: bar.update(task, completed=done))
+        rows, detector = score_files(s, files, check_name(class_name, "--class-name"),
+                                     progress=lambda done: bar.update(task, completed=done))
     random_weights = bool(detector.provenance.get("random_weights"))
+    fallback = detector.provenance.get("fallback") or None  # the day-one detector scored, not the one asked for
     _random_banner(detector.provenance)
+    if fallback:
+        console.print(f"[bold yellow]DAY ONE:[/] {escape(fallback)}")
+    common = _common_folder([r["path"] for r in rows])
+    names = _map_names([r["path"] for r in rows], common) if maps is not None else {}
+    replaced = 0
     for row in rows:
         png = row.pop("anomaly_map_png")
         if maps is not None and png is not None:
-            maps.mkdir(parents=True, exist_ok=True)
-            (maps / (Path(row["path"]).stem + "_map.png")).write_bytes(png)
+            target = maps / names[row["path"]]
+            try:
+                maps.mkdir(parents=True, exist_ok=True)
+                replaced += target.exists()
+                target.write_bytes(png)
+            except OSError as exc:  # a full disk, a read-only or missing folder: the results are stored
+                try:
+                    target.unlink(missing_ok=True)  # no half-written map left behind
+                except OSError:
+                    pass
+                raise OSError(f"cannot write the anomaly map {target}: {exc.strerror or exc} (the scores are "
+                              "stored in the database)") from None
+            row["map"] = str(target)
         if as_json:
-            print(json.dumps({**row, "random_weights": random_weights}), flush=True)
+            print(json.dumps({**row, "random_weights": random_weights, "fallback": fallback}), flush=True)
+    if replaced:
+        console.print(f"{replaced} map(s) in {escape(str(maps))} replaced by this run's (same image paths)",
+                      highlight=False)
     if not as_json:
         fmt = (lambda v: f"{v:.4f}" if v is not None else "")
-        table = Table("image", "status", "score", "text", "top-k", "ms", "error",
-                      title=f"model version {rows[0]['model_version']}" if rows else None)
+        title = f"model version {rows[0]['model_version']}, images under {common}" if rows else None
+        table = Table("image", "status", "score", "text", "top-k", "ms/image", "error", title=title)
+        table.columns[0].overflow = "fold"  # a path is never cut (no terminal: 80 columns)
         for r in rows:
-            table.add_row(r["path"], r["status"], fmt(r["image_score"]), fmt(r["text_score"]), fmt(r["topk_score"]),
-                          f"{r['latency_ms']:.0f}" if r["latency_ms"] else "", r["error"] or "")
+            table.add_row(escape(_relative(r["path"], common)), r["status"], fmt(r["image_score"]),
+                          fmt(r["text_score"]), fmt(r["topk_score"]),
+                          f"{r['latency_ms']:.0f}" if r["latency_ms"] else "", escape(r["error"] or ""))
         out.print(table)
     if any(r["image_score"] is None for r in rows):
         raise typer.Exit(1)
+
+
+def _common_folder(paths: list[str]) -> Path:
+    """The deepest folder holding every path (a single file: its folder)."""
+    import os
+
+    if not paths:
+        return Path.cwd()
+    return Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
+
+
+def _relative(path: str, folder: Path) -> str:
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return path
+
+
+def _map_names(paths: list[str], common: Path) -> dict[str, str]:
+    """A distinct PNG name per image path: its path under ``common``, separators as "_" and the suffix dropped
+    (good/000.png -> good_000_map.png); where two images would still share a name (a.png and a.jpg), each gets
+    a short hash of its full path (a-1f3c9a2b_map.png), as does a name cut to the file system's 255 bytes."""
+    import hashlib
+    import os
+
+    stems = {p: "_".join(Path(_relative(p, common)).with_suffix("").parts) for p in paths}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem.lower()] = counts.get(stem.lower(), 0) + 1  # case-insensitive file systems too
+    names = {}
+    for path, stem in stems.items():
+        tag = "-" + hashlib.sha1(path.encode()).hexdigest()[:8]
+        if counts[stem.lower()] > 1:
+            stem += tag
+        if len(os.fsencode(stem + "_map.png")) > 255:  # over a file name's limit: cut, and keep it distinct
+            cut = os.fsencode(stem)[:255 - len(tag) - len("_map.png")]
+            stem = cut.decode("utf-8", "ignore") + tag
+        names[path] = stem + "_map.png"
+    return names
+
 
 @app.command()
 @user_errors
@@ -186,15 +308,21 @@ def bench(
                                            "detector's own (ViT-L-14-336, ViT-B-16-plus-240). 'test-tiny' for a "
                                            "quick run."),
     pretrained: str = typer.Option("random", help="Weights; random by default (speed does not depend on them)."),
-    batch_sizes: str | None = typer.Option(None, help="Comma-separated batch sizes, e.g. 1,2,8."),
-    repeats: int | None = typer.Option(None, help="Timed repetitions per case (median reported)."),
+    batch_sizes: str | None = typer.Option(None, help="Comma-separated batch sizes, e.g. 1,2,8 (default: [bench] "
+                                           f"batch_sizes, {','.join(map(str, DEFAULTS.bench.batch_sizes))})."),
+    repeats: int | None = typer.Option(None, help="Timed repetitions per case, median reported (default: [bench] "
+                                       f"repeats, {DEFAULTS.bench.repeats})."),
     samples: int | None = typer.Option(None, "--samples", "-R", help="Bayes-PFL's R of the 'exact R' and cache "
-                                       "cases."),
+                                       f"cases (default: [model] samples, {DEFAULTS.model.samples})."),
     references: int = typer.Option(4, help="WinCLIP few-shot case with this many references (0: zero-shot only)."),
-    image_size: int | None = typer.Option(None, help="Input side for every detector (default: each one's own)."),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, ..."),
-    precision: str | None = typer.Option(None, help="auto, fp32, bf16, fp16 (CUDA autocast)."),
-    output: Path | None = typer.Option(None, help="JSON report path."),
+    image_size: int | None = typer.Option(None, help="Input side for every detector (default: [model] image_size, "
+                                          "0 = each one's own)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, ... (default: [model] device, "
+                                      f"{DEFAULTS.model.device})."),
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16, fp16 (CUDA autocast; default: [model] "
+                                         f"precision, {DEFAULTS.model.precision})."),
+    output: Path | None = typer.Option(None, help=f"JSON report path (default: [bench] output, "
+                                       f"{DEFAULTS.bench.output})."),
 ) -> None:
     """Time each detector against its own backbone floor (and Bayes-PFL's R=1, R=10 and class-cache modes,
     WinCLIP zero- and few-shot, and `watch --once` end to end); print the tables and save JSON."""
@@ -245,6 +373,12 @@ def bench(
                       f"{a['max_abs_image_score_diff']:.4f}")
         out.print(f"pipeline overhead over the {report['main_case']} case (watch --once, PNG files, SQLite): "
                   f"{100 * report['pipeline_overhead']:.1f}%")
+        lat = report.get("decision_latency") or {}
+        if "p50_ms" in lat:
+            out.print(f"file stable -> decision delivered ({lat['broker']}, {lat['events']} events): p50 "
+                      f"{lat['p50_ms']:.0f} ms, p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms", highlight=False)
+        elif lat:
+            out.print(f"decision latency: {lat.get('skipped')}", highlight=False)
     table = Table(title="side by side, same images (each detector against its own backbone's floor)")
     for column in ("detector", "case", "backbone @ px", "batch", "ms/image", "floor", "x floor"):
         table.add_column(column, no_wrap=True)
@@ -457,6 +591,8 @@ def watch(
     metrics_port: int | None = METRICS_OPTION,
     allow_random_weights: bool | None = RANDOM_OPTION,
     detector: str | None = DETECTOR_OPTION,
+    backbone: str | None = BACKBONE_OPTION,
+    pretrained: str | None = PRETRAINED_OPTION,
 ) -> None:
     """Watch folders and score every new image into the database (runs until SIGTERM / Ctrl-C).
 
@@ -470,7 +606,7 @@ def watch(
     from .pipeline import install_signal_handlers
     from .pipeline import watch as run_watch
 
-    s = _model_flags(settings(), None, None, None, None, None, None, None, allow_random_weights, None)
+    s = _model_flags(settings(), None, backbone, pretrained, None, None, None, None, allow_random_weights, None)
     s.override("watch", polling=polling)
     s.override("database", url=database)
     watched = []
@@ -518,6 +654,8 @@ def worker(
     allow_random_weights: bool | None = RANDOM_OPTION,
     detector: str | None = DETECTOR_OPTION,
     once: bool = typer.Option(False, "--once", help="Exit 0 once no job this box can serve is waiting."),
+    backbone: str | None = BACKBONE_OPTION,
+    pretrained: str | None = PRETRAINED_OPTION,
 ) -> None:
     """Score queued images only (no intake): extra GPU boxes sharing one Postgres.
 
@@ -527,7 +665,7 @@ def worker(
 
     from .pipeline import install_signal_handlers, run_worker
 
-    s = _model_flags(settings(), model, None, None, None, None, None, None, allow_random_weights, detector)
+    s = _model_flags(settings(), model, backbone, pretrained, None, None, None, None, allow_random_weights, detector)
     s.override("database", url=database)
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -567,6 +705,18 @@ def status(
             table.add_row(v["model_version"], str(v["queued"]), str(v["claimed"]), str(v["done"]), str(v["failed"]),
                           f"{b['done'] + b['failed']}/{b['total']}" if b["total"] else "")
         out.print(table)
+    for sink, b in data.get("outbox", {}).items():
+        out.print(f"outbox {sink:<9} {b['pending']} pending, oldest {b['oldest_seconds']:.0f}s"
+                  + (f" ({b['last_error']})" if b["last_error"] else "")
+                  + (" -- OVER [outputs] backlog_warn: is the sink down?" if b["pending"] > s.outputs.backlog_warn
+                     else ""), highlight=False, markup=False)
+    for e in data.get("escape", []):
+        if e["audited"]:
+            low, high = e["interval"]
+            out.print(f"escape rate      {e['class_name']}/{e['line'] or '-'}: {e['escapes_found']} defects in "
+                      f"{e['audited']} audited passes = {100 * e['rate']:.2f}% (95% {100 * low:.2f}-{100 * high:.2f}%)"
+                      f", about {e['estimated_escapes']:.0f} of {e['passes']} passes in {data['escape_window_days']:g} d",
+                      highlight=False, markup=False)
     for e in data["errors"]:
         out.print(f"error x{e['count']:<6} {e['error']}", highlight=False, markup=False)
 
@@ -587,7 +737,8 @@ def db_upgrade(database: str | None = DATABASE_OPTION) -> None:
 def demo(
     out_dir: Path = typer.Option(Path("inspector-demo"), "--out", help="Folder for the generated images."),
     count: int = typer.Option(8, help="How many sample images to generate."),
-    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (default: [model] "
+                                       f"samples, {DEFAULTS.model.samples})."),
 ) -> None:
     """Generate sample images, run `watch --once` on them with the configured model (test-tiny random weights
     when no trained model is configured, with a banner saying so) and print the results."""
@@ -647,8 +798,9 @@ def _dataset_path(s: Settings, name_or_path: str) -> str:
 def retrain(
     aux: str = typer.Option(..., "--aux", help="Auxiliary dataset: a name from [datasets.NAME] or a path/archive."),
     name: str | None = typer.Option(None, "--name", help="Name of the new model version (default: retrain-<aux>-<date>)."),
-    epochs: int | None = typer.Option(None, help="Epochs (default [train] epochs)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default [train] batch_size)."),
+    epochs: int | None = typer.Option(None, help=f"Epochs (default: [train] epochs, {DEFAULTS.train.epochs})."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default: [train] "
+                                          f"batch_size, {DEFAULTS.train.batch_size})."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same --name."),
     backbone: str | None = typer.Option(None, help="open_clip architecture of the frozen backbone."),
     pretrained: str | None = typer.Option(None, help="Backbone weights: tag, checkpoint file, or 'random'."),
@@ -731,7 +883,8 @@ def retrain(
 def eval_(
     data: str = typer.Option(..., "--data", help="Dataset: a name from [datasets.NAME] or a path/archive."),
     model: str | None = MODEL_OPTION,
-    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R."),
+    samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (default: [model] "
+                                       f"samples, {DEFAULTS.model.samples})."),
     score: str = typer.Option("official", help="Image score: 'official' (per-class min-max fusion, for "
                               "comparison with papers) or 'live' (the per-image score inspector stores)."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the metrics as JSON here."),
@@ -745,7 +898,7 @@ def eval_(
     from rich.progress import Progress
 
     from .data import ArchiveLimits, load_dataset
-    from .evaluation import evaluate_rows, score_dataset
+    from .evaluation import ProgressLines, evaluate_rows, score_dataset
     from .pipeline import load_detector
 
     s = _model_flags(settings(), model, None, None, None, samples, None, None, allow_random_weights, detector)
@@ -756,9 +909,14 @@ def eval_(
         raise ValueError(f"{path}: no test-split images")
     detector = load_detector(s)
     _random_banner(detector.provenance)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("scoring", total=len(records))
-        rows = score_dataset(detector, records, None, s.model.batch_size, progress=lambda n: bar.advance(task, n))
+    if not console.is_terminal:  # no bar can be drawn (a log file, CI): a line every 10 % or 30 s
+        lines = ProgressLines(len(records), lambda line: console.print(line, highlight=False, markup=False))
+        rows = score_dataset(detector, records, None, s.model.batch_size, progress=lines, score=score)
+    else:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("scoring", total=len(records))
+            rows = score_dataset(detector, records, None, s.model.batch_size,
+                                 progress=lambda n: bar.advance(task, n), score=score)
     report = evaluate_rows(rows, detector.eval_protocol, score)
     report["model"] = detector.provenance
     report["detector"] = detector.name
@@ -844,7 +1002,7 @@ def demo_data(
 @app.command()
 @user_errors
 def dashboard(
-    port: int | None = typer.Option(None, help=escape("Port (default: [dashboard] port, 8501).")),
+    port: int | None = typer.Option(None, help=f"Port (default: [dashboard] port, {DEFAULTS.dashboard.port})."),
     address: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 to serve the network)."),
     database: str | None = DATABASE_OPTION,
 ) -> None:
@@ -884,8 +1042,54 @@ def is_loopback(address: str) -> bool:
         return False  # a host name: it may resolve to a public address
 
 
+def _tidy_help(command: Any) -> None:
+    """Help as a user reads it, whichever Typer renders it: help texts are plain text (rich markup escaped, so
+    "[model] detector" is printed, not taken as a style); flags show no value type (not `<bool>`);
+    positionals are named in capitals, PATHS..., with no `<list[Path]>` type and no `{paths}...` in the
+    usage line. Duck-typed: recent Typer builds on its own copy of click."""
+    for attr in ("help", "short_help"):
+        if getattr(command, attr, None):
+            setattr(command, attr, escape(getattr(command, attr)))
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+        if param.param_type_name == "option" and getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.param_type_name == "argument":
+            label = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.metavar = label
+            if hasattr(param, "_usage_display_name"):  # Typer >= 0.2x writes {name}... / [name]...
+                param._usage_display_name = lambda label=label, required=param.required: (
+                    label if required else f"[{label}]")
+            if hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx: None
+    get_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:  # --help is made on demand, not one of command.params
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _tidy_help(sub)
+
+
+def _verbose_anywhere(argv: list[str]) -> list[str]:
+    """``--verbose`` / ``-v`` after the verb (``inspector watch DIR -n NAME --verbose``) as if before it: the
+    flag belongs to the top level, where it also configures logging before anything loads."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    keep = [a for i, a in enumerate(argv) if i >= end or a not in ("--verbose", "-v")]
+    return argv if len(keep) == len(argv) else ["--verbose", *keep]
+
+
 def main() -> None:
-    app()
+    import typer.main
+
+    command = typer.main.get_command(app)
+    _tidy_help(command)
+    command.main(args=_verbose_anywhere(sys.argv[1:]), prog_name="inspector")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ threshold or a database URL must not go unnoticed on a production line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import sys
 import typing
 from collections.abc import Mapping
@@ -134,6 +136,20 @@ class MuScSettings:
     attention: str = "auto"
     #: k of the top-k map score; 0 = 1 % of the pixels.
     topk: int = 0
+    #: Nearest-patch search: "none" (exact, all L patches of every reference image) or "subsample" (each
+    #: reference image keeps patch_budget of its patches, chosen by its content hash: less MSM work and memory).
+    approx: str = "none"
+    #: Patches kept per reference image with approx = "subsample" (1369 at 518 px).
+    patch_budget: int = 256
+    #: Folder for the rolling pools on disk (one sub-folder per model version, one per class); empty = memory only.
+    pool_dir: str = "~/.cache/inspector/musc-pools"
+    #: Pool drift check: images in the baseline and in the recent window; 0 = off.
+    drift_window: int = 16
+    #: Drift when at least this share of the recent window scores above the baseline's drift_quantile.
+    drift_share: float = 0.5
+    drift_quantile: float = 0.95
+    #: RsCIN k list of `inspector eval` (batch mode); empty = as the official code picks it ([1, 8, 9] VisA).
+    eval_k_list: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -154,6 +170,54 @@ class SourceSettings:
     recursive: bool = False
     #: Poll this folder instead of inotify (network shares); empty = [watch] polling.
     polling: bool | None = None
+
+
+@dataclass
+class DecisionSettings:
+    #: Results of a (class, model version) before a provisional threshold is computed from their unlabeled
+    #: scores; until then every image is "review".
+    provisional_after: int = 50
+    #: Provisional rule: "mad" (median + k * 1.4826 * MAD of those scores) or "rate" (the quantile that flags
+    #: expected_flag_rate of them).
+    provisional_rule: str = "mad"
+    #: k of the "mad" rule.
+    provisional_k: float = 3.5
+    #: Share of images the "rate" rule flags.
+    expected_flag_rate: float = 0.02
+    #: Half-width of the uncertainty band around a provisional threshold: a score closer than this is
+    #: "review" (a saved threshold carries its own band).
+    review_band: float = 0.0
+    #: Share of "pass" images drawn (seeded, by image content) into the audit sample for the escape rate.
+    audit_share: float = 0.02
+    #: Seed of the audit draw (recorded with every audited result).
+    audit_seed: int = 0
+
+
+@dataclass
+class OutputSettings:
+    #: MQTT broker for decision events, "mqtt://host:1883" or "mqtts://host:8883"; empty = off.
+    mqtt_url: str = ""
+    #: Topic template; {line}, {class_name}, {decision} and {model_version} are filled in.
+    mqtt_topic: str = "inspector/{line}/{class_name}"
+    #: Broker credentials (set the password through INSPECTOR_OUTPUTS__MQTT_PASSWORD).
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    #: CA file for mqtts:// (empty = the system's).
+    mqtt_ca: str = ""
+    #: Webhook that receives each event as an HTTP POST of JSON; empty = off.
+    webhook_url: str = ""
+    #: Shared secret: the X-Inspector-Signature header is "sha256=" + HMAC-SHA256(secret, body).
+    webhook_secret: str = ""
+    #: Seconds before a webhook call counts as failed.
+    webhook_timeout: float = 5.0
+    #: Root of OK/ NG/ REVIEW/ folders that receive each decided image; empty = off.
+    folder_root: str = ""
+    #: "copy", "hardlink" or "move" the image into them (always through a temporary name, then renamed).
+    folder_mode: str = "copy"
+    #: Longest wait between two delivery attempts of a sink that is down (seconds).
+    retry_max_seconds: float = 60.0
+    #: Pending events of one sink above which `status` and the log warn (nothing is ever dropped).
+    backlog_warn: int = 10000
 
 
 @dataclass
@@ -178,6 +242,9 @@ class WatchSettings:
     map_size: int = 256
     #: Threads that read and decode images while the GPU scores.
     decode_threads: int = 4
+    #: Most pixels the decode threads hold decoded at once (a batch of huge images is decoded a few at a
+    #: time instead of all together); one image alone always proceeds. 0 = no limit.
+    batch_pixel_budget: int = 100_000_000
     #: Seconds a worker waits before polling an empty queue again.
     idle_seconds: float = 0.5
     #: Address the Prometheus endpoint (``--metrics-port``) listens on; "0.0.0.0" serves every network.
@@ -245,6 +312,8 @@ class Settings:
     aa_clip: AAClipSettings = field(default_factory=AAClipSettings)
     winclip: WinCLIPSettings = field(default_factory=WinCLIPSettings)
     musc: MuScSettings = field(default_factory=MuScSettings)
+    decisions: DecisionSettings = field(default_factory=DecisionSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -271,7 +340,8 @@ class Settings:
         if key not in types:
             known = ", ".join(f.name for f in dataclasses.fields(target))
             raise ConfigError(f"unknown key '{key}' in [{section}] ({origin}); known: {known}")
-        setattr(target, key, _coerce(value, types[key], f"[{section}] {key} ({origin})"))
+        where = f"[{section}] {key} ({origin})"
+        setattr(target, key, _check(section, key, _coerce(value, types[key], where), where))
 
     def override(self, section: str, **values: Any) -> Settings:
         """Apply command-line flags: ``None`` means the flag was not given."""
@@ -324,6 +394,65 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {typ}")  # pragma: no cover
 
 
+#: allowed values of enumerated keys (the detectors check them again, later and with a traceback)
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("model", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("model", "text_cache"): ("none", "class"),
+    ("model", "clip_format"): ("auto", "openai", "open_clip"),
+    ("model", "activation"): ("gelu", "quick_gelu"),
+    ("aa_clip", "domain"): ("industrial", "medical"),
+    ("aa_clip", "attention"): ("auto", "sdpa", "explicit"),
+    ("musc", "attention"): ("auto", "sdpa", "explicit"),
+    ("musc", "pool_dtype"): ("float32", "float16", "bfloat16"),
+    ("musc", "msm"): ("matmul", "cdist"),
+}
+#: smallest allowed value of numeric keys; (value, True) = strictly greater than value
+_MINIMUM: dict[tuple[str, str], tuple[float, bool]] = {
+    ("model", "batch_size"): (1, False), ("model", "samples"): (1, False), ("model", "image_size"): (0, False),
+    ("model", "topk"): (0, False), ("model", "prototype_images"): (1, False),
+    ("watch", "stable_seconds"): (0, False), ("watch", "rescan_seconds"): (0, False),
+    ("watch", "lease_seconds"): (0, True), ("watch", "max_attempts"): (1, False), ("watch", "map_size"): (1, False),
+    ("watch", "decode_threads"): (1, False), ("watch", "idle_seconds"): (0, False),
+    ("watch", "batch_pixel_budget"): (0, False),
+    ("train", "epochs"): (1, False), ("train", "batch_size"): (1, False), ("train", "patience"): (0, False),
+    ("train", "val_samples"): (1, False), ("aa_clip", "topk"): (1, False), ("winclip", "k_shot"): (0, False),
+    ("musc", "pool_size"): (0, False), ("musc", "memory_mb"): (1, False), ("musc", "topk"): (0, False),
+    ("dashboard", "page_size"): (1, False), ("bench", "repeats"): (1, False),
+}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+#: the store keeps class names and line labels in varchar(200) columns
+NAME_MAX = 200
+
+
+def check_name(value: str, what: str, required: bool = True) -> str:
+    """A class name (or line label): stripped, 1..200 characters, printable. Returns the stripped name."""
+    name = value.strip()
+    if not name:
+        if required:
+            raise ConfigError(f"{what}: must not be empty")
+        return name
+    if len(name) > NAME_MAX:
+        raise ConfigError(f"{what}: at most {NAME_MAX} characters, not {len(name)}")
+    if not name.isprintable():
+        raise ConfigError(f"{what}: {name!r} contains control characters")
+    return name
+
+
+def _check(section: str, key: str, value: Any, where: str) -> Any:
+    """Range, enumeration and device checks of one key (raises ConfigError saying what is allowed)."""
+    if (section, key) in _CHOICES and value not in _CHOICES[section, key]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(_CHOICES[section, key])}")
+    if (section, key) == ("model", "device") and not _DEVICE.fullmatch(value.strip()):
+        raise ConfigError(f"{where}: {value!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if (section, key) in _MINIMUM:
+        low, strict = _MINIMUM[section, key]
+        values = value if isinstance(value, list) else [value]
+        if any(not math.isfinite(v) or (v <= low if strict else v < low) for v in values):
+            bound = f"greater than {low:g}" if strict else f"at least {low:g}"
+            raise ConfigError(f"{where}: must be {bound}, not {value!r}")
+    return value
+
+
 def _source(entry: Any, where: str) -> SourceSettings:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each [[sources]] entry must be a table")
@@ -337,6 +466,8 @@ def _source(entry: Any, where: str) -> SourceSettings:
         setattr(source, key, _coerce(value, typ, f"{where} {key}"))
     if not source.path or not source.class_name.strip():
         raise ConfigError(f"{where}: path and class_name are required")
+    source.class_name = check_name(source.class_name, f"{where} class_name")
+    source.line = check_name(source.line, f"{where} line", required=False)
     if source.model and source.detector:
         raise ConfigError(f"{where}: give model or detector, not both")
     return source

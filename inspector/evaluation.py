@@ -5,10 +5,16 @@ that paper's transductive fusion (Bayes-PFL: min-max per class of s_text and s_t
 map maximum and the text score; WinCLIP: the image score itself) and pixel metrics the paper's map
 (Bayes-PFL smooths it with a Gaussian of sigma 8; AA-CLIP and WinCLIP do not smooth), so numbers compare with
 the papers. ``score="live"`` uses the per-image score inspector stores instead.
+
+A transductive detector (MuSc) scores a class as a whole: when it has ``score_closed_pool(pixels,
+class_name, dataset_classes)`` (``detectors.base``), the official mode gives it each class's test split as
+one pool, as its paper does; ``score="live"`` scores the same images in file order through
+``predict_tensors``, as a line would.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,25 +27,68 @@ from .train import load_mask
 
 
 def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None, batch_size: int = 8,
-                  progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                  progress: Callable[[int], None] | None = None, score: str = "official") -> list[dict[str, Any]]:
     """One dict per image: class_name, label, text, topk, live score, map [S, S] float32 (the detector's
-    own map), map_max / map_min of it, mask [S, S] bool."""
-    size = model.image_size
-    rows: list[dict[str, Any]] = []
+    own map), map_max / map_min of it, mask [S, S] bool. ``score="official"`` and a detector with
+    ``score_closed_pool``: one call per class with all its images (rows still in record order)."""
     options = {} if samples is None else {"samples": samples}  # Bayes-PFL's R; None: the model's own
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+    closed = getattr(model, "score_closed_pool", None) if score == "official" else None
+    if closed is not None:
+        classes = list(dict.fromkeys(r.class_name for r in records))
+        chunks = [[i for i, r in enumerate(records) if r.class_name == name] for name in classes]
+    else:
+        chunks = [list(range(start, min(start + batch_size, len(records))))
+                  for start in range(0, len(records), batch_size)]
+    by_index: dict[int, dict[str, Any]] = {}
+    session = getattr(model, "eval_session", None)  # a detector with state (MuSc's pools): a fresh one
+    with session() if session is not None else contextlib.nullcontext():
+        _score_chunks(model, records, chunks, closed, classes if closed is not None else [], options, progress,
+                      by_index)
+    return [by_index[i] for i in range(len(records))]
+
+
+def _score_chunks(model: Any, records: Sequence[Any], chunks: list[list[int]], closed: Any, classes: list[str],
+                  options: dict[str, Any], progress: Callable[[int], None] | None,
+                  by_index: dict[int, dict[str, Any]]) -> None:
+    size = model.image_size
+    for indices in chunks:
+        chunk = [records[i] for i in indices]
         pixels = torch.stack([to_model_input(open_image(r.image), size) for r in chunk])
-        pred = model.predict_tensors(pixels, [r.class_name for r in chunk], **options).cpu()
-        for j, r in enumerate(chunk):
-            rows.append({"path": str(r.image), "class_name": r.class_name, "label": int(r.label),
-                         "text": float(pred.text_score[j]), "topk": float(pred.topk_score[j]),
-                         "live": float(pred.image_score[j]), "map": pred.anomaly_map[j].numpy(),
-                         "map_max": float(pred.anomaly_map[j].max()), "map_min": float(pred.anomaly_map[j].min()),
-                         "mask": load_mask(r, size).numpy() > 0.5 if r.mask is not None or r.label == 0 else None})
+        if closed is not None:
+            pred = closed(pixels, chunk[0].class_name, classes).cpu()
+        else:
+            pred = model.predict_tensors(pixels, [r.class_name for r in chunk], **options).cpu()
+        for j, (i, r) in enumerate(zip(indices, chunk)):
+            by_index[i] = {"path": str(r.image), "class_name": r.class_name, "label": int(r.label),
+                           "text": float(pred.text_score[j]), "topk": float(pred.topk_score[j]),
+                           "live": float(pred.image_score[j]), "map": pred.anomaly_map[j].numpy(),
+                           "map_max": float(pred.anomaly_map[j].max()), "map_min": float(pred.anomaly_map[j].min()),
+                           "mask": load_mask(r, size).numpy() > 0.5 if r.mask is not None or r.label == 0 else None}
         if progress:
             progress(len(chunk))
-    return rows
+
+
+class ProgressLines:
+    """``progress(n)`` callback that writes a line (``scoring 120/1000 images (12%), 34 s``) every ``step`` of the
+    total and at least every ``seconds``, and at the end: progress where no bar can be drawn (a log, CI, nohup)."""
+
+    def __init__(self, total: int, write: Callable[[str], None], what: str = "scoring", step: float = 0.1,
+                 seconds: float = 30.0, clock: Callable[[], float] | None = None):
+        import time
+
+        self.total, self.write, self.what, self.step, self.seconds = total, write, what, step, seconds
+        self.clock = clock or time.monotonic
+        self.start = self.last_time = self.clock()
+        self.done = self.last_done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if (self.done >= self.total or self.done - self.last_done >= self.step * self.total
+                or now - self.last_time >= self.seconds):
+            share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            self.write(f"{self.what} {self.done}/{self.total} images{share}, {now - self.start:.0f} s")
+            self.last_done, self.last_time = self.done, now
 
 
 def image_scores(rows: list[dict[str, Any]], protocol: EvalProtocol, score: str = "official") -> np.ndarray:

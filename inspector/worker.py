@@ -9,12 +9,21 @@ Errors are sorted into three kinds:
 * the database is unreachable: the batch's results are kept in memory and written when it comes back;
   if the worker dies first, the lease expires and the images are scored again by someone.
 
+Never stalled, never lost: only regular files are opened (a FIFO named ``*.png`` is recorded, not read); a
+file gone from its claimed path is read where intake has since seen it (a rename), and ``complete`` promotes
+a copy of it when there is one; a batch that fails is retried one image at a time (``claim`` takes a job
+claimed before alone); the decode threads hold at most ``[watch] batch_pixel_budget`` pixels decoded at
+once; a heartbeat thread renews the leases of the batches in hand; a database error other than a lost
+connection (a corrupt page) is logged and survived.
+
 SIGTERM / Ctrl-C: the current batch is finished and stored, claimed-but-unstarted images are released,
 then the worker exits 0. A second signal exits at once (leases make that safe too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -23,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,11 +40,13 @@ from typing import Any
 
 import torch
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from .imaging import ImageDecodeError, content_seed, open_image, to_model_input
+from .intake import NotRegularFile, open_regular
+from .store.decisions import DecisionPolicy
 from .store.maps import encode_map
-from .store.queue import Claimed, Outcome, claim, complete, release
+from .store.queue import VANISHED, Claimed, Outcome, claim, complete, current_paths, release, renew
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +64,80 @@ class Loaded:
     error: str | None = None
     permanent: bool = True
     seed: int | None = None  # content_seed of the pixels, computed here rather than on the scoring thread
+    vanished: bool = False  # the file was gone (see Outcome.vanished)
 
 
-def load(item: Claimed, size: int) -> Loaded:
+#: pixels decoded at once by one worker's decode threads unless ``[watch] batch_pixel_budget`` says otherwise
+DEFAULT_PIXEL_BUDGET = 100_000_000
+
+
+class PixelBudget:
+    """Pixels a worker's decode threads may hold decoded at once (``[watch] batch_pixel_budget``): a decode
+    that would go over it waits until the others are done; one image alone always proceeds (the per-image
+    limit is Pillow's). 0 = no limit."""
+
+    def __init__(self, pixels: int = 0):
+        self.pixels = pixels
+        self.in_use = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        if not self.pixels:
+            yield
+            return
+        with self._cond:
+            while self.in_use and self.in_use + pixels > self.pixels:
+                self._cond.wait()
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+_TRIM_PIXELS = 4_000_000  # after decoding an image this large, give the freed memory back to the system
+
+
+def _libc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def _header_pixels(data: bytes) -> int:
+    """Width x height from the image header, without decoding (0 when the header is unreadable: the
+    decoder then says why)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return int(image.width) * int(image.height)
+    except Exception:  # noqa: BLE001 - any header problem is reported by open_image
+        return 0
+
+
+def load(item: Claimed, size: int, budget: PixelBudget | None = None) -> Loaded:
     """Read the file once, check it is still the content that was registered, decode, preprocess."""
     try:
-        with open(item.path, "rb") as handle:
+        with open_regular(item.path) as handle:
             data = handle.read()
     except FileNotFoundError:
-        return Loaded(item, error="file disappeared before it could be scored")
+        return Loaded(item, error=VANISHED, vanished=True)
+    except NotRegularFile as exc:
+        return Loaded(item, error=exc.strerror)
     except PermissionError:
         return Loaded(item, error="cannot read the file: permission denied")
     except IsADirectoryError:
@@ -70,10 +147,20 @@ def load(item: Claimed, size: int) -> Loaded:
     if item.sha256 and hashlib.sha256(data).hexdigest() != item.sha256:
         return Loaded(item, error="the file was replaced after it was discovered; its new content is queued "
                                   "as a new image")
+    area = _header_pixels(data)
     try:
-        image = open_image(io.BytesIO(data), name=item.path)
-        pixels = to_model_input(image, size)
-        return Loaded(item, pixels, image.width, image.height, seed=content_seed(pixels))
+        with budget.hold(area) if budget is not None else contextlib.nullcontext():
+            try:
+                image = open_image(io.BytesIO(data), name=item.path)
+                pixels = to_model_input(image, size)
+                width, height = image.width, image.height
+                del image
+            finally:
+                # glibc keeps what each decode thread freed in that thread's arena: without a trim, four
+                # threads decoding huge images one after another still hold four images' worth of memory
+                if area >= _TRIM_PIXELS and _malloc_trim is not None:
+                    _malloc_trim(0)
+        return Loaded(item, pixels, width, height, seed=content_seed(pixels))
     except ImageDecodeError as exc:
         return Loaded(item, error=str(exc))
     except MemoryError:
@@ -90,7 +177,8 @@ class Worker:
                  lease_seconds: float = 300.0, max_attempts: int = 5, map_size: int = 256,
                  decode_threads: int = 4, name: str | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None,
-                 refresh: Callable[[Worker], None] | None = None, refresh_seconds: float = 5.0):
+                 refresh: Callable[[Worker], None] | None = None, refresh_seconds: float = 5.0,
+                 policy: DecisionPolicy | None = None, pixel_budget: int = DEFAULT_PIXEL_BUDGET):
         if batch_size < 1:
             raise ValueError(f"[model] batch_size must be at least 1, not {batch_size}")
         self.engine = engine
@@ -103,13 +191,50 @@ class Worker:
         self.on_batch = on_batch
         self.refresh = refresh
         self.refresh_seconds = refresh_seconds
+        self.policy = policy  # decide live results as they are stored (None: store scores only)
         self._refreshed = 0.0
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self.budget = PixelBudget(pixel_budget)
         self.stored = 0
         self.failed = 0
+        self._held: set[int] = set()  # jobs claimed and not yet stored or released: their leases are renewed
+        self._held_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def close(self) -> None:
+        self._closing.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
         self.pool.shutdown(wait=True)
+
+    def _hold(self, job_ids: list[int]) -> None:
+        with self._held_lock:
+            self._held.update(job_ids)
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
+            self._heartbeat.start()
+
+    def _drop(self, job_ids: list[int]) -> None:
+        with self._held_lock:
+            self._held.difference_update(job_ids)
+
+    def _renew_loop(self) -> None:
+        """Renew the leases of every job this worker holds, three times per lease: a batch slower than its
+        lease (a slow model, a huge image, a busy box) is not taken over and scored twice."""
+        interval = max(0.05, self.lease_seconds / 3)
+        while not self._closing.wait(interval):
+            with self._held_lock:
+                held = sorted(self._held)
+            if not held:
+                continue
+            try:
+                kept = renew(self.engine, self.name, held, self.lease_seconds)
+            except SQLAlchemyError as exc:  # the database is down: the leases run on; storing will wait
+                log.warning("cannot renew leases (%s)", str(exc).splitlines()[0])
+                continue
+            if kept < len(held):
+                log.debug("%d of %d leases were taken over", len(held) - kept, len(held))
 
     def _claim_and_load(self) -> tuple[list[Claimed], list[Future], Any] | None:
         """Claim a batch and start reading and decoding it in the pool (returns at once)."""
@@ -120,13 +245,39 @@ class Worker:
                       max_attempts=self.max_attempts)
         if not batch:
             return None
+        self._hold([c.id for c in batch])
         detector = self.models[batch[0].model_version_id]
-        return batch, [self.pool.submit(load, item, detector.image_size) for item in batch], detector
+        return batch, [self.pool.submit(load, item, detector.image_size, self.budget) for item in batch], detector
 
     def _finish(self, pending: tuple[list[Claimed], list[Future], Any], stop: threading.Event | None,
                 started: float) -> int:
         batch, futures, detector = pending
-        outcomes = self._score([f.result() for f in futures], detector)
+        try:
+            return self._finish_held(batch, futures, detector, stop, started)
+        finally:
+            self._drop([c.id for c in batch])  # stored, or lost with an error: its leases may expire now
+
+    def _relocate(self, loaded: list[Loaded], size: int) -> list[Loaded]:
+        """Files gone from their claimed path: read again where intake has since seen them (a rename)."""
+        gone = [x for x in loaded if x.vanished]
+        if not gone:
+            return loaded
+        try:
+            now_at = current_paths(self.engine, [x.claimed.image_id for x in gone])
+        except SQLAlchemyError:
+            return loaded  # complete() checks the row's path again in its own transaction
+        out = []
+        for x in loaded:
+            moved = now_at.get(x.claimed.image_id) if x.vanished else None
+            if moved and moved != x.claimed.path:
+                x = load(dataclasses.replace(x.claimed, path=moved), size, self.budget)
+            out.append(x)
+        return out
+
+    def _finish_held(self, batch: list[Claimed], futures: list[Future], detector: Any,
+                     stop: threading.Event | None, started: float) -> int:
+        loaded = self._relocate([f.result() for f in futures], detector.image_size)
+        outcomes = self._score(loaded, detector)
         data = list(self.pool.map(self._encode, outcomes))
         for o, encoded in zip(outcomes, data):
             if o.result is not None:
@@ -155,7 +306,7 @@ class Worker:
         return 0 if pending is None else self._finish(pending, stop, started)
 
     def _score(self, loaded: list[Loaded], detector: Any) -> list[Outcome]:
-        outcomes = [Outcome(x.claimed.id, error=x.error, permanent=x.permanent) for x in loaded]
+        outcomes = [Outcome(x.claimed.id, error=x.error, permanent=x.permanent, vanished=x.vanished) for x in loaded]
         good = [i for i, x in enumerate(loaded) if x.pixels is not None]
         if not good:
             return outcomes
@@ -168,9 +319,17 @@ class Worker:
             for i in good:
                 outcomes[i] = Outcome(loaded[i].claimed.id, error="GPU out of memory", permanent=False)
             return outcomes
-        except ValueError as exc:  # e.g. a class name the model cannot use: the images' own fault
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the line
+            # a batch of several: each image is retried alone (claim() isolates jobs claimed before), so only
+            # the one the model cannot score fails. Alone: a ValueError (e.g. a class name the model cannot
+            # use) is the image's own fault; anything else is retried up to max_attempts.
+            alone = len(good) == 1
+            if not alone or not isinstance(exc, ValueError):
+                log.warning("scoring a batch of %d failed (%s: %s)%s", len(good), type(exc).__name__, exc,
+                            "" if alone else "; its images are retried one at a time")
             for i in good:
-                outcomes[i] = Outcome(loaded[i].claimed.id, error=f"cannot score: {exc}")
+                outcomes[i] = Outcome(loaded[i].claimed.id, error=f"cannot score: {exc}",
+                                      permanent=alone and isinstance(exc, ValueError))
             return outcomes
         for j, i in enumerate(good):
             outcomes[i] = Outcome(loaded[i].claimed.id, width=loaded[i].width, height=loaded[i].height, result={
@@ -183,7 +342,7 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                return complete(self.engine, self.name, outcomes, self.max_attempts)
+                return complete(self.engine, self.name, outcomes, self.max_attempts, self.policy)
             except OperationalError as exc:
                 log.warning("database unavailable while storing a batch (%s); retrying in %.1fs",
                             str(exc).splitlines()[0], delay)
@@ -197,6 +356,7 @@ class Worker:
             idle_seconds: float = 0.5) -> None:
         """Loop until ``stop`` is set, or (``until_empty``) until the queue is empty and nothing is coming."""
         delay = 0.5
+        errors = 0
         pending = None
         try:
             while not stop.is_set():
@@ -218,11 +378,22 @@ class Worker:
                     stop.wait(delay)
                     delay = min(delay * 2, 30.0)
                     continue
+                except DBAPIError as exc:  # e.g. a corrupt page: log it, keep serving (a lost batch is re-leased)
+                    errors += 1
+                    if until_empty is not None and errors >= 3:
+                        raise  # a one-off run ends with the error instead of looping on it
+                    log.error("database error (%s); retrying in %.1fs", str(exc).splitlines()[0], delay)
+                    stop.wait(delay)
+                    delay = min(delay * 2, 60.0)
+                    continue
+                errors = 0
                 if claimed == 0:
                     if until_empty is not None and until_empty():
                         return
                     stop.wait(idle_seconds)
         finally:
+            with self._held_lock:
+                self._held.clear()
             try:
                 release(self.engine, self.name)
             except SQLAlchemyError:

@@ -13,6 +13,16 @@ three rules:
 
 ``images.status`` follows the image's live job (pending until it is done or failed), so the ledger still
 answers "was this image scored" without a join.
+
+Robustness rules (issue 12):
+
+* lease times come from the database's clock (``db_now``), never a box's: clocks drift between boxes;
+* a job that has been claimed before (its batch failed, or its worker died or timed out on it) is claimed
+  alone, so one poison image cannot hold the images queued behind it; ``renew`` extends the leases of a
+  batch still being scored, so a slow batch is not taken over by a second worker;
+* a file that vanished before it was scored is not lost when its content lives on elsewhere: a rename
+  registered later re-queues the job (``register_file``), and a copy registered earlier (a duplicate) is
+  promoted to be the scored image (``complete``, ``Outcome.vanished``).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import is_sqlite, utcnow
+from .decisions import DecisionPolicy, decide
+from .outbox import enqueue
 from .routing import add_jobs, targets
 from .schema import (
     BACKFILL,
@@ -43,10 +55,23 @@ from .schema import (
     model_versions,
     results,
     sources,
+    thresholds,
 )
 from .versions import ensure_model_version, promoted_map
 
 DECIDING = (LIVE, MANUAL)  # purposes whose result is the image's own (drives its decision)
+#: the error of a job whose file was gone when its worker read it (a rename found later re-queues it)
+VANISHED = "file disappeared before it could be scored"
+
+
+def db_now(conn: Any) -> dt.datetime:
+    """The database's current time, naive UTC (the one clock every box shares)."""
+    if conn.dialect.name == "sqlite":
+        text = conn.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))).scalar_one()
+        return dt.datetime.fromisoformat(text)
+    if conn.dialect.name == "postgresql":
+        return conn.execute(select(func.timezone("utc", func.now()))).scalar_one()
+    return utcnow()  # pragma: no cover - only SQLite and Postgres are supported
 
 
 @dataclass
@@ -71,6 +96,8 @@ class Outcome:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None  # when the content changed since discovery
+    #: the file was gone when it was read: a rename registered since re-queues the job, a copy takes over
+    vanished: bool = False
 
 
 def ensure_source(engine: Engine, path: str, class_name: str, line: str | None = None,
@@ -113,11 +140,12 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
     ``wanted`` (``inspector score --model``): these (version, purpose) jobs instead, added to the known
     image (or the original of a copy) when the content was seen before.
     """
-    now = utcnow()
-    base = {"source_id": source_id, "class_name": class_name, "path": path, "sha256": sha256, "size": size,
-                "mtime_ns": mtime_ns, "attempts": 0, "next_attempt_at": now, "discovered_at": now, "updated_at": now}
     try:
         with engine.begin() as conn:
+            now = db_now(conn)
+            base = {"source_id": source_id, "class_name": class_name, "path": path, "sha256": sha256, "size": size,
+                    "mtime_ns": mtime_ns, "attempts": 0, "next_attempt_at": now, "discovered_at": now,
+                    "updated_at": now}
             if error is not None:
                 same = conn.execute(select(images.c.id).where(images.c.path == path, images.c.sha256.is_(None),
                                                               images.c.status == FAILED)).first()
@@ -130,14 +158,17 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
                 if wanted:
                     add_jobs(conn, known.id, wanted, now)
                 return "known"
+            # (an image whose file vanished and whose copy was promoted points at its successor: skip it)
             twin = conn.execute(select(images.c.id, images.c.path).where(
-                images.c.sha256 == sha256, images.c.status != DUPLICATE).order_by(images.c.id)).first()
+                images.c.sha256 == sha256, images.c.status != DUPLICATE, images.c.duplicate_of.is_(None))
+                .order_by(images.c.id)).first()
             if twin is not None:
                 if wanted:
                     add_jobs(conn, twin.id, wanted, now)
                 if not os.path.lexists(twin.path):
                     conn.execute(update(images).where(images.c.id == twin.id).values(
                         path=path, size=size, mtime_ns=mtime_ns, updated_at=now))
+                    _requeue_vanished(conn, twin.id, now)
                     return "renamed"
                 conn.execute(images.insert().values(**base, status=DUPLICATE, duplicate_of=twin.id))
                 return "duplicate"
@@ -146,6 +177,19 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
             return "new"
     except IntegrityError:  # another intake registered it at the same moment
         return "known"
+
+
+def _requeue_vanished(conn: Any, image_id: int, now: dt.datetime) -> None:
+    """The file of ``image_id`` was found again at another path: its jobs that failed because the file had
+    vanished are queued again (from scratch), and the image is pending again if its live job is."""
+    conn.execute(update(jobs).where(jobs.c.image_id == image_id, jobs.c.status == FAILED, jobs.c.error == VANISHED)
+                 .values(status=PENDING, error=None, attempts=0, claimed_by=None, lease_until=None,
+                         next_attempt_at=now, updated_at=now))
+    live = conn.execute(select(jobs.c.status).where(jobs.c.image_id == image_id, jobs.c.purpose.in_(DECIDING))
+                        .order_by(jobs.c.id)).first()
+    if live is not None and live.status == PENDING:
+        conn.execute(update(images).where(images.c.id == image_id, images.c.status == FAILED)
+                     .values(status=PENDING, error=None, updated_at=now))
 
 
 def _ready(now: dt.datetime):
@@ -160,14 +204,15 @@ def claim(engine: Engine, worker: str, limit: int, lease_seconds: float, version
     expired after ``max_attempts`` claims is failed, not claimed again."""
     if limit < 1:
         raise ValueError(f"a batch takes at least one image, not {limit}")
-    now = utcnow()
-    ready = _ready(now)
     if versions is not None:
         versions = list(versions)
         if not versions:
             return []
-        ready = and_(ready, jobs.c.model_version_id.in_(versions))
     with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE, the one writer
+        now = db_now(conn)
+        ready = _ready(now)
+        if versions is not None:
+            ready = and_(ready, jobs.c.model_version_id.in_(versions))
         if max_attempts is not None:
             _give_up(conn, and_(ready, jobs.c.attempts >= max_attempts), now)
         head = select(jobs.c.model_version_id).where(ready).order_by(jobs.c.priority.desc(), jobs.c.id).limit(1)
@@ -184,10 +229,38 @@ def claim(engine: Engine, worker: str, limit: int, lease_seconds: float, version
         rows = conn.execute(query).all()
         if not rows:
             return []
+        # a job claimed before (its batch failed, or its worker died or ran out of lease on it) goes alone:
+        # a poison image is isolated within one retry instead of taking its batch down with it every time
+        if rows[0].attempts > 0:
+            rows = rows[:1]
+        else:
+            rows = rows[:next((i for i, r in enumerate(rows) if r.attempts > 0), len(rows))]
         conn.execute(update(jobs).where(jobs.c.id.in_([r.id for r in rows])).values(
             status=CLAIMED, claimed_by=worker, lease_until=now + dt.timedelta(seconds=lease_seconds),
             attempts=jobs.c.attempts + 1, updated_at=now))
     return [Claimed(r.id, r.path, r.class_name, r.sha256, r.attempts + 1, r.image_id, version) for r in rows]
+
+
+def renew(engine: Engine, worker: str, job_ids: Iterable[int], lease_seconds: float) -> int:
+    """Extend the leases of ``job_ids`` that ``worker`` still holds to the database's now + ``lease_seconds``
+    (a batch slower than its lease stays its worker's). Returns how many leases were extended."""
+    ids = list(job_ids)
+    if not ids:
+        return 0
+    with engine.begin() as conn:
+        now = db_now(conn)
+        return conn.execute(update(jobs).where(
+            jobs.c.id.in_(ids), jobs.c.claimed_by == worker, jobs.c.status == CLAIMED).values(
+            lease_until=now + dt.timedelta(seconds=lease_seconds))).rowcount
+
+
+def current_paths(engine: Engine, image_ids: Iterable[int]) -> dict[int, str]:
+    """image id -> its path now (intake moves a row when it finds its file renamed)."""
+    ids = list(image_ids)
+    if not ids:
+        return {}
+    with engine.connect() as conn:
+        return {r.id: r.path for r in conn.execute(select(images.c.id, images.c.path).where(images.c.id.in_(ids)))}
 
 
 def _give_up(conn: Any, where: Any, now: dt.datetime) -> None:
@@ -205,11 +278,14 @@ def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 300.0) -> flo
     return min(cap, base * 2 ** max(0, attempts - 1))
 
 
-def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attempts: int = 5) -> int:
-    """Write a batch in one transaction; returns how many results were stored."""
-    now = utcnow()
+def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attempts: int = 5,
+             policy: DecisionPolicy | None = None) -> int:
+    """Write a batch in one transaction; returns how many results were stored. With a ``policy``, each live
+    result is decided as it is stored, and its event is queued in the outbox for every sink, in the same
+    transaction (``decisions.py``, ``outbox.py``)."""
     stored = 0
     with engine.begin() as conn:
+        now = db_now(conn)
         for o in outcomes:
             mine = and_(jobs.c.id == o.job_id, jobs.c.claimed_by == worker, jobs.c.status == CLAIMED)
             job = conn.execute(select(jobs.c.image_id, jobs.c.model_version_id, jobs.c.purpose, jobs.c.attempts)
@@ -220,8 +296,19 @@ def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attem
             if o.result is not None:
                 conn.execute(update(jobs).where(mine).values(status=DONE, claimed_by=None, lease_until=None,
                                                              error=None, updated_at=now))
-                conn.execute(results.insert().values(image_id=job.image_id, model_version_id=job.model_version_id,
-                                                     worker=worker, created_at=now, **o.result))
+                decided = {}
+                if policy is not None and job.purpose in DECIDING:
+                    image = conn.execute(select(images.c.class_name, images.c.sha256, images.c.path,
+                                                images.c.source_id).where(images.c.id == job.image_id)).one()
+                    decided = decide(conn, job.image_id, o.sha256 or image.sha256, image.class_name,
+                                     job.model_version_id, o.result["image_score"], policy)
+                result_id = conn.execute(results.insert().values(
+                    image_id=job.image_id, model_version_id=job.model_version_id, worker=worker, created_at=now,
+                    **o.result, **decided)).inserted_primary_key[0]
+                if decided and policy.sinks:
+                    enqueue(conn, result_id, image.source_id, decision_event(
+                        conn, result_id, job.image_id, image, job.model_version_id, o.result["image_score"],
+                        decided, now), policy.sinks)
                 image_values.update(width=o.width, height=o.height)
                 if o.sha256:
                     image_values["sha256"] = o.sha256
@@ -229,16 +316,71 @@ def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attem
                     image_values.update(status=DONE, error=None)
                 stored += 1
             else:
+                error = o.error
+                if o.vanished:
+                    error = _vanished(conn, job, mine, now)
+                    if error is None:
+                        continue  # the file is back under the image's (updated) path: queued again
                 final = o.permanent or job.attempts >= max_attempts
-                values = {"status": FAILED if final else PENDING, "error": o.error, "claimed_by": None,
+                values = {"status": FAILED if final else PENDING, "error": error, "claimed_by": None,
                           "lease_until": None, "updated_at": now}
                 if not final:
                     values["next_attempt_at"] = now + dt.timedelta(seconds=backoff_seconds(job.attempts))
                 conn.execute(update(jobs).where(mine).values(**values))
                 if job.purpose in DECIDING:
-                    image_values.update(status=values["status"], error=o.error)
+                    image_values.update(status=values["status"], error=error)
             conn.execute(update(images).where(images.c.id == job.image_id).values(**image_values))
     return stored
+
+
+def _vanished(conn: Any, job: Any, mine: Any, now: dt.datetime) -> str | None:
+    """A claimed job's file was gone. If intake has since moved the image to a path that exists (a rename),
+    the job goes back to the queue (None). Else, if a copy of the content exists (a duplicate of this image),
+    the copy becomes the scored image and gets the job; the error says which."""
+    query = select(images.c.path, images.c.duplicate_of).where(images.c.id == job.image_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()  # serialises with a rename's update of the row
+    image = conn.execute(query).first()
+    if image is not None and os.path.isfile(image.path):
+        conn.execute(update(jobs).where(mine).values(status=PENDING, claimed_by=None, lease_until=None,
+                                                     next_attempt_at=now, updated_at=now))
+        return None
+    successor = image.duplicate_of if image is not None else None
+    if successor is None and job.purpose in DECIDING:
+        for copy in conn.execute(select(images.c.id, images.c.path).where(
+                images.c.duplicate_of == job.image_id, images.c.status == DUPLICATE).order_by(images.c.id)):
+            if os.path.isfile(copy.path):
+                successor = copy.id
+                break
+        if successor is not None:  # promote the copy: the content's image from now on
+            conn.execute(update(images).where(images.c.id == successor).values(
+                status=PENDING, duplicate_of=None, error=None, updated_at=now))
+            conn.execute(update(images).where(images.c.duplicate_of == job.image_id, images.c.id != successor)
+                         .values(duplicate_of=successor, updated_at=now))
+            conn.execute(update(images).where(images.c.id == job.image_id).values(duplicate_of=successor))
+    if successor is None:
+        return VANISHED
+    add_jobs(conn, successor, [(job.model_version_id, job.purpose)], now)
+    path = conn.execute(select(images.c.path).where(images.c.id == successor)).scalar_one()
+    return f"{VANISHED}; its copy {path} is scored instead"
+
+
+def decision_event(conn: Any, result_id: int, image_id: int, image: Any, version_id: int, score: float,
+                   decided: dict[str, Any], at: dt.datetime) -> dict[str, Any]:
+    """What the line receives for one decision; ``id`` (the result's) is the idempotency key."""
+    version = conn.execute(select(model_versions.c.name, model_versions.c.digest)
+                           .where(model_versions.c.id == version_id)).one()
+    line = conn.execute(select(sources.c.line).where(sources.c.id == image.source_id)).scalar() \
+        if image.source_id is not None else None
+    th = conn.execute(select(thresholds.c.value, thresholds.c.version, thresholds.c.kind)
+                      .where(thresholds.c.id == decided["threshold_id"])).first() \
+        if decided["threshold_id"] is not None else None
+    return {"id": result_id, "image_id": image_id, "path": image.path, "sha256": image.sha256,
+            "class_name": image.class_name, "line": line, "source_id": image.source_id,
+            "model_version": version.name, "model_digest": version.digest, "score": score,
+            "decision": decided["decision"], "audit": decided["audit"],
+            "threshold": th.value if th else None, "threshold_version": th.version if th else None,
+            "threshold_kind": th.kind if th else None, "time": at.isoformat() + "Z"}
 
 
 def release(engine: Engine, worker: str, job_ids: Iterable[int] | None = None) -> None:
@@ -351,5 +493,6 @@ def active_model(conn: Any) -> dict[str, Any] | None:
             "by_class": {name: rows[v].name for name, v in sorted(by_class_ids.items())}}
 
 
-__all__ = ["Claimed", "Outcome", "active_model", "active_versions", "claim", "complete", "ensure_model_version",
-           "ensure_source", "known_files", "pending_count", "register_file", "release", "status"]
+__all__ = ["Claimed", "Outcome", "active_model", "active_versions", "claim", "complete", "current_paths", "db_now",
+           "ensure_model_version", "ensure_source", "known_files", "pending_count", "register_file", "release",
+           "renew", "status"]
