@@ -678,12 +678,15 @@ def worker(
 def status(
     as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
     database: str | None = DATABASE_OPTION,
+    escape_days: float = typer.Option(7.0, "--escape-days", min=0.01,
+                                      help="Window of the escape-rate estimate, in days."),
 ) -> None:
-    """Queue depth per model version, backfill progress, throughput, errors and the active versions."""
+    """Queue depth per model version, backfill progress, throughput, the outbox per sink, the escape rate per
+    class and line, errors and the active versions."""
     from .pipeline import status_json
 
     s = settings().override("database", url=database)
-    data = json.loads(status_json(s))
+    data = json.loads(status_json(s, escape_days))
     if as_json:
         print(json.dumps(data))
         return
