@@ -417,8 +417,11 @@ def overview_page() -> None:
     if info["errors"]:
         st.subheader("Errors")
         st.dataframe(info["errors"], hide_index=True)
-    st.download_button("Export decisions and reviews (CSV)", rv.export_csv(engine), "inspector-export.csv",
-                       "text/csv", key="export")
+    if st.button("Prepare the CSV export (decisions and reviews)", key="export_prepare"):
+        st.session_state["export_csv"] = rv.export_csv(engine)  # built on demand, not on every render
+    if st.session_state.get("export_csv") is not None:
+        st.download_button("Download the CSV export", st.session_state["export_csv"], "inspector-export.csv",
+                           "text/csv", key="export")
 
 
 def main() -> None:

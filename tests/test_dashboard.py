@@ -71,6 +71,9 @@ def test_overview_and_export(app):
     labels = {m.label: m.value for m in app.metric}
     assert labels["Queue depth"] == "0" and labels["Scored"] == "6"
     assert any("RANDOM" in e.value for e in app.error)
+    assert not app.get("download_button")  # the export is built on demand, not on every render
+    app.button(key="export_prepare").click().run()
+    assert not app.exception and app.session_state["export_csv"].count("\n") == 7  # header + 6 results
 
 
 def test_password_gate(scored_db, monkeypatch):

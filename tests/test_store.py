@@ -210,3 +210,32 @@ def test_migrating_an_existing_database_keeps_its_rows(db_url, tmp_path):
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
         assert conn.execute(select(images.c.status)).scalar_one() == "pending"
     engine.dispose()
+
+
+def test_a_reader_never_blocks_a_writer_on_sqlite(tmp_path):
+    """A long read (a CSV export, a dashboard page) holds no write lock: a claim goes through while the
+    read transaction is still open (every transaction used to start with BEGIN IMMEDIATE)."""
+    from inspector.store.review import export_csv
+
+    url = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    fill(engine, tmp_path, 3)
+    reader = make_engine(url)
+    claimed_while_reading = threading.Event()
+    with reader.connect() as conn:
+        conn.execute(select(func.count()).select_from(images)).scalar_one()  # the read transaction is open
+        assert conn.in_transaction()
+
+        def writer():
+            if claim(engine, "w", 3, 60):
+                claimed_while_reading.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        thread.join(timeout=30)
+        assert conn.in_transaction()
+        assert claimed_while_reading.is_set(), "the claim waited for the reader"
+    assert export_csv(reader) is not None
+    reader.dispose()
+    engine.dispose()

@@ -1,18 +1,22 @@
 """Engines and schema management for SQLite (default) and Postgres.
 
-SQLite runs in WAL mode with a busy timeout, and every transaction starts with ``BEGIN IMMEDIATE``: the
-write lock is taken up front, so a claim (select then update) can never interleave with another
-writer's. Postgres claims use ``FOR UPDATE SKIP LOCKED`` instead (see ``queue.py``).
+SQLite runs in WAL mode with a busy timeout. Every write transaction (``engine.begin()``) starts with
+``BEGIN IMMEDIATE``: the write lock is taken up front, so a claim (select then update) can never interleave
+with another writer's. Reads (``engine.connect()``) start a deferred transaction and read a snapshot, so
+readers never block writers. Postgres claims use ``FOR UPDATE SKIP LOCKED`` instead (see ``queue.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import logging
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -53,14 +57,31 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            write = conn.get_execution_options().get(_WRITE, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
+        engine.begin = functools.partial(_write_transaction, engine)  # type: ignore[method-assign]
         return engine
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)
     raise StoreError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
+
+
+_WRITE = "inspector_write"
+
+
+@contextlib.contextmanager
+def _write_transaction(engine: Engine) -> Iterator[Connection]:
+    """SQLite's ``engine.begin()``: a transaction that takes the write lock up front (``BEGIN IMMEDIATE``), so a
+    claim's select-then-update never interleaves with another writer's. Reads (``engine.connect()``) begin a
+    deferred transaction instead: in WAL mode they read a snapshot and never hold the write lock, so a CSV
+    export or a dashboard page never makes a worker's claim wait."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITE: True})
+        with conn.begin():
+            yield conn
 
 
 def alembic_config(url: str):
@@ -86,6 +107,7 @@ def upgrade(url: str, revision: str = "head") -> str:
             raw = connection.connection.dbapi_connection
             if is_sqlite(engine):  # SQLite alters a table by copying it; foreign keys must be off meanwhile
                 raw.execute("PRAGMA foreign_keys=OFF")  # (outside a transaction, or SQLite ignores it)
+            connection.execution_options(**{_WRITE: True})  # one migrator at a time on SQLite
             try:
                 with connection.begin():
                     config = alembic_config(url)
