@@ -88,3 +88,22 @@ def test_password_gate(scored_db, monkeypatch):
     assert at.error and len(at.sidebar.radio) == 0
     at.text_input(key="password").input("s3cret").run()
     assert len(at.sidebar.radio) == 1
+
+
+def test_review_page_survives_a_stored_image_replaced_by_a_non_image(tmp_path, monkeypatch):
+    """Issue 12 item 12: the page used to crash with no buttons, and the queue was stuck on that image."""
+    from streamlit.testing.v1 import AppTest
+
+    db = scored_database(tmp_path, count=2, seed=900)
+    for path in (tmp_path / "line1").iterdir():
+        path.write_bytes(b"not an image any more")
+    monkeypatch.setenv("INSPECTOR_DATABASE__URL", db)
+    monkeypatch.delenv("INSPECTOR_DASHBOARD__PASSWORD", raising=False)
+    monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert any("cannot be shown" in w.value for w in at.warning)
+    at.sidebar.text_input(key="reviewer").input("ana").run()
+    at.button(key="reject").click().run()
+    assert not at.exception and [r["verdict"] for r in table_rows(db, reviews)] == ["defect"]
