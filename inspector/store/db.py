@@ -31,6 +31,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+def db_now(conn: Connection) -> dt.datetime:
+    """The database's current time, naive UTC (the one clock every box shares: leases, backoff, routing)."""
+    from sqlalchemy import func, select
+
+    if conn.dialect.name == "sqlite":
+        text = conn.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))).scalar_one()
+        return dt.datetime.fromisoformat(text)
+    if conn.dialect.name == "postgresql":
+        return conn.execute(select(func.timezone("utc", func.now()))).scalar_one()
+    return utcnow()  # pragma: no cover - only SQLite and Postgres are supported
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 

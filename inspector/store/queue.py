@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import is_sqlite, utcnow
+from .db import db_now, is_sqlite, utcnow
 from .decisions import DecisionPolicy, decide
 from .outbox import enqueue
 from .routing import add_jobs, targets
@@ -62,16 +62,6 @@ from .versions import ensure_model_version, promoted_map
 DECIDING = (LIVE, MANUAL)  # purposes whose result is the image's own (drives its decision)
 #: the error of a job whose file was gone when its worker read it (a rename found later re-queues it)
 VANISHED = "file disappeared before it could be scored"
-
-
-def db_now(conn: Any) -> dt.datetime:
-    """The database's current time, naive UTC (the one clock every box shares)."""
-    if conn.dialect.name == "sqlite":
-        text = conn.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))).scalar_one()
-        return dt.datetime.fromisoformat(text)
-    if conn.dialect.name == "postgresql":
-        return conn.execute(select(func.timezone("utc", func.now()))).scalar_one()
-    return utcnow()  # pragma: no cover - only SQLite and Postgres are supported
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import utcnow
+from .db import db_now
 from .schema import (
     BACKFILL,
     CLAIMED,
@@ -59,7 +59,7 @@ def targets(conn: Any, source_id: int | None, class_name: str) -> list[tuple[int
 
 def add_jobs(conn: Any, image_id: int, wanted: list[tuple[int, str]], now: dt.datetime | None = None) -> int:
     """Queue ``wanted`` (version, purpose) jobs for an image, skipping versions it already has one for."""
-    now = now or utcnow()
+    now = now or db_now(conn)
     added = 0
     for version, purpose in wanted:
         if conn.execute(select(jobs.c.id).where(jobs.c.image_id == image_id,
@@ -99,17 +99,17 @@ def enqueue_backfill(engine: Engine, model_version_id: int, class_name: str | No
     """Queue scored-or-failed-free history (images of ``class_name``, or all, discovered since ``since``)
     for ``model_version_id`` at backfill priority; images it already has a job for are skipped. One
     INSERT ... SELECT: exactly once however often it is asked."""
-    now = utcnow()
     already = exists().where(jobs.c.image_id == images.c.id, jobs.c.model_version_id == model_version_id)
-    chosen = select(images.c.id, literal(model_version_id), literal(BACKFILL), literal(PRIORITY[BACKFILL]),
-                    literal(PENDING), literal(0), literal(now), literal(now), literal(now)).where(
-        images.c.status.notin_((DUPLICATE, FAILED)), ~already)
-    if class_name is not None:
-        chosen = chosen.where(images.c.class_name == class_name)
-    if since is not None:
-        chosen = chosen.where(images.c.discovered_at >= since)
     count = select(func.count()).select_from(jobs).where(jobs.c.model_version_id == model_version_id)
     with engine.begin() as conn:  # (rowcount of INSERT ... SELECT is not reported by every driver: count)
+        now = db_now(conn)
+        chosen = select(images.c.id, literal(model_version_id), literal(BACKFILL), literal(PRIORITY[BACKFILL]),
+                        literal(PENDING), literal(0), literal(now), literal(now), literal(now)).where(
+            images.c.status.notin_((DUPLICATE, FAILED)), ~already)
+        if class_name is not None:
+            chosen = chosen.where(images.c.class_name == class_name)
+        if since is not None:
+            chosen = chosen.where(images.c.discovered_at >= since)
         before = conn.execute(count).scalar_one()
         conn.execute(insert(jobs).from_select(
             ["image_id", "model_version_id", "purpose", "priority", "status", "attempts", "next_attempt_at",
@@ -133,7 +133,7 @@ def served_versions(conn: Any, source_ids: list[int]) -> set[int]:
 
 def versions_with_work(conn: Any) -> list[int]:
     """Versions that have jobs waiting (pending, or claimed with an expired lease), most urgent first."""
-    now = utcnow()
+    now = db_now(conn)
     ready = or_(jobs.c.status == PENDING, and_(jobs.c.status == CLAIMED, jobs.c.lease_until < now))
     rows = conn.execute(select(jobs.c.model_version_id, func.max(jobs.c.priority).label("p"))
                         .where(ready).group_by(jobs.c.model_version_id).order_by(func.max(jobs.c.priority).desc()))
