@@ -91,6 +91,7 @@ class Models:
         self.recipes: dict[int, Recipe] = {}
         self._settings: dict[int, Settings] = {}
         self._cannot: set[int] = set()
+        self._last_review = 0  # reviews passed to the detectors so far (``sync_reviews``)
 
     def add(self, recipe: Recipe, settings: Settings | None = None) -> int:
         """Record a version this process can build (with ``settings``, default the process's own)."""
@@ -156,13 +157,31 @@ class Models:
         return recipe
 
     def serving(self, versions: list[int] | set[int]) -> dict[int, Any]:
-        """The detectors of those of ``versions`` this box can build (loading any not loaded yet)."""
+        """The detectors of those of ``versions`` this box can build (loading any not loaded yet), after
+        passing them the reviews written since the last call (``sync_reviews``)."""
         out = {}
         for version in versions:
             detector = self.get(version)
             if detector is not None:
                 out[version] = detector
+        self.sync_reviews(out.values())
         return out
+
+    def sync_reviews(self, detectors: Any) -> int:
+        """Tell detectors that learn from the line (``on_reviews``, e.g. MuSc's rolling pool, which drops images
+        a reviewer rejected) about defect verdicts written since the last call. Returns how many were passed."""
+        from .store.review import defect_reviews_since
+
+        learners = [d for d in detectors if hasattr(d, "on_reviews")]
+        if not learners:
+            return 0
+        rows, self._last_review = defect_reviews_since(self.engine, self._last_review)
+        for detector in learners:
+            try:
+                detector.on_reviews(rows)
+            except Exception:  # a detector's bookkeeping must never stop scoring
+                log.exception("%s could not take %d reviews into account", detector.name, len(rows))
+        return len(rows)
 
 
 def load_detector(settings: Settings, class_name: str | None = None, engine: Engine | None = None) -> Any:

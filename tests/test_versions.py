@@ -351,3 +351,40 @@ def test_sources_config_is_validated(tmp_path):
         load_settings(path, environ={})
     path.write_text('[[sources]]\npath = "/x"\nclass_name = "screw"\npolling = true\n')
     assert load_settings(path, environ={}).sources[0].polling is True
+
+
+def test_reviewer_rejections_leave_musc_s_rolling_pool(tmp_path):
+    """Issue 16: an image a reviewer judged a defect is taken out of its class's pool by the serving worker."""
+    from inspector.pipeline import Models, make_worker, record_version
+    from inspector.store.review import record_review, review_queue
+    from inspector.versions import build, recipe_from_settings
+
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    settings = fast_settings(tmp_path, db, detector="musc")
+    settings.override("musc", pool_dir="")
+    engine = open_store(db, auto_upgrade=True)
+    recipe = recipe_from_settings(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        musc = build(recipe, settings)
+    version = record_version(engine, recipe)
+    folder = make_folder(tmp_path, "line", 6, 0)
+    intake = Intake(engine, [WatchedFolder(folder, "screw")], stable_seconds=0, rescan_seconds=0)
+    set_source_versions(engine, intake.folders[0].source_id, version, version)
+    intake.scan()
+    assert intake.tick() == 6
+    make_worker(engine, {version: musc}, settings).run(threading.Event(), until_empty=lambda: True)
+    assert musc.pool_count("screw") == 6
+    rejected = review_queue(engine, class_name="screw", limit=10)[0]
+    record_review(engine, rejected["id"], "defect", "qa")
+    record_review(engine, review_queue(engine, class_name="screw", limit=10)[1]["id"], "normal", "qa")
+    models = Models(engine, settings)
+    assert models.sync_reviews([musc]) == 1
+    assert musc.pool_count("screw") == 5
+    from inspector.detectors.musc import content_hash
+    from inspector.imaging import preprocess
+
+    gone = content_hash(preprocess([rejected["path"]], musc.image_size)[0])
+    assert gone not in musc._pools["screw"].hashes
+    assert models.sync_reviews([musc]) == 0  # each review is passed once
+    engine.dispose()

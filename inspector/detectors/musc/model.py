@@ -524,6 +524,20 @@ class MuSc(nn.Module):
         self.files.save(class_name, features, list(pool.hashes), pool.start, pool.embeddings[:count],
                         drift.state() if drift else {})
 
+    def on_reviews(self, defects: Sequence[tuple[str, str]]) -> int:
+        """Reviewer verdicts from the line (``pipeline.Models.sync_reviews``): each (class name, image path)
+        judged a defect leaves its class's rolling pool, so a rejected part is never a reference of normality.
+        Returns how many pool entries were removed; an image that is gone or unreadable is skipped."""
+        removed = 0
+        for class_name, path in defects:
+            if self._rolling(class_name) is None:
+                continue
+            try:
+                removed += self.pool_remove(class_name, [path])
+            except (OSError, ValueError) as exc:
+                log.warning("MuSc: cannot take rejected %s out of the %s pool: %s", path, class_name, exc)
+        return removed
+
     def pool_remove(self, class_name: str, images: Sequence[ImageInput] | torch.Tensor) -> int:
         """Take images out of the rolling pool of a class (a reviewer rejected them as defects), by
         content. Returns how many were removed."""
