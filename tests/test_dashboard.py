@@ -18,17 +18,22 @@ def scored_db(tmp_path_factory):
     return scored_database(tmp_path_factory.mktemp("dash"), count=6, seed=500)
 
 
-@pytest.fixture
-def app(scored_db, monkeypatch):
+def open_app(db: str, monkeypatch):
+    """The dashboard on ``db``, no password, after its first run."""
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("INSPECTOR_DATABASE__URL", scored_db)
+    monkeypatch.setenv("INSPECTOR_DATABASE__URL", db)
     monkeypatch.delenv("INSPECTOR_DASHBOARD__PASSWORD", raising=False)
     monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+@pytest.fixture
+def app(scored_db, monkeypatch):
+    return open_app(scored_db, monkeypatch)
 
 
 def test_review_needs_a_name_then_records_verdicts(app, scored_db):
@@ -92,17 +97,10 @@ def test_password_gate(scored_db, monkeypatch):
 
 def test_review_page_survives_a_stored_image_replaced_by_a_non_image(tmp_path, monkeypatch):
     """Issue 12 item 12: the page used to crash with no buttons, and the queue was stuck on that image."""
-    from streamlit.testing.v1 import AppTest
-
     db = scored_database(tmp_path, count=2, seed=900)
     for path in (tmp_path / "line1").iterdir():
         path.write_bytes(b"not an image any more")
-    monkeypatch.setenv("INSPECTOR_DATABASE__URL", db)
-    monkeypatch.delenv("INSPECTOR_DASHBOARD__PASSWORD", raising=False)
-    monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.run()
-    assert not at.exception, at.exception
+    at = open_app(db, monkeypatch)
     assert any("cannot be shown" in w.value for w in at.warning)
     at.sidebar.text_input(key="reviewer").input("ana").run()
     at.button(key="reject").click().run()
