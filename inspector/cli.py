@@ -683,7 +683,7 @@ def status(
 ) -> None:
     """Queue depth per model version, backfill progress, throughput, the outbox per sink, the escape rate per
     class and line, errors and the active versions."""
-    from .pipeline import status_json
+    from .status import status_json
 
     s = settings().override("database", url=database)
     data = json.loads(status_json(s, escape_days))

@@ -236,6 +236,21 @@ def test_start_up_does_not_import_torch(tmp_path, verb):
     assert "typer" in imported and not imported & {"torch", "open_clip", "numpy", "sqlalchemy"}, sorted(imported)
 
 
+def test_status_answers_without_loading_model_code(tmp_path):
+    """`inspector status` reads the database only: no torch or model code (it took 2.4-3.7 s to start)."""
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full_env.pop("INSPECTOR_CONFIG", None)
+    made = subprocess.run([sys.executable, "-m", "inspector.cli", "db", "upgrade", "--database", db], cwd=tmp_path,
+                          env=full_env, capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "inspector.cli", "status", "--database", db],
+                            cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and "queue depth" in result.stdout, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert "sqlalchemy" in imported and not imported & {"torch", "open_clip", "inspector.worker"}, sorted(imported)
+
+
 def test_lazy_package_names_still_import():
     import inspector
 

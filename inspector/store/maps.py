@@ -6,16 +6,19 @@ A binary mask is derived at read time for any threshold, so changing a threshold
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..imaging import map_to_png_bytes
+if TYPE_CHECKING:
+    import torch
 
 
 def encode_map(anomaly_map: torch.Tensor, longest_side: int = 256) -> tuple[bytes, int, int]:
     """[S, S] in [0, 1] -> (PNG bytes, width, height)."""
+    from ..imaging import map_to_png_bytes  # (torch only where maps are written: readers start fast)
+
     data = map_to_png_bytes(anomaly_map, longest_side)
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
