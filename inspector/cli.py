@@ -344,7 +344,7 @@ def bench(
                    precision=precision, image_size=image_size, head="", name="")
         s.override("bench", batch_sizes=batch_sizes, repeats=repeats, output=str(output) if output else None)
         r = samples or s.model.samples
-        model = load_model(settings=s, use_active=False)
+        model = load_model(settings=s)
         console.print(f"bench {name}: {model.backbone.spec.arch} ({model.backbone.spec.pretrained}) at "
                       f"{model.image_size}px on {model.device}", highlight=False)
         report = run_bench(model, s.bench.batch_sizes, s.bench.repeats, r, references=references,
@@ -844,7 +844,7 @@ def retrain(
         raise ValueError(f"{path}: no test-split images to train on")
     name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
     s.model.name = ""
-    model = load_model(settings=s, use_active=False)  # a fresh head (or --head), never the promoted one
+    model = load_model(settings=s)  # a fresh head (or --head), never the promoted one
     run_dir = Path(s.registry.path) / ".runs" / name
     console.print(f"retrain {name} ({model.name}): {len(records)} images of {len({r.class_name for r in records})} "
                   f"classes from {path}; checkpoints in {run_dir}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -195,7 +196,8 @@ def load_detector(settings: Settings, class_name: str | None = None, engine: Eng
 
 
 def resolve_recipe(settings: Settings, engine: Engine | None = None, class_name: str | None = None) -> Recipe:
-    """The configured version (``[model] name`` or head, or ``pinned`` settings); else the promoted one."""
+    """The configured version (``[model] name`` or head); else the one promoted for ``class_name`` (or the
+    site) in the database; else the default (``default_recipe``)."""
     m = settings.model
     if engine is not None and not (m.name or m.head):
         with engine.connect() as conn:
@@ -204,10 +206,6 @@ def resolve_recipe(settings: Settings, engine: Engine | None = None, class_name:
         if row is not None and row["registry_name"]:
             return recipe_from_registry(settings, row["registry_name"])
     return default_recipe(settings)
-
-
-def model_version_name(detector: Any) -> str:
-    return str(detector.provenance.get("version") or detector.provenance.get("model") or detector.name)
 
 
 def register_model_version(engine: Engine, detector: Any, source_ids: list[int] | None = None) -> int:
@@ -229,10 +227,7 @@ def decision_policy(settings: Settings) -> DecisionPolicy:
     """``[decisions]`` and the enabled ``[outputs]`` sinks, as the store applies them."""
     from .delivery import enabled_sinks
 
-    d = settings.decisions
-    return DecisionPolicy(provisional_after=d.provisional_after, rule=d.provisional_rule, k=d.provisional_k,
-                          expected_flag_rate=d.expected_flag_rate, review_band=d.review_band,
-                          audit_share=d.audit_share, audit_seed=d.audit_seed, sinks=enabled_sinks(settings.outputs))
+    return DecisionPolicy(**dataclasses.asdict(settings.decisions), sinks=enabled_sinks(settings.outputs))
 
 
 def make_worker(engine: Engine, models: dict[int, Any], settings: Settings, on_batch=None, refresh=None) -> Worker:

@@ -151,11 +151,10 @@ def backbone_spec(settings: Settings, detector: str | None = None) -> BackboneSp
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,
-               device: str | None = None, use_active: bool = True, detector: str | None = None) -> Any:
+               device: str | None = None, detector: str | None = None) -> Any:
     """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
     describe (``detector`` or ``[model] detector``, ``name``, or backbone + head keys). Options from
-    ``settings``. (Which version is *active* is the database's business: ``pipeline.resolve_recipe``;
-    ``use_active`` is kept for callers of the old signature and means nothing here.)
+    ``settings``. (Which version is *active* is the database's business: ``pipeline.resolve_recipe``.)
 
     A trainable detector without a head is built untrained (with a loud warning); the production verbs go
     through ``pipeline``, which scores with the training-free fallback instead."""

@@ -155,7 +155,7 @@ def build(recipe: Recipe, settings: Settings, device: str | None = None) -> Any:
     if recipe.registry_name:
         detector = load_model(recipe.registry_name, settings=settings, device=device)
     else:
-        detector = load_model(None, settings=settings, device=device, use_active=False, detector=recipe.detector)
+        detector = load_model(None, settings=settings, device=device, detector=recipe.detector)
     detector.provenance["version"] = recipe.name
     detector.provenance["digest"] = recipe.digest
     if recipe.fallback:

@@ -119,7 +119,7 @@ def store(tmp_path):
 
 def test_provisional_threshold_then_a_reviewed_one_never_rewrites_the_past(store, tmp_path):
     engine, source, version = store
-    policy = DecisionPolicy(provisional_after=5, k=3.5, audit_share=0.0)
+    policy = DecisionPolicy(provisional_after=5, provisional_k=3.5, audit_share=0.0)
     first = [0.50, 0.52, 0.49, 0.51, 0.55]
     rows = _score(engine, tmp_path, source, first + [0.53, 0.90], policy)
     assert [r.decision for r in rows[:5]] == ["review"] * 5  # before N images: review

@@ -38,7 +38,7 @@ def load(settings: Settings, pipeline: bool = False):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_detector(settings) if pipeline else load_model(settings=settings, use_active=False)
+        return load_detector(settings) if pipeline else load_model(settings=settings)
 
 
 @pytest.mark.parametrize("name", list(KINDS))

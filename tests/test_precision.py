@@ -94,7 +94,7 @@ def load(detector: str, **model: object):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_model(settings=tiny(detector, **model), use_active=False)
+        return load_model(settings=tiny(detector, **model))
 
 
 @pytest.fixture(scope="module")

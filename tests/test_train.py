@@ -58,7 +58,7 @@ def model():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_model(settings=tiny_settings(image_size=224, samples=1), use_active=False)
+        return load_model(settings=tiny_settings(image_size=224, samples=1))
 
 
 def fixed_batch_loss(model, records, cfg) -> float:

@@ -15,10 +15,10 @@ When a live (or `inspector score`) result is stored, it is decided in the same t
 A later threshold never rewrites a stored decision: ``results.threshold_id`` says which row decided.
 Shadow and backfill results decide nothing (their decision stays None).
 
-The provisional rule: ``median + k * 1.4826 * MAD`` of the first N scores (``rule = "mad"``: robust to a
-few defects among them, k = 3.5 flags about 0.02 % of a normal class's images if its scores were
-Gaussian), or the ``1 - expected_flag_rate`` quantile (``rule = "rate"``: the share of images a line
-expects to reject). Both are clipped to [0, 1].
+The provisional rule: ``median + k * 1.4826 * MAD`` of the first N scores (``provisional_rule = "mad"``,
+k = ``provisional_k``: robust to a few defects among them; k = 3.5 flags about 0.02 % of a normal class's
+images if its scores were Gaussian), or the ``1 - expected_flag_rate`` quantile (``provisional_rule =
+"rate"``: the share of images a line expects to reject). Both are clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ..config import DecisionSettings
 from .db import utcnow
 from .schema import images, jobs, results, thresholds
 
@@ -38,28 +39,22 @@ PASS, FAIL, REVIEW = "pass", "fail", "review"
 PROVISIONAL, REVIEWED = "provisional", "reviewed"
 
 
-@dataclass(frozen=True)
-class DecisionPolicy:
-    """How results are decided and where their events go (from ``[decisions]`` and ``[outputs]``)."""
+@dataclass
+class DecisionPolicy(DecisionSettings):
+    """How results are decided (the ``[decisions]`` settings) and where their events go (the enabled
+    ``[outputs]`` sinks)."""
 
-    provisional_after: int = 50
-    rule: str = "mad"
-    k: float = 3.5
-    expected_flag_rate: float = 0.02
-    review_band: float = 0.0
-    audit_share: float = 0.02
-    audit_seed: int = 0
     sinks: tuple[str, ...] = field(default_factory=tuple)
 
 
 def provisional_value(scores: np.ndarray, policy: DecisionPolicy) -> float:
     """The provisional threshold of a class's first scores (see the module docstring)."""
-    if policy.rule == "rate":
+    if policy.provisional_rule == "rate":
         value = float(np.quantile(scores, 1.0 - policy.expected_flag_rate))
     else:
         median = float(np.median(scores))
         mad = float(np.median(np.abs(scores - median)))
-        value = median + policy.k * 1.4826 * mad
+        value = median + policy.provisional_k * 1.4826 * mad
     return min(1.0, max(0.0, value))
 
 
@@ -90,7 +85,7 @@ def _provisional(conn: Any, class_name: str, version_id: int, policy: DecisionPo
     if scores.size < policy.provisional_after:
         return None
     value = provisional_value(scores, policy)
-    rule = (f"median + {policy.k:g}·1.4826·MAD" if policy.rule != "rate"
+    rule = (f"median + {policy.provisional_k:g}·1.4826·MAD" if policy.provisional_rule != "rate"
             else f"{100 * (1 - policy.expected_flag_rate):g} % quantile")
     try:
         with conn.begin_nested():  # another worker may store the same provisional row at this moment
@@ -115,9 +110,3 @@ def decide(conn: Any, image_id: int, sha256: str | None, class_name: str, versio
         decision = FAIL if score >= th.value else PASS
     return {"decision": decision, "threshold_id": th.id,
             "audit": decision == PASS and audited(image_id, sha256, policy)}
-
-
-def decided_count(conn: Any, class_name: str, version_id: int) -> int:
-    return conn.execute(select(func.count()).select_from(results).join(images, images.c.id == results.c.image_id)
-                        .where(images.c.class_name == class_name, results.c.model_version_id == version_id,
-                               results.c.decision.is_not(None))).scalar_one()

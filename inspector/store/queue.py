@@ -439,10 +439,10 @@ def status(engine: Engine, window_minutes: int = 60) -> dict[str, Any]:
     }
 
 
-def active_versions(conn: Any) -> dict[str, int]:
+def active_versions(conn: Any, promoted: dict[str | None, int] | None = None) -> dict[str, int]:
     """class name -> the version whose results are the class's own: promoted for the class or the site,
-    else the version of the class's latest live result."""
-    promoted = promoted_map(conn)
+    else the version of the class's latest live result. ``promoted``: ``promoted_map(conn)``, if read."""
+    promoted = promoted_map(conn) if promoted is None else promoted
     latest = (select(images.c.class_name, func.max(results.c.id).label("rid"))
               .join(results, results.c.image_id == images.c.id)
               .join(jobs, and_(jobs.c.image_id == results.c.image_id,
@@ -461,8 +461,9 @@ def active_model(conn: Any) -> dict[str, Any] | None:
     """The headline version (site-wide promotion, else the version of the latest live result): name,
     detector, random_weights, ``fallback`` (why a training-free fallback scores instead of the configured
     detector, or None), and ``by_class`` (class -> version name); None before any result or promotion."""
-    by_class_ids = active_versions(conn)
-    site = promoted_map(conn).get(None)
+    promoted = promoted_map(conn)
+    by_class_ids = active_versions(conn, promoted)
+    site = promoted.get(None)
     if site is None:
         row = conn.execute(select(jobs.c.model_version_id).where(jobs.c.purpose.in_(DECIDING), jobs.c.status == DONE)
                            .order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(1)).first()

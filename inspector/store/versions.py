@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from .db import utcnow
@@ -127,10 +127,3 @@ def shadow_versions(conn: Any, class_name: str | None) -> list[int]:
         if on and version not in seen:
             seen.append(version)
     return seen
-
-
-def mark_registry_name(engine: Engine, model_version_id: int, registry_name: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(update(model_versions).where(model_versions.c.id == model_version_id,
-                                                  model_versions.c.registry_name.is_(None))
-                     .values(registry_name=registry_name))
