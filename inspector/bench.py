@@ -21,7 +21,7 @@ size on CPU (weights and libraries included, sampled every 2 ms while the case r
 image scores and the largest absolute map difference over the bench images. With random weights these
 describe the arithmetic, not accuracy.
 
-Precision (``[model] precision``, ``inspector.precision``): the cases above run in the precision the
+Precision (``[model] precision``, ``inspector.runtime``): the cases above run in the precision the
 setting resolves to on this device (``precision`` in the report; "auto" is bf16 on CUDA and on CPUs with
 native bf16, fp32 elsewhere). The floor and the detector's main case are also timed in the other one of
 fp32 / bf16 (named "floor (fp32)", "exact R=10 (bf16)", ...), so ``precision_comparison`` gives the bf16
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import precision as precision_mod
+from . import runtime
 from .detectors.base import Detector, Prediction
 
 
@@ -160,7 +160,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
     from .imaging import to_model_input
 
     setting = getattr(model, "precision", None)
-    resolved = precision_mod.resolve(setting, device) if setting is not None else "fp32"
+    resolved = runtime.resolve(setting, device) if setting is not None else "fp32"
     compare = compare_precision and setting is not None and device.type in ("cpu", "cuda")
     low = resolved if resolved in ("bf16", "fp16") else "bf16"
     other = low if resolved == "fp32" else "fp32"
@@ -261,7 +261,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "device": device_name(device),
         "precision": resolved,
         "precision_setting": setting,
-        "cpu_bf16": precision_mod.cpu_bf16().as_dict() if device.type == "cpu" else None,
+        "cpu_bf16": runtime.cpu_bf16().as_dict() if device.type == "cpu" else None,
         "backbone": model.provenance.get("backbone"),
         "random_weights": bool(model.provenance.get("random_weights", True)),
         "image_size": size,

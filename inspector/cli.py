@@ -824,8 +824,8 @@ def retrain(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .data import ArchiveLimits, content_hash, dataset_summary, load_dataset
+    from .detectors.bayes_pfl.train import TrainConfig, train
     from .registry import load_model, register_model
-    from .train import TrainConfig, train
 
     s = _model_flags(settings(), None, backbone, pretrained, head, None, device, None, allow_random_weights, detector)
     s.override("train", epochs=epochs, batch_size=batch_size)

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.splits import load_mask
 from .detectors.base import EvalProtocol
 from .imaging import open_image, to_model_input
-from .train import load_mask
 
 
 def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None, batch_size: int = 8,

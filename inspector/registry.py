@@ -158,7 +158,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
 
     A trainable detector without a head is built untrained (with a loud warning); the production verbs go
     through ``pipeline``, which scores with the training-free fallback instead."""
-    from .detectors.bayes_pfl.model import resolve_device
+    from .runtime import resolve_device
 
     settings = settings or load_settings()
     name_or_path = name_or_path or (settings.model.name if detector is None else "") or None

@@ -83,8 +83,7 @@ def _options(cls: Any, settings: Settings) -> dict[str, Any]:
     version, and says so instead of writing its numbers under the other's name."""
     options = dict(cls.scoring_options(settings))
     if options.get("precision") == "auto":
-        from .detectors.bayes_pfl.model import resolve_device
-        from .precision import resolve
+        from .runtime import resolve, resolve_device
 
         try:
             device = resolve_device(settings.model.device)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from inspector import precision
+from inspector import runtime as precision
 from inspector.config import Settings
 from inspector.detectors import KINDS
 

@@ -202,7 +202,7 @@ def test_every_torch_load_in_the_package_is_weights_only():
 
 
 def test_resume_checkpoint_with_a_payload_is_refused(tmp_path):
-    from inspector.train import load_checkpoint
+    from inspector.detectors.bayes_pfl.train import load_checkpoint
 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "checkpoint.pt"

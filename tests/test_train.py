@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from inspector.train import TrainConfig, load_example, split_records, stage1_losses, train
+from inspector.data.splits import split_records
+from inspector.detectors.bayes_pfl.train import TrainConfig, load_example, stage1_losses, train
 
 
 @dataclass(frozen=True)

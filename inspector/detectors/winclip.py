@@ -49,8 +49,8 @@ from torch import nn
 
 from ..backbone import BackboneSpec, ClipBackbone, tokenize
 from ..imaging import ImageInput, as_list, preprocess
-from ..precision import autocast, check, fp32, resolve
 from ..references import ReferenceStore
+from ..runtime import autocast, check, fp32, resolve
 from .base import EvalProtocol, Prediction
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ How it is computed differs where the result does not:
   both stay within 5e-6 of the reference on the tiny test models, while the explicit path costs 1.5x on
   CPU (10.2 s against 6.8 s per ViT-L image); it stays available as the literal mode
   (``[aa_clip] attention``). No autograd in ``predict``. ``precision`` (``[model] precision``,
-  ``inspector.precision``): the vision tower under bf16 autocast where "auto" says so (CUDA, CPUs with
+  ``inspector.runtime``): the vision tower under bf16 autocast where "auto" says so (CUDA, CPUs with
   native bf16); the taps from LN_post on, the text anchors and the maps always in fp32. "fp32": fp32
   throughout (parity).
 
@@ -70,7 +70,7 @@ from ...backbone import (
     tokenize,
 )
 from ...imaging import ImageInput, as_list, preprocess
-from ...precision import autocast, check, fp32, resolve
+from ...runtime import autocast, check, fp32, resolve
 from ..base import EvalProtocol, Prediction
 from .adapters import (
     HeadFormatError,
@@ -249,7 +249,7 @@ class AACLIP(nn.Module):
         bicubic + antialias. ``text_adapter=None``: the frozen text encoder with ``text_projection``, the
         official fallback when ``text_adapter.pth`` is missing. ``image_adapter=None``: untrained (warns).
         """
-        from ..bayes_pfl.model import resolve_device
+        from ...runtime import resolve_device
 
         state = read_openai_state_dict(clip)
         config = None

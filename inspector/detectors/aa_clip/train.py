@@ -70,8 +70,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from ...backbone import ClipBackbone, _run_block
+from ...data.splits import load_mask_nearest, split_records
 from ...imaging import open_image, to_model_input
-from ...train import split_records
 
 if TYPE_CHECKING:
     from .model import AACLIP
@@ -142,14 +142,6 @@ class AACLIPTrainState:
 
 # -------------------------------------------------------------------------------------------------
 # data
-
-
-def load_mask_nearest(record: Any, size: int) -> torch.Tensor:
-    """[S, S] float 0/1: nearest resize, non-zero -> 1 (the official transform); zeros without a mask."""
-    if record.mask is None or not record.label:
-        return torch.zeros(size, size)
-    mask = Image.open(record.mask).convert("L").resize((size, size), Image.NEAREST)
-    return torch.from_numpy(np.asarray(mask) != 0).float()
 
 
 def sparse_noise(image: Image.Image, rng: random.Random) -> Image.Image:

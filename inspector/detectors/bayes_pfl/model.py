@@ -7,7 +7,7 @@ it is computed is not:
   their EOT (exact under the causal mask) and padded to the longest class name of the batch;
 * logit *differences* upsampled (bilinear is linear, so sigmoid(up(Z_a - Z_n)) equals the official
   two-way softmax of the upsampled logits), B·R channels per level instead of 2·B·R;
-* everything stays on the device; autocast as ``[model] precision`` says (``inspector.precision``: bf16 on
+* everything stays on the device; autocast as ``[model] precision`` says (``inspector.runtime``: bf16 on
   CUDA and on CPUs with native bf16 under "auto"), logit differences and upsampling in fp32; no autograd;
 * whatever depends only on the class (token embeddings, IAD samples, state-token inputs) is cached.
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from ...backbone import EOT_TOKEN, BackboneSpec, ClipBackbone, load_backbone, tokenize
 from ...imaging import ImageInput, as_list, content_seed, preprocess
-from ...precision import autocast, check, fp32, resolve
+from ...runtime import autocast, check, fp32, resolve, resolve_device
 from ..base import EvalProtocol, Prediction
 from .head import BayesPFLConfig, BayesPFLHead, describe
 
@@ -476,13 +476,3 @@ def upsampled_sigmoid_sum(diff: torch.Tensor, size: int, block_rows: int | None 
                 rows = matrix[start:start + block_rows] @ half_up[i]  # [C, rows, S]
                 out[i, start:start + block_rows] = rows.sigmoid_().sum(0)
     return out
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available on this machine")
-    return resolved
-

@@ -22,8 +22,8 @@ from torch import nn
 
 from ...backbone import BackboneSpec, ClipBackbone, build_openai_clip, read_openai_state_dict
 from ...imaging import ImageInput, as_list, preprocess
-from ...precision import autocast, check, resolve
 from ...references import ReferenceStore
+from ...runtime import autocast, check, resolve
 from ..base import EvalProtocol, Prediction
 from .ops import (
     FRACTION,

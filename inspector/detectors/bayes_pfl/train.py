@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
-from .config import TrainSettings
-from .detectors.bayes_pfl import BayesPFL
-from .imaging import open_image, to_model_input
+from ...config import TrainSettings
+from ...data.splits import load_mask, split_records
+from ...imaging import open_image, to_model_input
+from .model import BayesPFL
 
 log = logging.getLogger(__name__)
 
@@ -64,30 +65,6 @@ class TrainConfig(TrainSettings):
 
 # -------------------------------------------------------------------------------------------------
 # data
-
-
-def split_records(records: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Hold out ``val_fraction`` of each (class, label) group for validation, deterministically."""
-    groups: dict[tuple[str, int], list[Any]] = {}
-    for r in records:
-        groups.setdefault((r.class_name, r.label), []).append(r)
-    train, val = [], []
-    rng = random.Random(seed)
-    for key in sorted(groups):
-        items = sorted(groups[key], key=lambda r: str(r.image))
-        rng.shuffle(items)
-        k = round(len(items) * val_fraction) if len(items) > 1 else 0
-        val.extend(items[:k])
-        train.extend(items[k:])
-    return train, val
-
-
-def load_mask(record: Any, size: int) -> torch.Tensor:
-    """[S, S] float 0/1: the official transform (bilinear resize, threshold 0.5); zeros for normal images."""
-    if record.mask is None:
-        return torch.zeros(size, size)
-    mask = Image.open(record.mask).convert("L").resize((size, size), Image.BILINEAR)
-    return (torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0) > 0.5).float()
 
 
 def augment(image: Image.Image, mask: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
