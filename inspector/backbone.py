@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InspectorError
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,7 +51,7 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 
-class BackboneError(RuntimeError):
+class BackboneError(InspectorError, RuntimeError):
     """The backbone could not be built from what the user gave (bad path, unknown name, bad file)."""
 
 

@@ -54,6 +54,7 @@ from PIL import Image
 
 from . import runtime
 from .detectors.base import Detector, Prediction
+from .metrics import spearman
 
 
 def synthetic_images(count: int, size: int = 640, seed: int = 0) -> list[Image.Image]:
@@ -103,16 +104,6 @@ class _PeakRSS:
         self._thread.join()
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (no ties expected for continuous scores)."""
-    if a.numel() < 2:
-        return float("nan")
-    ra = a.double().argsort().argsort().double()
-    rb = b.double().argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 @dataclass
 class Case:
     name: str
@@ -156,20 +147,16 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
     floor and the main case in the other of fp32 / bf16 and measure their agreement on
     ``agreement_images`` images (decisions at the ``threshold_quantile`` quantile of the fp32 scores)."""
     device = model.device
-    size = model.image_size
-    from .imaging import to_model_input
-
     setting = getattr(model, "precision", None)
     resolved = runtime.resolve(setting, device) if setting is not None else "fp32"
     compare = compare_precision and setting is not None and device.type in ("cpu", "cuda")
     low = resolved if resolved in ("bf16", "fp16") else "bf16"
     other = low if resolved == "fp32" else "fp32"
     count = max(max(batch_sizes), 4)
-    pixels_all = torch.stack([to_model_input(im, size)
-                              for im in synthetic_images(max(count, agreement_images))]).to(device)
+    pixels_all = torch.stack([model.to_input(im) for im in synthetic_images(max(count, agreement_images))]).to(device)
     class_name = "bench part"
     cases: list[Case] = []
-    main_case = f"exact R={samples}" if model.name == "bayes-pfl" else model.name
+    main_case = model.bench_main_case(samples)
 
     def time_case(label: str, fn: Callable[[], Any], n: int, precision: str = resolved) -> None:
         if progress:
@@ -181,14 +168,8 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
     for n in batch_sizes:
         pixels = pixels_all[:n]
         names = [class_name] * n
-        exact = partial(model.predict_tensors, pixels, names)
-        plan: list[tuple[str, Callable[[], Any]]] = [("floor", partial(model.encode_floor, pixels))]
-        if model.name == "bayes-pfl":
-            plan += [("exact R=1", partial(exact, samples=1)), (f"exact R={samples}", partial(exact, samples=samples))]
-        elif hasattr(model, "bench_plan"):  # a detector's own cases, one named after it (MuSc: pool sizes)
-            plan += model.bench_plan(pixels, names)
-        else:
-            plan.append((model.name, exact))
+        plan = [("floor", partial(model.encode_floor, pixels))]
+        plan += model.bench_plan(pixels, names, samples, references)
         for label, fn in plan:
             time_case(label, fn, n)
             if compare and label in ("floor", main_case):  # the same call in the other precision
@@ -197,21 +178,6 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
                     time_case(f"{label} ({other})", fn, n, precision=other)
                 finally:
                     model.precision = setting
-        if model.name == "winclip" and references:
-            refs = torch.stack([to_model_input(im, size) for im in synthetic_images(references, seed=50)])
-            model.set_references(class_name, refs.to(device))
-            try:
-                time_case(f"winclip k={references}", exact, n)
-            finally:
-                model.set_references(class_name, None)
-        if model.name != "bayes-pfl":
-            continue
-        model.text_cache = "class"
-        try:
-            model.clear_caches()
-            time_case(f"class-cache R={samples}", partial(exact, samples=samples), n)  # warm-up fills the cache
-        finally:
-            model.text_cache = "none"
     floors = {c.batch_size: c.ms_per_image for c in cases if c.name == "floor"}
     fp32_floors = {c.batch_size: c.ms_per_image for c in cases
                    if c.name.startswith("floor") and c.precision == "fp32"}
@@ -220,26 +186,9 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         if c.batch_size in fp32_floors:
             c.ratio_to_fp32_floor = c.ms_per_image / fp32_floors[c.batch_size]
 
-    agreement = None
-    if model.name == "bayes-pfl":  # agreement of the class-cache mode with the exact path on the same images
-        names = [class_name] * count
-        exact_pred = model.predict_tensors(pixels_all[:count], names, samples=samples)
-        model.text_cache = "class"
-        try:
-            model.clear_caches()
-            model._prototypes.pop(class_name, None)
-            cached_pred = model.predict_tensors(pixels_all[:count], names, samples=samples)
-        finally:
-            model.text_cache = "none"
-        agreement = {
-            "images": count,
-            "spearman_image_score": spearman(exact_pred.image_score.cpu(), cached_pred.image_score.cpu()),
-            "max_abs_map_diff": float((exact_pred.anomaly_map - cached_pred.anomaly_map).abs().max()),
-            "max_abs_image_score_diff": float((exact_pred.image_score - cached_pred.image_score).abs().max()),
-        }
     comparison = None
     if compare:
-        options = {"samples": samples} if model.name == "bayes-pfl" else {}
+        options = model.sample_options(samples)
         if progress:
             progress(f"{model.name}: fp32 vs {low} agreement on {pixels_all.shape[0]} images")
         comparison = {
@@ -264,15 +213,14 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "cpu_bf16": runtime.cpu_bf16().as_dict() if device.type == "cpu" else None,
         "backbone": model.provenance.get("backbone"),
         "random_weights": bool(model.provenance.get("random_weights", True)),
-        "image_size": size,
+        "image_size": model.image_size,
         "samples": samples,
         "repeats": repeats,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cases": [c.__dict__ for c in cases],
-        "class_cache_agreement": agreement,
         "precision_comparison": comparison,
-        "detector_report": model.bench_report() if hasattr(model, "bench_report") else None,
+        "detector_report": model.bench_report(pixels_all[:count], [class_name] * count, samples),
     }
 
 
@@ -288,20 +236,14 @@ def _speedups(cases: list[Case], low: str) -> list[dict[str, Any]]:
 
 
 def _fresh_predict(model: Detector, pixels: torch.Tensor, names: list[str], **options: Any) -> Prediction:
-    """One prediction from the state a fresh model has: caches cleared and, for detectors with a rolling
-    pool (MuSc), nothing joining it (each image against the other images of the call)."""
-    if hasattr(model, "clear_caches"):
-        model.clear_caches()
-    join = getattr(model, "join_pool", None)
-    if join is not None:
-        model.join_pool = False
+    """One prediction from the state a fresh model has: caches cleared, and nothing learned from the call
+    (``Detector.isolated``: MuSc scores each image against the other images of the call only)."""
+    model.clear_caches()
     try:
-        return model.predict_tensors(pixels, names, **options)
+        with model.isolated():
+            return model.predict_tensors(pixels, names, **options)
     finally:
-        if join is not None:
-            model.join_pool = join
-        if hasattr(model, "clear_caches"):
-            model.clear_caches()
+        model.clear_caches()
 
 
 def precision_agreement(model: Detector, pixels: torch.Tensor, names: list[str], low: str = "bf16",

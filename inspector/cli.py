@@ -6,7 +6,6 @@ exit code 2, never a stack trace. ``--verbose`` shows the trace for bug reports.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -21,7 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import ConfigError, Settings, check_name, load_settings
+from .config import Settings, check_name, load_settings
+from .errors import UsageError
 
 app = typer.Typer(help="Batch visual inspection: zero-shot anomaly detection on CLIP (Bayes-PFL, AA-CLIP, WinCLIP).",
                   no_args_is_help=True,
@@ -68,34 +68,38 @@ RANDOM_OPTION = typer.Option(None, "--allow-random-weights",
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can cause into one red line and exit code 2."""
+    """The CLI boundary: a user's mistake (an ``InspectorError``, an OS error such as a full disk or a missing
+    permission, a database that cannot be used) is one red line and exit code 2; anything else is a bug: one
+    "internal error" line and exit code 1, or its traceback under ``--verbose``."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
         except Exception as exc:
-            if state.verbose or not isinstance(exc, _user_error_types()):
+            if state.verbose:
                 raise
-            console.print(f"[bold red]error:[/] {escape(_cli_spelling(_one_line(exc), fn))}", highlight=False,
-                          soft_wrap=True)  # one line, as long as it is (the terminal wraps it)
-            raise typer.Exit(2) from None
+            if isinstance(exc, _user_error_types()):
+                console.print(f"[bold red]error:[/] {escape(_cli_spelling(_one_line(exc), fn))}", highlight=False,
+                              soft_wrap=True)  # one line, as long as it is (the terminal wraps it)
+                raise typer.Exit(2) from None
+            console.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(_one_line(exc))} "
+                          "(a bug in inspector: run again with --verbose for the traceback, and report it)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
 
-#: module -> its exception class that means "the user's mistake"; looked up only in modules already imported
-#: (an exception cannot come from a module that never loaded), so no verb imports torch just to catch errors
-_USER_ERRORS = {"inspector.backbone": "BackboneError", "inspector.detectors.bayes_pfl.head": "HeadFormatError",
-                "inspector.imaging": "ImageDecodeError", "inspector.registry": "RegistryError",
-                "inspector.store.db": "StoreError"}
-
-
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    found = [getattr(sys.modules[m], name) for m, name in _USER_ERRORS.items() if m in sys.modules]
+    from .errors import InspectorError
+
+    found: list[type[BaseException]] = [InspectorError, OSError]  # OSError: a full disk, a long name, no permission
     if "sqlalchemy.exc" in sys.modules:  # a database that cannot be used (corrupt file, full disk, gone)
         found.append(sys.modules["sqlalchemy.exc"].DBAPIError)
-    return (ConfigError, ValueError, OSError, *found)  # OSError: a full disk, a name too long, no permission
+    return tuple(found)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -147,16 +151,18 @@ def main_options(
     warnings.filterwarnings("ignore", message="RANDOM WEIGHTS")  # logged once by the loader instead
 
 
-def _model_flags(s: Settings, model: str | None, backbone: str | None, pretrained: str | None,
-                 head: str | None, samples: int | None, device: str | None, batch_size: int | None = None,
-                 allow_random_weights: bool | None = None, detector: str | None = None) -> Settings:
+def _model_flags(s: Settings, *, model: str | None = None, backbone: str | None = None,
+                 pretrained: str | None = None, head: str | None = None, samples: int | None = None,
+                 device: str | None = None, batch_size: int | None = None, allow_random_weights: bool | None = None,
+                 detector: str | None = None) -> Settings:
+    """The model flags a verb was given (None: not given) over ``s``."""
     if detector is not None:
         from .detectors import detector_class
 
         detector_class(detector)  # an unknown name is the user's mistake, said before anything loads
-    return s.override("model", name=model, backbone=backbone, pretrained=pretrained, head=head, samples=samples,
-                      device=device, batch_size=batch_size, allow_random_weights=allow_random_weights,
-                      detector=detector)
+    s.override("bayes_pfl", samples=samples)
+    return s.override("model", name=model, backbone=backbone, pretrained=pretrained, head=head, device=device,
+                      batch_size=batch_size, allow_random_weights=allow_random_weights, detector=detector)
 
 
 def _random_banner(provenance: dict[str, Any]) -> None:
@@ -184,7 +190,7 @@ def score(
     head: str | None = typer.Option(None, help="Trained head of the detector (Bayes-PFL: ours or official; "
                                     "default: [model] head)."),
     samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (Bayes-PFL; "
-                                       f"default: [model] samples, {DEFAULTS.model.samples})."),
+                                       f"default: [bayes_pfl] samples, {DEFAULTS.bayes_pfl.samples})."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1, ... (default: [model] device, "
                                       f"{DEFAULTS.model.device})."),
     batch_size: int | None = typer.Option(None, help="Images per batch (default: [model] batch_size, "
@@ -199,8 +205,9 @@ def score(
     from .imaging import IMAGE_SUFFIXES
     from .pipeline import score_files
 
-    s = _model_flags(settings(), model, backbone, pretrained, head, samples, device, batch_size, allow_random_weights,
-                     detector)
+    s = _model_flags(settings(), model=model, backbone=backbone, pretrained=pretrained, head=head,
+                     samples=samples, device=device, batch_size=batch_size,
+                     allow_random_weights=allow_random_weights, detector=detector)
     s.override("database", url=database)
     files: list[Path] = []
     for path in paths:
@@ -212,7 +219,7 @@ def score(
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
     if not files:
-        raise ValueError("no images found in the given paths" + ("" if recursive else " (sub-folders: --recursive)"))
+        raise UsageError("no images found in the given paths" + ("" if recursive else " (sub-folders: --recursive)"))
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("scoring", total=len(files))
         rows, detector = score_files(s, files, check_name(class_name, "--class-name"),
@@ -313,7 +320,7 @@ def bench(
     repeats: int | None = typer.Option(None, help="Timed repetitions per case, median reported (default: [bench] "
                                        f"repeats, {DEFAULTS.bench.repeats})."),
     samples: int | None = typer.Option(None, "--samples", "-R", help="Bayes-PFL's R of the 'exact R' and cache "
-                                       f"cases (default: [model] samples, {DEFAULTS.model.samples})."),
+                                       f"cases (default: [bayes_pfl] samples, {DEFAULTS.bayes_pfl.samples})."),
     references: int = typer.Option(4, help="WinCLIP few-shot case with this many references (0: zero-shot only)."),
     image_size: int | None = typer.Option(None, help="Input side for every detector (default: [model] image_size, "
                                           "0 = each one's own)."),
@@ -343,7 +350,7 @@ def bench(
         s.override("model", detector=name, backbone=backbone, pretrained=pretrained, device=device,
                    precision=precision, image_size=image_size, head="", name="")
         s.override("bench", batch_sizes=batch_sizes, repeats=repeats, output=str(output) if output else None)
-        r = samples or s.model.samples
+        r = samples or s.bayes_pfl.samples
         model = load_model(settings=s)
         console.print(f"bench {name}: {model.backbone.spec.arch} ({model.backbone.spec.pretrained}) at "
                       f"{model.image_size}px on {model.device}", highlight=False)
@@ -366,7 +373,7 @@ def bench(
             table.add_row(c["name"], str(c["batch_size"]), f"{c['ms_per_image']:.1f}", f"{c['images_per_s']:.2f}",
                           f"{c['peak_memory_mb']:.0f}", f"{c['ratio_to_floor']:.2f}")
         out.print(table)
-        a = report.get("class_cache_agreement")
+        a = (report.get("detector_report") or {}).get("class_cache_agreement")
         if a:
             out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "
                       f"max map diff {a['max_abs_map_diff']:.4f}, max image-score diff "
@@ -394,7 +401,8 @@ def bench(
 def import_official(
     clip: Path = typer.Option(..., help="OpenAI CLIP checkpoint, e.g. ViT-L-14-336px.pt (TorchScript or state dict)."),
     name: str = typer.Option(..., help="Name of the new model version."),
-    detector: str = typer.Option("bayes-pfl", "--detector", "-d", help="bayes-pfl or aa-clip."),
+    detector: str = typer.Option("bayes-pfl", "--detector", "-d", help="Detector whose published files these are "
+                                 "(bayes-pfl, aa-clip)."),
     head: Path | None = typer.Option(None, help="Bayes-PFL: official head, e.g. train_visa.pth ({'MyModel': ...})."),
     stage: int | None = typer.Option(None, help="Bayes-PFL: 1 or 2; default: the official rule from the file name."),
     text_adapter: Path | None = typer.Option(None, help="AA-CLIP: text_adapter.pth (absent: the frozen CLIP text "
@@ -404,45 +412,19 @@ def import_official(
                                                   "(only for heads that are not 64 wide)."),
 ) -> None:
     """Register published checkpoints (Bayes-PFL head, or AA-CLIP adapters) as a model version under models/."""
-    from .backbone import BackboneSpec, read_openai_state_dict
-    from .registry import register, register_model, sha256_of
+    from .detectors import detector_class
+    from .registry import register_model
 
     s = settings()
-    state_dict = read_openai_state_dict(clip)  # validates the file before anything is written
-    if detector == "aa-clip":
-        from .detectors.aa_clip import AACLIP
-
-        if image_adapter is None:
-            raise ValueError("AA-CLIP needs --image-adapter (image_adapter_<epoch>.pth)")
-        del state_dict
-        model = AACLIP.from_official(clip=clip, text_adapter=text_adapter, image_adapter=image_adapter,
-                                     model_config=model_config)
-        origin = {"kind": "official-aa-clip", "image_adapter_file": str(image_adapter.resolve()),
-                  "image_adapter_sha256": sha256_of(image_adapter),
-                  "text_adapter_file": str(text_adapter.resolve()) if text_adapter else None,
-                  "text_adapter_sha256": sha256_of(text_adapter) if text_adapter else None}
-        folder = register_model(s.registry.path, name, model, origin)
-        out.print(f"registered [bold]{name}[/] (aa-clip) in {folder}")
-        return
-    if detector != "bayes-pfl":
-        raise ValueError(f"--detector must be bayes-pfl or aa-clip (winclip needs no trained files), not '{detector}'")
-    if head is None:
-        raise ValueError("Bayes-PFL needs --head (train_visa.pth or train_mvtec.pth)")
-    from .detectors.bayes_pfl import BayesPFLHead
-    from .detectors.bayes_pfl.head import describe
-
-    head_module = BayesPFLHead.load(head, stage=stage)
-    width = state_dict["visual.conv1.weight"].shape[0]
-    if head_module.config.vision_width != width:
-        raise ValueError(f"{head} was trained for a vision width of {head_module.config.vision_width}, "
-                         f"{clip} has {width}")
-    spec = BackboneSpec(arch="openai-checkpoint", pretrained=str(clip), clip_format="openai", activation="gelu",
-                        model_config=str(model_config.resolve()) if model_config else "")
-    origin = {"kind": "official-bayes-pfl", "head_file": str(head.resolve()), "head_file_sha256": sha256_of(head),
-              "stage": head_module.config.stage}
-    folder = register(s.registry.path, name, detector="bayes-pfl", backbone=spec, origin=origin,
-                      save_head=head_module.save, head_info=describe(head_module))
-    out.print(f"registered [bold]{name}[/] in {folder} (stage {head_module.config.stage})")
+    cls = detector_class(detector)
+    imported = cls.import_official(clip, head=head, stage=stage, text_adapter=text_adapter,
+                                   image_adapter=image_adapter, model_config=model_config)
+    if imported is None:
+        raise UsageError(f"{detector} publishes no trained files to import (it needs none)")
+    model, origin = imported
+    folder = register_model(s.registry.path, name, model, origin)
+    stage_note = f", stage {origin['stage']}" if "stage" in origin else ""
+    out.print(f"registered [bold]{name}[/] ({detector}{stage_note}) in {folder}")
 
 
 @models_app.command("promote")
@@ -606,21 +588,22 @@ def watch(
     from .pipeline import install_signal_handlers
     from .pipeline import watch as run_watch
 
-    s = _model_flags(settings(), None, backbone, pretrained, None, None, None, None, allow_random_weights, None)
+    s = _model_flags(settings(), backbone=backbone, pretrained=pretrained,
+                     allow_random_weights=allow_random_weights)
     s.override("watch", polling=polling)
     s.override("database", url=database)
     watched = []
     if folders:
         if not class_name or not class_name.strip():
-            raise ValueError("--class-name is required with folder arguments (the product class of their images)")
+            raise UsageError("--class-name is required with folder arguments (the product class of their images)")
         if detector is not None:
-            _model_flags(s, None, None, None, None, None, None, None, None, detector)  # checks the name
+            _model_flags(s, detector=detector)  # checks the name
         for folder in folders:
             watched.append(WatchedFolder(_folder(folder), class_name.strip(), recursive, line, model=model,
                                          detector=detector))
     else:
         if not s.sources:
-            raise ValueError("give folders to watch (inspector watch DIR --class-name NAME) or [[sources]] "
+            raise UsageError("give folders to watch (inspector watch DIR --class-name NAME) or [[sources]] "
                              "entries in the config file")
         for entry in s.sources:
             watched.append(WatchedFolder(_folder(Path(entry.path).expanduser()), entry.class_name.strip(),
@@ -665,7 +648,8 @@ def worker(
 
     from .pipeline import install_signal_handlers, run_worker
 
-    s = _model_flags(settings(), model, backbone, pretrained, None, None, None, None, allow_random_weights, detector)
+    s = _model_flags(settings(), model=model, backbone=backbone, pretrained=pretrained,
+                     allow_random_weights=allow_random_weights, detector=detector)
     s.override("database", url=database)
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -741,7 +725,7 @@ def demo(
     out_dir: Path = typer.Option(Path("inspector-demo"), "--out", help="Folder for the generated images."),
     count: int = typer.Option(8, help="How many sample images to generate."),
     samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (default: [model] "
-                                       f"samples, {DEFAULTS.model.samples})."),
+                                       f"samples, {DEFAULTS.bayes_pfl.samples})."),
 ) -> None:
     """Generate sample images, run `watch --once` on them with the configured model (test-tiny random weights
     when no trained model is configured, with a banner saying so) and print the results."""
@@ -754,7 +738,7 @@ def demo(
     from .pipeline import watch as run_watch
     from .store import images, make_engine, results
 
-    s = settings().override("model", samples=samples)
+    s = settings().override("bayes_pfl", samples=samples)
     images_dir = out_dir / "line1"
     images_dir.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(synthetic_images(count, size=320, seed=7)):
@@ -786,16 +770,6 @@ def demo(
               "inspector watch DIR --class-name NAME")
 
 
-def _dataset_path(s: Settings, name_or_path: str) -> str:
-    if name_or_path in s.datasets:
-        return s.datasets[name_or_path]
-    if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser())
-    known = ", ".join(sorted(s.datasets)) or "none configured"
-    raise FileNotFoundError(f"'{name_or_path}' is neither a path nor a dataset named in config.toml "
-                            f"([datasets.NAME] path = ...; known: {known})")
-
-
 @app.command()
 @user_errors
 def retrain(
@@ -818,47 +792,13 @@ def retrain(
     """Train a detector's learnable parts on an auxiliary dataset (its test split, as the papers do) and
     register the result as a new model version. Bayes-PFL: both flow stages with validation-driven stage
     switch; AA-CLIP: text adapters, then image adapters (the official two stages)."""
-    import datetime as dt
-    import subprocess
-
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .data import ArchiveLimits, content_hash, dataset_summary, load_dataset
-    from .detectors.bayes_pfl.train import TrainConfig, train
-    from .registry import load_model, register_model
+    from .training import retrain as run_retrain
 
-    s = _model_flags(settings(), None, backbone, pretrained, head, None, device, None, allow_random_weights, detector)
+    s = _model_flags(settings(), backbone=backbone, pretrained=pretrained, head=head, device=device,
+                     allow_random_weights=allow_random_weights, detector=detector)
     s.override("train", epochs=epochs, batch_size=batch_size)
-    from .detectors import detector_class
-
-    if not detector_class(s.model.detector).trainable:
-        raise ValueError(f"{s.model.detector} is training-free: nothing to retrain (few-shot references: "
-                         "`inspector references add`)")
-    if s.model.pretrained == "random" and not s.model.allow_random_weights:
-        raise ValueError("training on a random backbone gives a useless model; pass --allow-random-weights for a "
-                         "smoke run")
-    path = _dataset_path(s, aux)
-    limits = ArchiveLimits.from_settings(s.data)
-    records = [r for r in load_dataset(path, orphan_masks=orphan_masks, limits=limits) if r.split == "test"]
-    if not records:
-        raise ValueError(f"{path}: no test-split images to train on")
-    name = name or f"retrain-{Path(aux).stem}-{dt.datetime.now():%Y%m%d-%H%M}"
-    s.model.name = ""
-    model = load_model(settings=s)  # a fresh head (or --head), never the promoted one
-    run_dir = Path(s.registry.path) / ".runs" / name
-    console.print(f"retrain {name} ({model.name}): {len(records)} images of {len({r.class_name for r in records})} "
-                  f"classes from {path}; checkpoints in {run_dir}", highlight=False)
-    if model.name == "aa-clip":
-        from .detectors.aa_clip.train import AACLIPTrainConfig, train_aa_clip
-
-        cfg = AACLIPTrainConfig()
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in {
-            "text_epochs": text_epochs, "image_epochs": epochs, "seed": s.train.seed, "augment": s.train.augment,
-            "val_fraction": s.train.val_fraction}.items() if v is not None and hasattr(cfg, k)})
-        train_fn = train_aa_clip
-    else:
-        cfg = TrainConfig(**dataclasses.asdict(s.train))
-        train_fn = train
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[losses]}"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("epoch 1", total=1, losses="")
@@ -867,18 +807,13 @@ def retrain(
             bar.update(task, total=steps, completed=step,
                        losses=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
-        state = train_fn(model, records, cfg, run_dir, resume=resume, progress=on_step)
-    try:
-        code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        code = None
-    origin = {"kind": "retrain", "dataset": str(path), "dataset_sha256": content_hash(records),
-              "dataset_summary": dataset_summary(records), "hyperparameters": dataclasses.asdict(cfg),
-              "history": state.history, "final_stage": state.stage, "seed": cfg.seed, "code_version": code,
-              "random_backbone": model.backbone.spec.is_random}
-    folder = register_model(s.registry.path, name, model, origin)
-    out.print(f"registered [bold]{name}[/] in {folder} after {state.epoch} epochs (stage {state.stage})")
+        def started(plan: Any) -> None:
+            console.print(f"retrain {plan.name} ({plan.detector}): {plan.images} images of {plan.classes} classes "
+                          f"from {plan.dataset}; checkpoints in {plan.run_dir}", highlight=False)
+
+        folder, state = run_retrain(s, aux, name, resume=resume, text_epochs=text_epochs, orphan_masks=orphan_masks,
+                                    progress=on_step, started=started)
+    out.print(f"registered [bold]{folder.name}[/] in {folder} after {state.epoch} epochs (stage {state.stage})")
 
 
 @app.command("eval")
@@ -887,7 +822,7 @@ def eval_(
     data: str = typer.Option(..., "--data", help="Dataset: a name from [datasets.NAME] or a path/archive."),
     model: str | None = MODEL_OPTION,
     samples: int | None = typer.Option(None, "--samples", "-R", help="Monte-Carlo samples R (default: [model] "
-                                       f"samples, {DEFAULTS.model.samples})."),
+                                       f"samples, {DEFAULTS.bayes_pfl.samples})."),
     score: str = typer.Option("official", help="Image score: 'official' (per-class min-max fusion, for "
                               "comparison with papers) or 'live' (the per-image score inspector stores)."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the metrics as JSON here."),
@@ -903,13 +838,15 @@ def eval_(
     from .data import ArchiveLimits, load_dataset
     from .evaluation import ProgressLines, evaluate_rows, score_dataset
     from .pipeline import load_detector
+    from .training import dataset_path
 
-    s = _model_flags(settings(), model, None, None, None, samples, None, None, allow_random_weights, detector)
-    path = _dataset_path(s, data)
+    s = _model_flags(settings(), model=model, samples=samples, allow_random_weights=allow_random_weights,
+                     detector=detector)
+    path = dataset_path(s, data)
     limits = ArchiveLimits.from_settings(s.data)
     records = [r for r in load_dataset(path, orphan_masks=orphan_masks, limits=limits) if r.split == "test"]
     if not records:
-        raise ValueError(f"{path}: no test-split images")
+        raise UsageError(f"{path}: no test-split images")
     detector = load_detector(s)
     _random_banner(detector.provenance)
     if not console.is_terminal:  # no bar can be drawn (a log file, CI): a line every 10 % or 30 s

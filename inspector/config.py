@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InspectorError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -29,7 +31,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 ENV_PREFIX = "INSPECTOR_"
 
 
-class ConfigError(ValueError):
+class ConfigError(InspectorError, ValueError):
     """A user's configuration is wrong; the message says where and how."""
 
 
@@ -65,6 +67,19 @@ class ModelSettings:
     #: 1-indexed transformer blocks whose patch tokens feed the pixel branch; empty = the detector's own
     #: (6, 12, 18, 24).
     feature_layers: list[int] = field(default_factory=list)
+    #: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    #: "auto": bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in
+    #: /proc/cpuinfo), fp32 on other CPUs; "fp32" (exact, the parity mode); "bf16", "fp16" (forced).
+    precision: str = "auto"
+    #: Images per engine call.
+    batch_size: int = 8
+    #: Allow randomly initialised weights in production verbs (tests and demos only).
+    allow_random_weights: bool = False
+
+
+@dataclass
+class BayesPFLSettings:
     #: Monte-Carlo samples R of the prompt distributions per image.
     samples: int = 10
     #: "none" = exact per-image text path; "class" = approximate, text embeddings from a class prototype.
@@ -76,15 +91,10 @@ class ModelSettings:
     seed: int = 333
     #: k of the top-k map score; 0 = the official rule (20 for small-defect classes, 2000 otherwise).
     topk: int = 0
-    #: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
-    #: "auto": bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in
-    #: /proc/cpuinfo), fp32 on other CPUs; "fp32" (exact, the parity mode); "bf16", "fp16" (forced).
-    precision: str = "auto"
-    #: Images per engine call.
-    batch_size: int = 8
-    #: Allow randomly initialised weights in production verbs (tests and demos only).
-    allow_random_weights: bool = False
+
+
+#: keys that moved from [model] to [bayes_pfl] (a clear error instead of "unknown key")
+MOVED_KEYS = {("model", k): "bayes_pfl" for k in ("samples", "text_cache", "prototype_images", "seed", "topk")}
 
 
 @dataclass
@@ -309,6 +319,7 @@ class BenchSettings:
 @dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
+    bayes_pfl: BayesPFLSettings = field(default_factory=BayesPFLSettings)
     aa_clip: AAClipSettings = field(default_factory=AAClipSettings)
     winclip: WinCLIPSettings = field(default_factory=WinCLIPSettings)
     musc: MuScSettings = field(default_factory=MuScSettings)
@@ -337,6 +348,8 @@ class Settings:
         """Set one key, converting ``value`` to the key's declared type."""
         target = self.section(section)
         types = typing.get_type_hints(type(target))
+        if key not in types and (section, key) in MOVED_KEYS:
+            raise ConfigError(f"[{section}] {key} ({origin}) is now [{MOVED_KEYS[section, key]}] {key}")
         if key not in types:
             known = ", ".join(f.name for f in dataclasses.fields(target))
             raise ConfigError(f"unknown key '{key}' in [{section}] ({origin}); known: {known}")
@@ -383,8 +396,6 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             if isinstance(value, bool):
                 raise TypeError("expected an integer")
             return int(value)
-        if typ is float:
-            return float(value)
         if typ is str:
             if not isinstance(value, (str, Path)):
                 raise TypeError("expected a string")
@@ -397,7 +408,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 #: allowed values of enumerated keys (the detectors check them again, later and with a traceback)
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "precision"): ("auto", "fp32", "bf16", "fp16"),
-    ("model", "text_cache"): ("none", "class"),
+    ("bayes_pfl", "text_cache"): ("none", "class"),
     ("model", "clip_format"): ("auto", "openai", "open_clip"),
     ("model", "activation"): ("gelu", "quick_gelu"),
     ("aa_clip", "domain"): ("industrial", "medical"),
@@ -408,8 +419,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 #: smallest allowed value of numeric keys; (value, True) = strictly greater than value
 _MINIMUM: dict[tuple[str, str], tuple[float, bool]] = {
-    ("model", "batch_size"): (1, False), ("model", "samples"): (1, False), ("model", "image_size"): (0, False),
-    ("model", "topk"): (0, False), ("model", "prototype_images"): (1, False),
+    ("model", "batch_size"): (1, False), ("bayes_pfl", "samples"): (1, False), ("model", "image_size"): (0, False),
+    ("bayes_pfl", "topk"): (0, False), ("bayes_pfl", "prototype_images"): (1, False),
     ("watch", "stable_seconds"): (0, False), ("watch", "rescan_seconds"): (0, False),
     ("watch", "lease_seconds"): (0, True), ("watch", "max_attempts"): (1, False), ("watch", "map_size"): (1, False),
     ("watch", "decode_threads"): (1, False), ("watch", "idle_seconds"): (0, False),

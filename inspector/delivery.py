@@ -33,14 +33,16 @@ from urllib.parse import urlparse
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from .backoff import Backoff
 from .config import OutputSettings
+from .errors import InspectorError, UsageError
 from .store.outbox import due, mark_failed, mark_sent
 
 log = logging.getLogger(__name__)
 FOLDERS = {"pass": "OK", "fail": "NG", "review": "REVIEW"}
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(InspectorError, RuntimeError):
     """A sink did not accept an event (it stays pending and is retried)."""
 
 
@@ -62,7 +64,7 @@ class MQTTSink:
 
         url = urlparse(outputs.mqtt_url)
         if url.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"[outputs] mqtt_url must be mqtt://host:port or mqtts://host:port, not {outputs.mqtt_url}")
+            raise UsageError(f"[outputs] mqtt_url must be mqtt://host:port or mqtts://host:port, not {outputs.mqtt_url}")
         self.topic = outputs.mqtt_topic
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"inspector-{os.getpid()}")
         if outputs.mqtt_username:
@@ -126,7 +128,7 @@ class FolderSink:
 
     def __init__(self, outputs: OutputSettings):
         if outputs.folder_mode not in ("copy", "hardlink", "move"):
-            raise ValueError(f"[outputs] folder_mode must be copy, hardlink or move, not {outputs.folder_mode}")
+            raise UsageError(f"[outputs] folder_mode must be copy, hardlink or move, not {outputs.folder_mode}")
         self.root, self.mode = Path(outputs.folder_root), outputs.folder_mode
 
     def send(self, event: dict[str, Any]) -> None:
@@ -172,7 +174,7 @@ class Dispatcher:
         self.interval = interval
         self.retry_max = outputs.retry_max_seconds
         self.sinks = {name: SINKS[name](outputs) for name in enabled_sinks(outputs)}
-        self._delay = {name: 0.0 for name in self.sinks}
+        self._backoff = {name: Backoff(0.5, self.retry_max) for name in self.sinks}
         self._not_before = {name: 0.0 for name in self.sinks}
         self.sent = 0
 
@@ -189,14 +191,14 @@ class Dispatcher:
                 try:
                     sink.send(json.loads(row["payload"]))
                 except DeliveryError as exc:
-                    delay = min(self.retry_max, max(0.5, self._delay[name] * 2))
-                    self._delay[name], self._not_before[name] = delay, now + delay
+                    delay = self._backoff[name].next()
+                    self._not_before[name] = now + delay
                     mark_failed(self.engine, row["id"], str(exc), delay)
                     log.warning("%s: event %s not delivered (%s); holding this sink's events, retry in %.1fs",
                                 name, row["result_id"], exc, delay)
                     break
                 mark_sent(self.engine, row["id"])
-                self._delay[name] = 0.0
+                self._backoff[name].reset()
                 sent += 1
         self.sent += sent
         return sent

@@ -14,7 +14,6 @@ one pool, as its paper does; ``score="live"`` scores the same images in file ord
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,8 @@ import torch
 
 from .data.splits import load_mask
 from .detectors.base import EvalProtocol
-from .imaging import open_image, to_model_input
+from .errors import UsageError
+from .imaging import open_image
 
 
 def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None, batch_size: int = 8,
@@ -31,8 +31,8 @@ def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None
     """One dict per image: class_name, label, text, topk, live score, map [S, S] float32 (the detector's
     own map), map_max / map_min of it, mask [S, S] bool. ``score="official"`` and a detector with
     ``score_closed_pool``: one call per class with all its images (rows still in record order)."""
-    options = {} if samples is None else {"samples": samples}  # Bayes-PFL's R; None: the model's own
-    closed = getattr(model, "score_closed_pool", None) if score == "official" else None
+    options = model.sample_options(samples)
+    closed = model.score_closed_pool if score == "official" and model.closed_pool else None
     if closed is not None:
         classes = list(dict.fromkeys(r.class_name for r in records))
         chunks = [[i for i, r in enumerate(records) if r.class_name == name] for name in classes]
@@ -40,8 +40,7 @@ def score_dataset(model: Any, records: Sequence[Any], samples: int | None = None
         chunks = [list(range(start, min(start + batch_size, len(records))))
                   for start in range(0, len(records), batch_size)]
     by_index: dict[int, dict[str, Any]] = {}
-    session = getattr(model, "eval_session", None)  # a detector with state (MuSc's pools): a fresh one
-    with session() if session is not None else contextlib.nullcontext():
+    with model.eval_session():  # a detector with state (MuSc's pools): a fresh one
         _score_chunks(model, records, chunks, closed, classes if closed is not None else [], options, progress,
                       by_index)
     return [by_index[i] for i in range(len(records))]
@@ -53,7 +52,7 @@ def _score_chunks(model: Any, records: Sequence[Any], chunks: list[list[int]], c
     size = model.image_size
     for indices in chunks:
         chunk = [records[i] for i in indices]
-        pixels = torch.stack([to_model_input(open_image(r.image), size) for r in chunk])
+        pixels = torch.stack([model.to_input(open_image(r.image)) for r in chunk])
         if closed is not None:
             pred = closed(pixels, chunk[0].class_name, classes).cpu()
         else:
@@ -96,7 +95,7 @@ def image_scores(rows: list[dict[str, Any]], protocol: EvalProtocol, score: str 
     if score == "live":
         return np.array([r["live"] for r in rows], dtype=np.float64)
     if score != "official":
-        raise ValueError(f"score must be 'official' or 'live', not '{score}'")
+        raise UsageError(f"score must be 'official' or 'live', not '{score}'")
     return protocol.scores(rows)
 
 

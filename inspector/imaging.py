@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,15 @@ import torch
 from PIL import Image, ImageOps
 
 from .backbone import CLIP_MEAN, CLIP_STD
+from .errors import InspectorError
 
 log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+#: File suffixes (lower case) read as images: by intake, `score`, and the dataset readers (images and masks).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InspectorError, ValueError):
     """A file that is not a usable image; the message says why."""
 
 
@@ -84,9 +86,11 @@ def content_seed(pixels: torch.Tensor) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def preprocess(images: Iterable[ImageInput], size: int) -> torch.Tensor:
-    """Images (paths or PIL) -> [N, 3, size, size]."""
-    tensors = [to_model_input(open_image(image), size) for image in images]
+def preprocess(images: Iterable[ImageInput], size: int,
+               to_input: Callable[[Image.Image], torch.Tensor] | None = None) -> torch.Tensor:
+    """Images (paths or PIL) -> [N, 3, size, size], each by ``to_input`` (default: ``to_model_input``)."""
+    tensors = [(to_input(open_image(image)) if to_input else to_model_input(open_image(image), size))
+               for image in images]
     if not tensors:
         raise ValueError("no images given")
     return torch.stack(tensors)
@@ -109,8 +113,3 @@ def map_to_png_bytes(anomaly_map: torch.Tensor, longest_side: int | None = None)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=6)  # optimize=True costs 20x the time for ~5% bytes
     return buffer.getvalue()
-
-
-def save_map_png(anomaly_map: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(map_to_png_bytes(anomaly_map))

@@ -16,7 +16,6 @@ known by path and content is not enqueued again; a renamed file is recognised by
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import queue
@@ -30,6 +29,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from .config import check_name
+from .hashing import stream_sha256
 from .imaging import IMAGE_SUFFIXES
 from .store.queue import ensure_source, known_files, register_file
 
@@ -100,13 +100,10 @@ def open_regular(path: str):
         raise
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
+def sha256_file(path: str) -> tuple[str, int]:
+    """(hex SHA-256, size) of a regular file (never a FIFO or device: ``open_regular``)."""
     with open_regular(path) as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+        return stream_sha256(handle)
 
 
 class Intake:

@@ -550,3 +550,14 @@ def evaluate(records: Sequence[dict[str, Any]], smooth: bool = True, sigma: floa
     per_class = {name: {**_image_metrics(rows), **_pixel_metrics(rows, smooth, sigma, fpr_limit)}
                  for name, rows in sorted(by_class.items())}
     return {"per_class": per_class, "mean": _class_means(per_class)}
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman rank correlation of two score vectors (arrays or CPU tensors; no ties expected for
+    continuous scores); NaN for fewer than two."""
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.size < 2:
+        return float("nan")
+    rx, ry = x.argsort().argsort().astype(np.float64), y.argsort().argsort().astype(np.float64)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (np.linalg.norm(rx) * np.linalg.norm(ry)))

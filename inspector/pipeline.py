@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from .config import Settings
+from .errors import InspectorError
 from .intake import Intake, WatchedFolder
 from .store.db import open_store
 from .store.decisions import DecisionPolicy
@@ -26,7 +27,7 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 
-class RandomWeightsRefused(ValueError):
+class RandomWeightsRefused(InspectorError, ValueError):
     pass
 
 

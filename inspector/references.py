@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import UsageError
 from .imaging import ImageDecodeError, ImageInput, as_list, open_image
 
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -32,7 +33,7 @@ _NAME_FILE = "class.txt"
 def class_slug(class_name: str) -> str:
     """A folder name for ``class_name`` (itself when safe; otherwise sanitised + 8 hex digits of its hash)."""
     if not class_name.strip():
-        raise ValueError("class name is empty")
+        raise UsageError("class name is empty")
     if _SAFE.match(class_name) and len(class_name) <= 80:
         return class_name
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", class_name).strip("._-")[:60] or "class"
@@ -64,13 +65,13 @@ class ReferenceStore:
         """
         sources = as_list(paths)
         if not sources:
-            raise ValueError("no reference images given")
+            raise UsageError("no reference images given")
         decoded: list[tuple[str, Image.Image]] = []
         for source in sources:
             try:
                 image = open_image(source)
             except ImageDecodeError as exc:
-                raise ValueError(f"reference image rejected, nothing added for '{class_name}': {exc}") from None
+                raise UsageError(f"reference image rejected, nothing added for '{class_name}': {exc}") from None
             decoded.append((pixel_digest(image)[:16], image))
 
         target = self.class_folder(class_name)
@@ -79,7 +80,7 @@ class ReferenceStore:
         if not name_file.exists():
             name_file.write_text(class_name, encoding="utf-8")
         elif name_file.read_text(encoding="utf-8") != class_name:  # a hash collision of two names: refuse
-            raise ValueError(f"{target} already holds references of another class "
+            raise UsageError(f"{target} already holds references of another class "
                              f"('{name_file.read_text(encoding='utf-8')}')")
         out: list[Path] = []
         written: list[Path] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -26,22 +25,16 @@ from typing import Any
 from .backbone import BackboneSpec, load_backbone
 from .config import Settings, load_settings
 from .detectors import detector_class
+from .errors import InspectorError
+from .hashing import file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.pt"
 
 
-class RegistryError(ValueError):
+class RegistryError(InspectorError, ValueError):
     """A model version that cannot be found, read or written; the message says which and why."""
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_name(name: str) -> None:
@@ -75,7 +68,7 @@ def register(registry: str | os.PathLike, name: str, *, detector: str, backbone:
     head_entry = None
     if save_head is not None:
         save_head(staging / HEAD_FILE)
-        head_entry = {"file": HEAD_FILE, "sha256": sha256_of(staging / HEAD_FILE), **(head_info or {})}
+        head_entry = {"file": HEAD_FILE, "sha256": file_sha256(staging / HEAD_FILE), **(head_info or {})}
     backbone_entry = dataclasses.asdict(backbone)
     source = Path(backbone.pretrained).expanduser()
     if source.is_file():
@@ -182,5 +175,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
         log.warning("UNTRAINED HEAD: no trained %s head configured; its learnable parts are at their initial "
                     "values and scores mean nothing", kind)
     backbone = load_backbone(spec)
-    model = cls.from_settings(backbone, head_path, settings, provenance)
+    model = cls.from_settings(backbone, head_path, cls.options_from(settings), precision=settings.model.precision,
+                              provenance=provenance)
     return model.to(resolve_device(device or settings.model.device))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InspectorError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: x86 CPU flags (Linux ``/proc/cpuinfo`` spelling) that mean native bf16 arithmetic
@@ -152,6 +154,14 @@ def autocast(device: torch.device | str, precision: str,
     return torch.autocast(device.type, dtype=DTYPES[resolved])
 
 
+def training_autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The trainers' mixed precision: bf16 autocast on CUDA (no loss scaling needed), fp32 elsewhere, for the
+    training steps and their validation alike (so a CPU run trains and selects in fp32)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def fp32(device: torch.device | str) -> contextlib.AbstractContextManager:
     """A region where autocast is off (fragile steps: run them on fp32 inputs)."""
     return torch.autocast(torch.device(device).type, enabled=False)
@@ -162,7 +172,7 @@ def describe(devices: Iterable[torch.device | str] = ("cpu",)) -> dict[str, obje
     return {**cpu_bf16().as_dict(), "auto": {str(d): resolve("auto", d) for d in devices}}
 
 
-class DeviceError(ValueError):
+class DeviceError(InspectorError, ValueError):
     """A requested device this machine does not have."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UsageError
+
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P[X <= k] for X ~ Binomial(n, p), summed in log space."""
@@ -80,7 +82,7 @@ def defects_needed(target: float, level: float = 0.95) -> int:
     if target <= 0:
         return 0
     if target >= 1:
-        raise ValueError("a recall of 1 can never be shown with confidence; choose a target below 1")
+        raise UsageError("a recall of 1 can never be shown with confidence; choose a target below 1")
     alpha = (1.0 - level) / 2
     return max(1, math.ceil(math.log(alpha) / math.log(target)))  # lower bound of n/n is alpha**(1/n)
 

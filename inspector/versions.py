@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
+from .hashing import cached_file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +61,12 @@ def digest_of(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a (weights) file, remembered per (path, size, mtime) for the life of the process."""
-    from .registry import sha256_of
-
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    key = (real, stat.st_size, stat.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        _HASH_CACHE[key] = sha256_of(real)
-    return _HASH_CACHE[key]
-
-
 def _options(cls: Any, settings: Settings) -> dict[str, Any]:
-    """The detector's scoring options (``scoring_options(settings)``, part of its interface), with
+    """The detector's scoring options (``scoring_options(options, precision)``, part of its interface), with
     ``precision = "auto"`` replaced by the arithmetic it means on this box's device (bf16 on CUDA and on
     CPUs with native bf16, fp32 elsewhere): a box that computes in another precision scores another
     version, and says so instead of writing its numbers under the other's name."""
-    options = dict(cls.scoring_options(settings))
+    options = dict(cls.scoring_options(cls.options_from(settings), settings.model.precision))
     if options.get("precision") == "auto":
         from .runtime import resolve, resolve_device
 
@@ -95,14 +80,14 @@ def _options(cls: Any, settings: Settings) -> dict[str, Any]:
 
 def _weights_identity(pretrained: str) -> str:
     source = Path(pretrained).expanduser()
-    return f"sha256:{file_sha256(source)}" if source.is_file() else pretrained
+    return f"sha256:{cached_file_sha256(source)}" if source.is_file() else pretrained
 
 
 def _identity(detector: str, spec: Any, head_sha256: str | None, options: dict[str, Any],
               fallback: bool) -> dict[str, Any]:
     config = spec.model_config
     if config and Path(config).is_file():
-        config = f"sha256:{file_sha256(config)}"
+        config = f"sha256:{cached_file_sha256(config)}"
     return {"detector": detector, "arch": spec.arch, "weights": _weights_identity(spec.pretrained),
             "clip_format": spec.clip_format, "activation": spec.activation, "model_config": config,
             "image_size": spec.image_size, "feature_layers": list(spec.feature_layers),
@@ -121,7 +106,7 @@ def recipe_from_settings(settings: Settings, detector: str | None = None, fallba
     head = settings.model.head if cls.trainable and settings.model.head else None
     if head and not Path(head).is_file():
         raise FileNotFoundError(f"[model] head: no such file: {head}")
-    head_sha = file_sha256(head) if head else None
+    head_sha = cached_file_sha256(head) if head else None
     identity = _identity(kind, spec, head_sha, _options(cls, settings), fallback is not None)
     digest = digest_of(identity)
     return Recipe(name=f"{kind}@{digest[:12]}", detector=kind, identity=identity, digest=digest,

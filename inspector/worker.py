@@ -39,10 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from .imaging import ImageDecodeError, content_seed, open_image, to_model_input
+from .backoff import Backoff
+from .imaging import ImageDecodeError, content_seed, open_image
 from .intake import NotRegularFile, open_regular
 from .store.decisions import DecisionPolicy
 from .store.maps import encode_map
@@ -129,7 +131,7 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
-def load(item: Claimed, size: int, budget: PixelBudget | None = None) -> Loaded:
+def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor], budget: PixelBudget | None = None) -> Loaded:
     """Read the file once, check it is still the content that was registered, decode, preprocess."""
     try:
         with open_regular(item.path) as handle:
@@ -152,7 +154,7 @@ def load(item: Claimed, size: int, budget: PixelBudget | None = None) -> Loaded:
         with budget.hold(area) if budget is not None else contextlib.nullcontext():
             try:
                 image = open_image(io.BytesIO(data), name=item.path)
-                pixels = to_model_input(image, size)
+                pixels = to_input(image)
                 width, height = image.width, image.height
                 del image
             finally:
@@ -247,7 +249,7 @@ class Worker:
             return None
         self._hold([c.id for c in batch])
         detector = self.models[batch[0].model_version_id]
-        return batch, [self.pool.submit(load, item, detector.image_size, self.budget) for item in batch], detector
+        return batch, [self.pool.submit(load, item, detector.to_input, self.budget) for item in batch], detector
 
     def _finish(self, pending: tuple[list[Claimed], list[Future], Any], stop: threading.Event | None,
                 started: float) -> int:
@@ -257,7 +259,7 @@ class Worker:
         finally:
             self._drop([c.id for c in batch])  # stored, or lost with an error: its leases may expire now
 
-    def _relocate(self, loaded: list[Loaded], size: int) -> list[Loaded]:
+    def _relocate(self, loaded: list[Loaded], to_input: Callable[[Image.Image], torch.Tensor]) -> list[Loaded]:
         """Files gone from their claimed path: read again where intake has since seen them (a rename)."""
         gone = [x for x in loaded if x.vanished]
         if not gone:
@@ -270,13 +272,13 @@ class Worker:
         for x in loaded:
             moved = now_at.get(x.claimed.image_id) if x.vanished else None
             if moved and moved != x.claimed.path:
-                x = load(dataclasses.replace(x.claimed, path=moved), size, self.budget)
+                x = load(dataclasses.replace(x.claimed, path=moved), to_input, self.budget)
             out.append(x)
         return out
 
     def _finish_held(self, batch: list[Claimed], futures: list[Future], detector: Any,
                      stop: threading.Event | None, started: float) -> int:
-        loaded = self._relocate([f.result() for f in futures], detector.image_size)
+        loaded = self._relocate([f.result() for f in futures], detector.to_input)
         outcomes = self._score(loaded, detector)
         data = list(self.pool.map(self._encode, outcomes))
         for o, encoded in zip(outcomes, data):
@@ -339,23 +341,23 @@ class Worker:
 
     def _store(self, outcomes: list[Outcome], stop: threading.Event | None) -> int:
         """Write the batch; while the database is unreachable, keep trying (the results are in memory)."""
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while True:
             try:
                 return complete(self.engine, self.name, outcomes, self.max_attempts, self.policy)
             except OperationalError as exc:
+                delay = backoff.next()
                 log.warning("database unavailable while storing a batch (%s); retrying in %.1fs",
                             str(exc).splitlines()[0], delay)
                 if stop is not None and stop.is_set() and delay >= 30:
                     log.error("giving up on a batch at shutdown; its leases will expire and it will be rescored")
                     return 0
                 time.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     def run(self, stop: threading.Event, until_empty: Callable[[], bool] | None = None,
             idle_seconds: float = 0.5) -> None:
         """Loop until ``stop`` is set, or (``until_empty``) until the queue is empty and nothing is coming."""
-        delay = 0.5
+        down, failing = Backoff(0.5, 30.0), Backoff(0.5, 60.0)  # database unreachable; database errors
         errors = 0
         pending = None
         try:
@@ -372,19 +374,20 @@ class Worker:
                         except OperationalError:
                             pending = None  # the database is down; storing the current batch will wait for it
                         claimed = self._finish(current, stop, started)
-                    delay = 0.5
+                    down.reset()
+                    failing.reset()
                 except OperationalError as exc:
+                    delay = down.next()
                     log.warning("database unavailable (%s); retrying in %.1fs", str(exc).splitlines()[0], delay)
                     stop.wait(delay)
-                    delay = min(delay * 2, 30.0)
                     continue
                 except DBAPIError as exc:  # e.g. a corrupt page: log it, keep serving (a lost batch is re-leased)
                     errors += 1
                     if until_empty is not None and errors >= 3:
                         raise  # a one-off run ends with the error instead of looping on it
+                    delay = failing.next()
                     log.error("database error (%s); retrying in %.1fs", str(exc).splitlines()[0], delay)
                     stop.wait(delay)
-                    delay = min(delay * 2, 60.0)
                     continue
                 errors = 0
                 if claimed == 0:

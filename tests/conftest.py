@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import warnings
 
 import numpy as np
@@ -12,10 +14,19 @@ from PIL import Image
 from inspector.config import Settings
 
 
-def tiny_settings(**model: object) -> Settings:
+def tiny_settings(samples: int = 3, **model: object) -> Settings:
     s = Settings()
-    s.override("model", **{"backbone": "test-tiny", "pretrained": "random", "image_size": 518, "samples": 3,
+    s.override("bayes_pfl", samples=samples)
+    s.override("model", **{"backbone": "test-tiny", "pretrained": "random", "image_size": 518,
                             "device": "cpu", "precision": "fp32", **model})  # exact: tests compare to 1e-6
+    return s
+
+
+def tiny_detector_settings(detector: str, samples: int = 1, **model: object) -> Settings:
+    """Settings of any detector on test-tiny at 224 px (random weights accepted), MuSc's pools in memory."""
+    s = tiny_settings(samples=samples, **{"image_size": 224, "allow_random_weights": True, "detector": detector,
+                                          **model})
+    s.override("musc", pool_dir="")  # tests write nothing to the home cache
     return s
 
 
@@ -80,3 +91,40 @@ def pg_url(pg_cluster):
     if not pg_cluster.is_running():
         pg_cluster.start()
     return pg_cluster.create_database()
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """The same test on SQLite and on the session's throwaway Postgres."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    return request.getfixturevalue("pg_url")
+
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# two tiers: `pytest -m "not slow"` is the fast, in-process tier; `-m slow` the real processes and services.
+# Both run in CI (scripts/test.sh runs everything). A test is slow when it uses a slow fixture, runs on the
+# Postgres parameter, or calls a helper that starts a process (the CLI, the watcher, a server, a browser).
+
+SLOW_FIXTURES = {"pg_cluster", "pg_url", "browser", "dashboard", "receiver", "scored_db"}
+SLOW_CALLS = re.compile(r"(?<![.\w])(run|run_cli|start_cli|cli|scored_database|kill9|AppTest|open_app)\(|"
+                        r"subprocess\.|AppTest\.")
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "postgres" in map(str, callspec.params.values()):
+        return True
+    try:
+        source = inspect.getsource(item.obj)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return bool(SLOW_CALLS.search(source))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "slow" not in item.keywords and _starts_processes(item):
+            item.add_marker(pytest.mark.slow)

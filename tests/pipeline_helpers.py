@@ -22,7 +22,7 @@ FAST_ENV = {
     "INSPECTOR_MODEL__BACKBONE": "test-tiny",
     "INSPECTOR_MODEL__PRETRAINED": "random",
     "INSPECTOR_MODEL__IMAGE_SIZE": "224",
-    "INSPECTOR_MODEL__SAMPLES": "1",
+    "INSPECTOR_BAYES_PFL__SAMPLES": "1",
     "INSPECTOR_MODEL__DEVICE": "cpu",
     "INSPECTOR_MODEL__PRECISION": "fp32",  # "auto" is bf16 on CPUs with native bf16; tests compare exactly
     "INSPECTOR_MODEL__BATCH_SIZE": "8",
@@ -150,3 +150,21 @@ def scored_database(root: Path, count: int, seed: int, size: int = 64, class_nam
     done = run_cli(["watch", str(folder), "--class-name", class_name, "--once"], db, root)
     assert done.returncode == 0, done.stderr[-2000:]
     return db
+
+
+def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("INSPECTOR_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "inspector.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def write_images(folder: Path, count: int = 2) -> list[Path]:
+    from inspector.bench import synthetic_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(synthetic_images(count, size=96, seed=3)):
+        paths.append(folder / f"img {i}.png")
+        image.save(paths[-1])
+    return paths

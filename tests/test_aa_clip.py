@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from inspector.config import AAClipSettings
 from inspector.detectors.aa_clip import AACLIP, HeadFormatError
+from inspector.detectors.aa_clip.model import fuse_max, fuse_text_max
 from inspector.detectors.base import EvalProtocol
 from inspector.imaging import preprocess
 
@@ -232,8 +233,8 @@ def test_batch_equals_single_images_and_domain_default(small):
     assert own.provenance["domain"] == override.provenance["domain"] == "medical"
     torch.testing.assert_close(own.anomaly_map, override.anomaly_map, atol=0, rtol=0)
     assert not torch.allclose(own.anomaly_map, batch.anomaly_map, atol=1e-3)
-    assert model.eval_protocol == EvalProtocol(smooth_sigma=0.0, fusion="text+max")
-    assert medical.eval_protocol == EvalProtocol(smooth_sigma=0.0, fusion="max")
+    assert model.eval_protocol == EvalProtocol(smooth_sigma=0.0, fusion=fuse_text_max)
+    assert medical.eval_protocol == EvalProtocol(smooth_sigma=0.0, fusion=fuse_max)
     with pytest.raises(ValueError, match="domain"):
         model.predict_tensors(pixels, CLASSES, domain="space")
 
@@ -276,8 +277,8 @@ def test_head_round_trip(small, tmp_path):
     model = small.model
     path = tmp_path / "head.pt"
     model.save_head(path)
-    settings = SimpleNamespace(aa_clip=SimpleNamespace(domain="medical", topk=50))
-    loaded = AACLIP.from_settings(small.model.backbone, path, settings, {"model": "v1"})
+    options = AAClipSettings(domain="medical", topk=50)
+    loaded = AACLIP.from_settings(small.model.backbone, path, options, provenance={"model": "v1"})
     assert (loaded.domain, loaded.topk, loaded.use_text_adapter) == ("medical", 50, True)
     for mine, theirs in ((model.text_adapter, loaded.text_adapter), (model.image_adapter, loaded.image_adapter)):
         a, b = mine.state_dict(), theirs.state_dict()
@@ -291,13 +292,14 @@ def test_head_round_trip(small, tmp_path):
                                   "total": 3 * et * et + e * et + 6 * wv * wv + 5 * e * wv}
     assert info["config"]["text_adapter_weight"] == 0.1 and info["config"]["image_adapt_until"] == 6
 
-    # no text adapter: saved as None, restored as the frozen text encoder; settings without an aa_clip section
+    # no text adapter: saved as None, restored as the frozen text encoder; default options
     small.plain.save_head(path)
     assert torch.load(path, weights_only=True)["text_adapter"] is None
-    plain = AACLIP.from_settings(small.model.backbone, path, SimpleNamespace(), None)
+    plain = AACLIP.from_settings(small.model.backbone, path, AAClipSettings())
     assert (plain.use_text_adapter, plain.domain, plain.describe_head()["parameters"]["text_adapter"]) == (
         False, "industrial", 0)
-    untrained = AACLIP.from_settings(small.model.backbone, None, SimpleNamespace(), {"random_weights": True})
+    untrained = AACLIP.from_settings(small.model.backbone, None, AAClipSettings(),
+                                     provenance={"random_weights": True})
     assert untrained.use_text_adapter and untrained.provenance["random_weights"]
 
 

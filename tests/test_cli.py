@@ -11,14 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).parents[1]
-
-
-def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    full_env.pop("INSPECTOR_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "inspector.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+from .pipeline_helpers import ROOT, run, write_images
 
 
 @pytest.mark.parametrize("verb", [[], ["score"], ["bench"], ["demo"], ["models"], ["models", "import-official"],
@@ -31,19 +24,8 @@ def test_every_verb_has_help(verb, tmp_path):
     assert "Usage" in result.stdout and "--help" in result.stdout
 
 
-def _images(folder: Path, count: int = 2) -> list[Path]:
-    from inspector.bench import synthetic_images
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(synthetic_images(count, size=96, seed=3)):
-        paths.append(folder / f"img {i}.png")
-        image.save(paths[-1])
-    return paths
-
-
 def test_score_refuses_random_weights_then_scores_with_flag(tmp_path):
-    _images(tmp_path / "imgs")
+    write_images(tmp_path / "imgs")
     (tmp_path / "notes.txt").write_text("not an image")
     refused = run("score", "imgs", "-n", "metal nut", "--backbone", "test-tiny", "--pretrained", "random",
                   cwd=tmp_path)
@@ -159,7 +141,7 @@ def test_metrics_endpoint(tmp_path):
 def test_demo_data_retrain_eval_promote(tmp_path):
     """The ML engineer's loop end to end on synthetic data, test-tiny backbone."""
     env = {"INSPECTOR_MODEL__BACKBONE": "test-tiny", "INSPECTOR_MODEL__PRETRAINED": "random",
-           "INSPECTOR_MODEL__IMAGE_SIZE": "224", "INSPECTOR_MODEL__SAMPLES": "1", "INSPECTOR_MODEL__DEVICE": "cpu",
+           "INSPECTOR_MODEL__IMAGE_SIZE": "224", "INSPECTOR_BAYES_PFL__SAMPLES": "1", "INSPECTOR_MODEL__DEVICE": "cpu",
            "INSPECTOR_TRAIN__VAL_SAMPLES": "1"}
     made = run("demo-data", "synthetic", "--classes", "2", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
@@ -213,14 +195,14 @@ def test_help_shows_settings_in_brackets_and_no_type_noise(tmp_path):
         usage = next(line for line in text.splitlines() if "Usage:" in line)
         assert "<bool>" not in text and "<list[" not in text and "{" not in usage, (verb, text)
     assert "[model] detector, bayes-pfl" in texts["score"] and "[model] batch_size, 8" in texts["score"]
-    assert "[model] samples, 10" in texts["score"] and "[model] name" in texts["score"]
+    assert "[bayes_pfl] samples, 10" in texts["score"] and "[model] name" in texts["score"]
     assert "Usage: inspector score [OPTIONS] PATHS..." in texts["score"]
     assert "[datasets.NAME]" in texts["retrain"] and "[train] epochs, 30" in texts["retrain"]
     assert "[train] batch_size, 32" in texts["retrain"]
     assert "[[sources]]" in texts["watch"] and "[FOLDERS...]" in texts["watch"]
     for verb in ("watch", "worker"):
         assert "--backbone" in texts[verb] and "--pretrained" in texts[verb] and "[model] pretrained" in texts[verb]
-    for setting in ("[bench] batch_sizes, 1,2", "[bench] repeats, 2", "[model] samples, 10", "[bench] output"):
+    for setting in ("[bench] batch_sizes, 1,2", "[bench] repeats, 2", "[bayes_pfl] samples, 10", "[bench] output"):
         assert setting in texts["bench"], setting
     assert "[database] url" in texts["status"] and "[dashboard] port, 8501" in texts["dashboard"]
 
@@ -276,7 +258,7 @@ def test_offline_first_watch_fails_at_once_with_the_way_out(tmp_path, offline_en
     import time
 
     (tmp_path / "imgs").mkdir()
-    _images(tmp_path / "imgs", 1)
+    write_images(tmp_path / "imgs", 1)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "", **offline_env}
     env = {k: v.format(port=_closed_port()) for k, v in env.items()}
     start = time.monotonic()

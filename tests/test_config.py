@@ -13,7 +13,7 @@ def test_defaults_without_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = load_settings(environ={})
     # empty backbone keys mean "the detector's own" (its paper's backbone)
-    assert s.model.backbone == "" and s.model.samples == 10 and s.model.feature_layers == []
+    assert s.model.backbone == "" and s.bayes_pfl.samples == 10 and s.model.feature_layers == []
     assert s.model.detector == "bayes-pfl" and s.model.fallback == "winclip"
     from inspector.registry import backbone_spec
 
@@ -23,14 +23,20 @@ def test_defaults_without_file(tmp_path, monkeypatch):
 
 
 def test_precedence_file_env_flags(tmp_path):
-    path = write(tmp_path, '[model]\nsamples = 4\nbackbone = "test-tiny"\nfeature_layers = [1, 2]\n')
-    s = load_settings(path, environ={"INSPECTOR_MODEL__SAMPLES": "7", "INSPECTOR_BENCH__BATCH_SIZES": "1,4"})
+    path = write(tmp_path, '[model]\nbackbone = "test-tiny"\nfeature_layers = [1, 2]\n[bayes_pfl]\nsamples = 4\n')
+    s = load_settings(path, environ={"INSPECTOR_BAYES_PFL__SAMPLES": "7", "INSPECTOR_BENCH__BATCH_SIZES": "1,4"})
     assert s.model.backbone == "test-tiny"  # file beats default
-    assert s.model.samples == 7  # env beats file
+    assert s.bayes_pfl.samples == 7  # env beats file
     assert s.model.feature_layers == [1, 2]
     assert s.bench.batch_sizes == [1, 4]
-    s.override("model", samples=2, backbone=None)  # flags beat env; None = flag not given
-    assert s.model.samples == 2 and s.model.backbone == "test-tiny"
+    s.override("bayes_pfl", samples=2).override("model", backbone=None)  # flags beat env; None = not given
+    assert s.bayes_pfl.samples == 2 and s.model.backbone == "test-tiny"
+
+
+def test_moved_key_says_where_it_went(tmp_path):
+    path = write(tmp_path, '[model]\nsamples = 4\n')
+    with pytest.raises(ConfigError, match=r"\[model\] samples .* is now \[bayes_pfl\] samples"):
+        load_settings(path, environ={})
 
 
 def test_config_env_variable_names_the_file(tmp_path):
@@ -41,7 +47,7 @@ def test_config_env_variable_names_the_file(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[model]\nsampels = 3\n", "unknown key 'sampels'"),
     ("[modle]\nsamples = 3\n", "unknown config section [modle]"),
-    ("[model]\nsamples = 'many'\n", "cannot use 'many'"),
+    ("[bayes_pfl]\nsamples = 'many'\n", "cannot use 'many'"),
     ("[model\n", "not valid TOML"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):

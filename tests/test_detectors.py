@@ -16,20 +16,18 @@ from inspector.config import Settings
 from inspector.detectors import KINDS, UnknownDetector, detector_class
 from inspector.detectors.base import EvalProtocol, Prediction
 
-from .pipeline_helpers import run_cli
-from .test_cli import _images, run
+from .conftest import tiny_detector_settings
+from .pipeline_helpers import FAST_ENV, run, run_cli, write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"backbone": "test-tiny", "pretrained": "random", "image_size": 224, "device": "cpu", "samples": 1, "precision": "fp32",
-        "allow_random_weights": True}
-
-
 def tiny(detector: str, **model: object) -> Settings:
-    s = Settings()
-    s.override("model", **{**TINY, "detector": detector, **model})
-    s.override("musc", pool_dir="")  # MuSc's rolling pools in memory: tests write nothing to the home cache
-    return s
+    return tiny_detector_settings(detector, **model)
+
+
+#: the model part of FAST_ENV (tiny random backbone, one sample), for CLI runs of this module
+MODEL_ENV = {k: v for k, v in FAST_ENV.items() if k.startswith(("INSPECTOR_MODEL__", "INSPECTOR_BAYES_PFL__", "INSPECTOR_MUSC__"))
+             and k != "INSPECTOR_MODEL__FALLBACK"}
 
 
 def load(settings: Settings, pipeline: bool = False):
@@ -76,11 +74,13 @@ def test_aa_clip_official_fusion_is_min_max_over_all_pixels_of_the_class():
             for t, hi, lo in ((0.2, 3.0, 1.0), (0.6, 5.0, 2.0), (0.4, 4.0, 0.5))]
     peak = (np.array([3.0, 5.0, 4.0]) - 0.5) / (5.0 - 0.5)
     text = (np.array([0.2, 0.6, 0.4]) - 0.2) / 0.4
-    industrial = EvalProtocol(fusion="text+max").fuse(rows)
+    from inspector.detectors.aa_clip.model import fuse_max, fuse_text_max
+
+    industrial = fuse_text_max(rows)
     np.testing.assert_allclose(industrial, 0.5 * peak + 0.5 * text, atol=1e-6)
-    np.testing.assert_allclose(EvalProtocol(fusion="max").fuse(rows), peak, atol=1e-6)
+    np.testing.assert_allclose(fuse_max(rows), peak, atol=1e-6)
     one = [dict(r, map_max=min(r["map_max"], 1.0)) for r in rows]  # the official literal `max != 1` test
-    np.testing.assert_allclose(EvalProtocol(fusion="max").fuse(one), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(fuse_max(one), [1.0, 1.0, 1.0])
 
 
 def test_day_one_falls_back_to_winclip_and_says_so(caplog):
@@ -103,9 +103,9 @@ def test_day_one_falls_back_to_winclip_and_says_so(caplog):
 
 def test_day_one_watch_status_and_dashboard(tmp_path, monkeypatch):
     """A fresh install's watcher scores with WinCLIP; status and the dashboard's overview say why."""
-    _images(tmp_path / "line1", 3)
+    write_images(tmp_path / "line1", 3)
     db = f"sqlite:///{tmp_path}/day1.sqlite"
-    env = {"INSPECTOR_DATABASE__URL": db, **{f"INSPECTOR_MODEL__{k.upper()}": str(v) for k, v in TINY.items()}}
+    env = {"INSPECTOR_DATABASE__URL": db, **MODEL_ENV}
     result = run("watch", "line1", "-n", "bottle", "--once", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DAY ONE" in result.stderr and "winclip" in result.stderr
@@ -140,7 +140,7 @@ def test_day_one_watch_status_and_dashboard(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["aa-clip", "winclip", "musc"])
 def test_watch_once_with_each_detector(name, tmp_path):
-    _images(tmp_path / "line", 3)
+    write_images(tmp_path / "line", 3)
     db = f"sqlite:///{tmp_path}/w.sqlite"
     result = run_cli(["watch", str(tmp_path / "line"), "-n", "bottle", "--once", "--detector", name], db, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -184,7 +184,7 @@ def test_eval_and_bench_with_each_detector(tmp_path):
     made = run("demo-data", "synthetic", "--classes", "1", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     # an untrained AA-CLIP on purpose: without a head the day-one fallback would score with WinCLIP
-    env = {**{f"INSPECTOR_MODEL__{k.upper()}": str(v) for k, v in TINY.items()}, "INSPECTOR_MODEL__FALLBACK": "none"}
+    env = {**MODEL_ENV, "INSPECTOR_MODEL__FALLBACK": "none"}
     for name in ("aa-clip", "winclip"):
         report_file = tmp_path / f"eval-{name}.json"
         evaluated = run("eval", "--data", "synthetic", "--detector", name, "--json", str(report_file),
@@ -208,8 +208,8 @@ def test_eval_and_bench_with_each_detector(tmp_path):
 
 def test_references_cli_turns_winclip_few_shot(tmp_path):
     """`inspector references add` changes the scores of later images of that class (few-shot WinCLIP+)."""
-    paths = _images(tmp_path / "imgs", 3)
-    env = {**{f"INSPECTOR_MODEL__{k.upper()}": str(v) for k, v in TINY.items()}, "INSPECTOR_MODEL__DETECTOR": "winclip"}
+    paths = write_images(tmp_path / "imgs", 3)
+    env = {**MODEL_ENV, "INSPECTOR_MODEL__DETECTOR": "winclip"}
 
     def scores(db: str) -> dict[str, float]:
         result = run("score", str(paths[0]), str(paths[1]), "-n", "bottle", "--json", "--database", db,
@@ -237,7 +237,7 @@ def test_retrain_aa_clip_registers_a_version_that_scores(tmp_path):
     """`retrain --detector aa-clip` runs both official stages and registers a version eval and watch use."""
     made = run("demo-data", "synthetic", "--classes", "2", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    env = {f"INSPECTOR_MODEL__{k.upper()}": str(v) for k, v in TINY.items()}
+    env = MODEL_ENV
     trained = run("retrain", "--aux", "synthetic", "--detector", "aa-clip", "--text-epochs", "1", "--epochs", "1",
                   "--name", "aa-v1", "--allow-random-weights", cwd=tmp_path, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]

@@ -237,7 +237,8 @@ def test_contract(clip, pixels, tmp_path):
         ("ViT-L-14-336", 518, (6, 12, 18, 24), False)
     settings = Settings()
     settings.override("musc", pool_size=7, k_list=[1, 8, 9], msm="cdist", references=str(tmp_path / "r"))
-    built = MuSc.from_settings(_backbone(clip, antialias=True), None, settings, {"random_weights": True})
+    built = MuSc.from_settings(_backbone(clip, antialias=True), None, settings.musc,
+                               provenance={"random_weights": True})
     assert built.backbone.spec.pos_embed_antialias is False  # faithful kernel by default
     assert (built.pool_size, built.k_list, built.msm) == (7, (1, 8, 9), "cdist")
     assert built.describe_head()["bytes_per_pooled_image"] == 12 * 64 * 64 * 4 + 64 * 4

@@ -200,16 +200,16 @@ def test_pool_folder_is_keyed_by_the_version_identity(backbone, tmp_path):
     def built(**musc):
         s = Settings()
         s.override("musc", pool_dir=str(tmp_path), references="", **musc)
-        return MuSc.from_settings(backbone, None, s, {})
+        return MuSc.from_settings(backbone, None, s.musc, provenance={})
 
     a, b, c = built(), built(), built(approx="subsample", patch_budget=16)
     assert a.files.folder == b.files.folder and a.files.folder.parent == tmp_path
     assert c.files.folder != a.files.folder and (c.approx, c.patch_budget) == ("subsample", 16)
-    options = MuSc.scoring_options(Settings())
+    options = MuSc.scoring_options(Settings().musc, "fp32")
     assert {"approx", "patch_budget", "drift_window", "drift_share", "drift_quantile"} <= set(options)
     s = Settings()
     s.override("musc", pool_dir="")
-    assert MuSc.from_settings(backbone, None, s, {}).files is None
+    assert MuSc.from_settings(backbone, None, s.musc, provenance={}).files is None
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from inspector import runtime as precision
 from inspector.config import Settings
 from inspector.detectors import KINDS
 
+from .conftest import tiny_detector_settings
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 X86_HEAD = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
@@ -83,10 +85,7 @@ def test_autocast_region_on_cpu():
 
 
 def tiny(detector: str, **model: object) -> Settings:
-    s = Settings()
-    s.override("model", backbone="test-tiny", pretrained="random", image_size=224, device="cpu", samples=2,
-               allow_random_weights=True, detector=detector, **model)
-    return s
+    return tiny_detector_settings(detector, samples=2, **{"precision": "auto", **model})  # this module's subject
 
 
 def load(detector: str, **model: object):
@@ -119,7 +118,8 @@ def test_auto_follows_the_cpu_in_every_detector(models, pixels, monkeypatch, nat
     fake_cpu(monkeypatch, native)
     for name, model in models.items():
         assert model.precision == "auto"
-        assert model.scoring_options(tiny(name))["precision"] == "auto"  # the setting is the identity
+        s = tiny(name)
+        assert model.scoring_options(model.options_from(s), s.model.precision)["precision"] == "auto"  # the setting is the identity
         pred = model.predict_tensors(pixels[:2], ["bottle"] * 2)
         assert pred.provenance["precision"] == ("bf16" if native else "fp32"), name
 

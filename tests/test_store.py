@@ -27,13 +27,6 @@ from inspector.store.routing import set_source_versions
 from inspector.store.schema import jobs
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'inspector.sqlite'}"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def engine(db_url):
     upgrade(db_url)

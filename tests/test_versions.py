@@ -24,13 +24,6 @@ from .pipeline_helpers import FAST_ENV, kill9, run_cli, small_png, start_cli, wa
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'inspector.sqlite'}"
-    return request.getfixturevalue("pg_url")
-
-
 def fast_settings(tmp_path, db_url: str, **model) -> Settings:
     """In-process settings equal to the subprocesses' FAST_ENV (so both compute the same version digests)."""
     s = Settings()

@@ -14,6 +14,7 @@ from PIL import Image
 from inspector.backbone import BackboneSpec, load_backbone
 from inspector.config import Settings
 from inspector.detectors import detector_class
+from inspector.detectors.base import fuse_live
 from inspector.detectors.winclip import WinCLIP, covering_windows, harmonic_aggregation, window_indices
 from inspector.imaging import preprocess
 from inspector.references import ReferenceStore, class_slug
@@ -112,6 +113,38 @@ def test_zero_shot_matches_reference(model, backbone, pixels):
     assert (pred.image_score - score).abs().max() < TOL
     assert torch.equal(pred.text_score, pred.image_score)
     assert float(pred.anomaly_map.std()) > 1e-3, "maps must not be constant"
+
+
+def anomalib_pixels(paths: list, size: int) -> torch.Tensor:
+    """What anomalib 2.7 feeds ``WinClipModel`` from files: ``read_image(path, as_tensor=True)`` (RGB, float32
+    in [0, 1]) then its WinCLIP pre-processor, torchvision v2 ``Resize((240, 240), antialias=True,
+    interpolation=BICUBIC)`` and ``Normalize`` with CLIP's mean and std (here at the tiny model's size)."""
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.Resize((size, size), antialias=True, interpolation=v2.InterpolationMode.BICUBIC),
+                            v2.Normalize(mean=(0.48145466, 0.4578275, 0.40821073),
+                                         std=(0.26862954, 0.26130258, 0.27577711))])
+    images = [v2.functional.to_dtype(v2.functional.to_image(Image.open(p).convert("RGB")), torch.float32, scale=True)
+              for p in paths]
+    return torch.stack([transform(x) for x in images])
+
+
+def test_from_files_matches_anomalib_preprocessing(model, backbone, tmp_path):
+    """From PNG files (wide, tall, and one smaller than the input) the map matches anomalib's function to
+    1e-4 and the score to 1e-5: the 8-bit image becomes float first, then an antialiased resize."""
+    paths = []
+    for i, (w, h) in enumerate(((331, 197), (150, 260), (90, 70))):
+        picture = _pictures(1, seed=20 + i)[0].resize((w, h), Image.BICUBIC)
+        paths.append(tmp_path / f"part{i}.png")
+        picture.save(paths[-1])
+    model.set_references("screw", None)
+    pred = model.predict([str(p) for p in paths], "screw")
+    score, maps = ref.winclip(backbone.clip, anomalib_pixels(paths, SIZE), "screw")
+    assert (pred.anomaly_map - maps).abs().max() < 1e-4
+    assert (pred.image_score - score).abs().max() < 1e-5
+    # the 8-bit PIL resize (what Bayes-PFL and AA-CLIP do, as their official code) is another function
+    pil = model.predict_tensors(preprocess([str(p) for p in paths], SIZE), ["screw"] * 3)
+    assert (pil.anomaly_map - maps).abs().max() > 1e-4
 
 
 def test_few_shot_matches_reference(model, backbone, pixels, ref_pixels):
@@ -234,7 +267,7 @@ def test_set_references_from_images_equals_pixels(model, pixels):
     model.set_references("bottle", pictures)
     try:
         from_images = model.predict_tensors(pixels[:1], ["bottle"])
-        model.set_references("bottle", preprocess(pictures, SIZE))
+        model.set_references("bottle", model.preprocess(pictures))
         from_pixels = model.predict_tensors(pixels[:1], ["bottle"])
     finally:
         model.set_references("bottle", None)
@@ -251,10 +284,10 @@ def test_contract(backbone, model, pixels, tmp_path):
     assert detector_class("winclip") is WinCLIP
     assert WinCLIP.name == "winclip" and WinCLIP.trainable is False
     assert WinCLIP.default_backbone.arch == "ViT-B-16-plus-240" and WinCLIP.default_backbone.image_size == 240
-    assert WinCLIP.eval_protocol.fusion == "live" and WinCLIP.eval_protocol.smooth_sigma == 0
+    assert WinCLIP.eval_protocol.fusion is fuse_live and WinCLIP.eval_protocol.smooth_sigma == 0
     settings = Settings()
     settings.override("winclip", references=str(tmp_path / "r"), k_shot=3)
-    built = WinCLIP.from_settings(backbone, None, settings, {"random_weights": True})
+    built = WinCLIP.from_settings(backbone, None, settings.winclip, provenance={"random_weights": True})
     assert built.k_shot == 3 and built.references.folder == tmp_path / "r" and built.scales == (2, 3)
     assert not (tmp_path / "r").exists()  # nothing is created until references are added
     head = built.describe_head()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..hashing import update_from
 from .archives import ARCHIVE_SUFFIXES, ArchiveLimits, default_cache_dir, extract_archive, is_archive
 from .meta import find_meta_index, read_meta
 from .mvtec import is_mvtec_root, read_mvtec
@@ -169,5 +170,4 @@ def add_file(digest: Any, path: Path) -> None:
     """Feed a file's size and bytes."""
     digest.update(path.stat().st_size.to_bytes(8, "big"))
     with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
+        update_from(digest, handle)

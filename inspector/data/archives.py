@@ -13,7 +13,6 @@ the header sizes are also summed first, so an honest oversized archive is refuse
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hashing import file_sha256
 from .records import DatasetError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
@@ -90,15 +90,6 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def file_digest(path: Path) -> str:
-    """The sha256 of a file's bytes, in hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def extract_archive(archive: Path, cache_dir: Path | None = None, limits: ArchiveLimits | None = None,
                     validate: Callable[[Path], object] | None = None) -> Path:
     """The folder holding the archive's contents, extracting it first unless the cache already has it.
@@ -109,7 +100,7 @@ def extract_archive(archive: Path, cache_dir: Path | None = None, limits: Archiv
     if not is_archive(archive):
         raise DatasetError(f"not an archive ({', '.join(ARCHIVE_SUFFIXES)}): {archive}")
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target = cache_dir / file_digest(archive)[:DIGEST_CHARS]
+    target = cache_dir / file_sha256(archive)[:DIGEST_CHARS]
     if target.is_dir():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

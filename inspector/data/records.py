@@ -6,8 +6,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-#: File suffixes (lower case) read as images or masks.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+from ..errors import InspectorError
+from ..imaging import IMAGE_SUFFIXES
 
 #: The splits a record can belong to.
 SPLITS = ("train", "test")
@@ -16,7 +16,7 @@ SPLITS = ("train", "test")
 ORPHAN_POLICIES = ("error", "ignore")
 
 
-class DatasetError(ValueError):
+class DatasetError(InspectorError, ValueError):
     """A dataset that cannot be used as given. The message names the path or class and says what is wrong."""
 
 
@@ -34,11 +34,6 @@ class Record:
     label: int  # 0 normal, 1 anomalous
     defect: str  # defect type; "good" for normal images
     split: str  # "train" or "test"
-
-    @property
-    def is_anomalous(self) -> bool:
-        """Whether the image shows a defect."""
-        return self.label == 1
 
 
 def is_hidden(path: Path) -> bool:

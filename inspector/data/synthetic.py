@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UsageError
+
 KINDS = ("texture", "object", "mesh")
 DEFECTS = ("scratch", "blob", "hole", "spot")
 
@@ -192,7 +194,7 @@ def make_synthetic(out: Path, classes: int = 3, train_good: int = 6, test_good: 
     anomalous test images of ``size`` x ``size`` pixels, with a 0/255 mask per anomalous image.
     """
     if classes < 1 or size < 16 or min(train_good, test_good, test_bad) < 0:
-        raise ValueError("need classes >= 1, size >= 16 and non-negative image counts")
+        raise UsageError("need classes >= 1, size >= 16 and non-negative image counts")
     out = Path(out)
     for index in range(classes):
         write_class(out, index, (train_good, test_good, test_bad), size, seed)

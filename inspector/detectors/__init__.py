@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..errors import InspectorError
+
 #: detector name -> "module:Class"
 KINDS = {
     "bayes-pfl": "inspector.detectors.bayes_pfl:BayesPFL",
@@ -24,7 +26,7 @@ KINDS = {
 }
 
 
-class UnknownDetector(ValueError):
+class UnknownDetector(InspectorError, ValueError):
     pass
 
 

@@ -1,28 +1,43 @@
-"""The one small interface every detector implements, and the result it returns.
+"""The one surface every detector implements, and the result it returns.
 
 A detector owns only its learnable (or reference) parts; the frozen CLIP ``ClipBackbone`` is shared. The
-watcher, the store, the dashboard, ``eval`` and ``bench`` see nothing but this interface:
+watcher, the store, the dashboard, ``eval``, ``bench`` and the CLI see nothing but ``Detector``:
 
-* ``name`` ("bayes-pfl", "aa-clip", "winclip"), ``provenance`` (what produced the numbers), ``backbone``,
-  ``image_size`` and ``device``;
-* ``predict_tensors(pixels, class_names, seeds=None) -> Prediction``, batched;
-* ``encode_floor(pixels)``: the plain backbone forward, the floor ``inspector bench`` measures against;
-* ``eval_protocol``: how the method's paper evaluates (map smoothing, transductive image-score fusion);
-* optional, for detectors whose score belongs to a set of images (MuSc): ``score_closed_pool(pixels,
-  class_name, dataset_classes) -> Prediction``, which ``eval`` (official mode) calls once per class with its
-  whole test split, and ``eval_session()``, a context manager ``eval`` scores inside (fresh state, restored).
+* class facts: ``name`` (its key in ``inspector.detectors.KINDS``), ``default_backbone`` (its paper's),
+  ``trainable``, ``section`` (its ``[section]`` of the settings, whose dataclass are its typed options, or
+  None), ``eval_protocol`` (how its paper evaluates);
+* construction: ``from_settings(backbone, head, options, precision=..., provenance=...)`` with the typed
+  options of its section, and ``scoring_options(options, precision)``: what changes the numbers (the model
+  version's identity);
+* scoring: ``to_input(image)`` (its paper's preprocessing of one PIL image), ``predict_tensors(pixels,
+  class_names, seeds=None) -> Prediction`` (batched) and ``predict(images, class_names)`` (files or PIL);
+* what the base owns for all: ``backbone``, ``precision``, ``provenance``, ``image_size``, ``device``,
+  ``autocast()``, ``encode_floor(pixels)`` (the floor ``inspector bench`` measures against) and
+  ``clear_caches()`` (also run on ``.to(device)``);
+* optional hooks, with defaults here: ``save_head`` / ``describe_head`` (the registry), ``trainer()``
+  (``inspector retrain``), ``import_official(...)`` (``inspector models import-official``), ``sample_options`` (``--samples``),
+  ``bench_plan`` / ``bench_main_case`` / ``bench_report`` (``inspector bench``), ``score_closed_pool`` and
+  ``eval_session`` (``inspector eval`` of detectors whose score belongs to a set of images, MuSc), and
+  ``on_reviews`` (reviewer verdicts, for detectors that learn from the line).
 
-Adding a detector means a module that implements this and one line in ``inspector.detectors.KINDS``.
+Adding a detector means its folder, one line in ``inspector.detectors.KINDS`` and its settings section.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..backbone import BackboneSpec, ClipBackbone
+from ..imaging import ImageInput, as_list, preprocess, to_model_input
+from ..runtime import autocast, check
 
 
 @dataclass
@@ -69,66 +84,197 @@ def minmax(values: np.ndarray, lo: float | None = None, hi: float | None = None)
     return (values - lo) / (hi - lo + 1e-8)
 
 
+def fuse_live(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The per-image product score as stored: no test-set statistics."""
+    return np.array([r["live"] for r in rows], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class EvalProtocol:
     """How a method's paper turns raw outputs into metrics (``inspector eval``, official mode).
 
     smooth_sigma: Gaussian sigma applied to the maps before pixel metrics (0: none).
-    fusion: the transductive image score over one class's test images. Rows carry ``text``, ``topk``,
-    ``live``, ``map_max`` and ``map_min`` (of ``anomaly_map``); returns one score per row.
+    fusion: the transductive image score over one class's test images, a function of its rows (each with
+    ``text``, ``topk``, ``live``, ``map_max`` and ``map_min`` of ``anomaly_map``) to one score per row; a
+    detector's own rule lives in its folder.
     """
 
     smooth_sigma: float = 0.0
-    fusion: str = "live"
+    fusion: Callable[[Sequence[dict[str, Any]]], np.ndarray] = fuse_live
 
     def scores(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        """Image scores of rows of any classes: ``fuse`` over the rows of each class."""
+        """Image scores of rows of any classes: ``fusion`` over the rows of each class."""
         out = np.empty(len(rows))
         for name in sorted({r["class_name"] for r in rows}):
             idx = [i for i, r in enumerate(rows) if r["class_name"] == name]
-            out[idx] = self.fuse([rows[i] for i in idx])
+            out[idx] = self.fusion([rows[i] for i in idx])
         return out
 
-    def fuse(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        """Image scores of rows of one class."""
-        text = np.array([r["text"] for r in rows], dtype=np.float64)
-        topk = np.array([r["topk"] for r in rows], dtype=np.float64)
-        if self.fusion == "live":
-            return np.array([r["live"] for r in rows], dtype=np.float64)
-        if self.fusion == "text+topk":  # Bayes-PFL: 0.5 minmax(s_text) + 0.5 minmax(s_topk)
-            return 0.5 * minmax(text) + 0.5 * minmax(topk)
-        # AA-CLIP: maps min-maxed over all pixels of the class, then the per-image maximum
-        highest = np.array([r["map_max"] for r in rows], dtype=np.float32)
-        lowest = float(min(r["map_min"] for r in rows))
-        top = float(highest.max())
-        peak = highest if top == 1 else (highest - lowest) / (top - lowest)  # the official literal `!= 1` test
-        if self.fusion == "text+max":
-            return (0.5 * peak + 0.5 * minmax(text.astype(np.float32))).astype(np.float64)
-        if self.fusion == "max":
-            return peak.astype(np.float64)
-        raise ValueError(f"unknown fusion '{self.fusion}'")
+
+BenchPlan = list[tuple[str, Callable[[], Any]]]
 
 
-@runtime_checkable
-class Detector(Protocol):
-    """Scores preprocessed images of named classes. The backbone is shared and frozen."""
+@dataclass(frozen=True)
+class Trainer:
+    """How ``inspector retrain`` fits a detector (``Detector.trainer()``), the same for every detector.
 
-    name: str
-    provenance: dict[str, Any]
-    eval_protocol: EvalProtocol
+    config: ``(train, text_epochs=None) -> config``: the trainer's config dataclass from the ``[train]``
+            settings (flags already applied); a setting or flag the trainer cannot honour is refused with a
+            ``UsageError``, never silently ignored.
+    fit:    ``(model, records, config, run_dir, resume=False, progress=None) -> state`` with ``history``,
+            ``epoch`` and ``stage``; trains the model in place, checkpoints in ``run_dir``.
+    """
+
+    config: Callable[..., Any]
+    fit: Callable[..., Any]
+
+
+class Detector(nn.Module, ABC):
+    """Scores preprocessed images of named classes on a shared, frozen backbone."""
+
+    name: ClassVar[str]
+    default_backbone: ClassVar[BackboneSpec]
+    trainable: ClassVar[bool] = False
+    #: the settings section whose dataclass are this detector's options (None: it has none)
+    section: ClassVar[str | None] = None
+    eval_protocol: EvalProtocol = EvalProtocol()
+
+    def __init__(self, backbone: ClipBackbone, precision: str = "fp32",
+                 provenance: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.precision = check(precision)
+        self.provenance = dict(provenance or {})
+
+    # ---------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def options_from(cls, settings: Any) -> Any:
+        """This detector's typed options: the dataclass of its section of ``settings`` (None without one)."""
+        return settings.section(cls.section) if cls.section else None
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, backbone: ClipBackbone, head: Any, options: Any, *, precision: str = "fp32",
+                      provenance: Mapping[str, Any] | None = None) -> Detector:
+        """A ready detector on ``backbone`` with its learnable part read from ``head`` (a file, or None:
+        untrained or training-free) and its typed ``options``."""
+
+    @classmethod
+    def scoring_options(cls, options: Any, precision: str) -> dict[str, Any]:
+        """What changes the numbers (part of a model version's identity): by default every field of the
+        options and the precision setting."""
+        fields = asdict(options) if is_dataclass(options) else {}
+        return {**fields, "precision": precision}
+
+    # ---------------------------------------------------------------------------------------------
+    # what every detector shares
 
     @property
-    def image_size(self) -> int: ...
+    def image_size(self) -> int:
+        return self.backbone.image_size
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        return self.backbone.clip.visual.conv1.weight.device
 
-    def predict_tensors(self, pixels: torch.Tensor, class_names: Sequence[str],
-                        seeds: Sequence[int] | None = None, **options: Any) -> Prediction:
-        """pixels: [N, 3, S, S] CLIP-normalised -> Prediction. ``seeds``: per-image content seeds for
-        detectors that draw noise (others ignore them)."""
-        ...
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast region of this detector's precision on its device (``inspector.runtime``)."""
+        return autocast(self.device, self.precision)
 
+    @torch.inference_mode()
     def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
         """The plain backbone forward on [N, 3, S, S] (the floor ``inspector bench`` reports ratios to)."""
-        ...
+        with self.autocast():
+            return self.backbone.encode_image_floor(pixels.to(self.device))
+
+    def clear_caches(self) -> None:
+        """Forget what was derived from weights or settings (text embeddings, anchors, ...)."""
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half() must not keep stale cached tensors
+        self.clear_caches()
+        return super()._apply(fn, *args, **kwargs)
+
+    def to_input(self, image: Any) -> torch.Tensor:
+        """One RGB PIL image -> [3, S, S], this detector's paper's preprocessing (default: PIL bicubic resize
+        of the 8-bit image to S x S, CLIP mean/std, as Bayes-PFL's and AA-CLIP's official code)."""
+        return to_model_input(image, self.image_size)
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images (paths or PIL) -> [N, 3, S, S] by ``to_input``."""
+        return preprocess(images, self.image_size, self.to_input)
+
+    @abstractmethod
+    def predict_tensors(self, pixels: torch.Tensor, class_names: Sequence[str],
+                        seeds: Sequence[int] | None = None, **options: Any) -> Prediction:
+        """pixels: [N, 3, S, S] as ``to_input`` makes them -> Prediction. ``seeds``: per-image content seeds
+        for detectors that draw noise (others ignore them)."""
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
+                **options: Any) -> Prediction:
+        """Score PIL images or file paths of the named classes (one name for all, or one per image)."""
+        images = as_list(images)
+        if isinstance(class_names, str):
+            class_names = [class_names] * len(images)
+        return self.predict_tensors(self.preprocess(images), class_names, **options)
+
+    # ---------------------------------------------------------------------------------------------
+    # optional hooks
+
+    def save_head(self, path: Any) -> None:
+        raise NotImplementedError(f"{self.name} is training-free: it has no head to save")
+
+    def describe_head(self) -> dict[str, Any]:
+        """What the registry writes about the learnable part in a manifest."""
+        return {"training_free": not self.trainable}
+
+    @classmethod
+    def trainer(cls) -> Any:
+        """The trainer ``inspector retrain`` calls (a ``Trainer``), or None for a training-free detector."""
+        return None
+
+    @classmethod
+    def import_official(cls, clip: Any, **files: Any) -> tuple[Any, dict[str, Any]] | None:
+        """``inspector models import-official``: (a ready detector, origin facts for the manifest) from the
+        published checkpoint files, or None when the method publishes none."""
+        return None
+
+    def bench_main_case(self, samples: int) -> str:
+        """The name of the case ``inspector bench`` compares across precisions and with the pipeline."""
+        return self.name
+
+    def sample_options(self, samples: int | None) -> dict[str, Any]:
+        """Keyword options of ``predict_tensors`` for ``--samples`` (Monte-Carlo samples, for detectors that
+        draw them; None: the detector's own). Default: none."""
+        return {}
+
+    def bench_plan(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int,
+                   references: int = 0) -> BenchPlan:
+        """Timed cases besides the floor: (label, call). Default: one case named after the detector."""
+        return [(self.name, lambda: self.predict_tensors(pixels, class_names))]
+
+    def bench_report(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int) -> dict[str, Any] | None:
+        """Detector-specific facts for the bench report (agreements of approximate modes, memory, ...)."""
+        return None
+
+    @contextlib.contextmanager
+    def isolated(self) -> Iterator[Detector]:
+        """Predictions inside leave no state behind (bench agreement checks; MuSc: nothing joins its pools)."""
+        yield self
+
+    #: whether ``inspector eval`` (official mode) scores each class's test split as one closed pool
+    closed_pool: ClassVar[bool] = False
+
+    def score_closed_pool(self, pixels: torch.Tensor, class_name: str, dataset_classes: Sequence[str] = ()
+                          ) -> Prediction:
+        """The paper's transductive setting: all of one class's images [N, 3, S, S] scored as one set."""
+        raise NotImplementedError(f"{self.name} scores images one by one, not as a closed pool")
+
+    @contextlib.contextmanager
+    def eval_session(self) -> Iterator[None]:
+        """``inspector eval`` scores inside this (a detector with state restores it afterwards)."""
+        yield
+
+    def on_reviews(self, reviews: Sequence[Any]) -> None:
+        """Reviewer verdicts of images this detector scored (for detectors that learn from the line)."""

@@ -20,10 +20,12 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from ..errors import InspectorError
+
 log = logging.getLogger(__name__)
 
 
-class StoreError(RuntimeError):
+class StoreError(InspectorError, RuntimeError):
     """The database cannot be used as asked (bad URL, schema missing or outdated); the message says why."""
 
 

@@ -37,6 +37,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from ..backoff import nth_delay
 from .db import db_now, is_sqlite, utcnow
 from .decisions import DecisionPolicy, decide
 from .outbox import enqueue
@@ -85,7 +86,6 @@ class Outcome:
     permanent: bool = True  # False: retry with backoff (until max attempts)
     width: int | None = None
     height: int | None = None
-    sha256: str | None = None  # when the content changed since discovery
     #: the file was gone when it was read: a rename registered since re-queues the job, a copy takes over
     vanished: bool = False
 
@@ -265,7 +265,8 @@ def _give_up(conn: Any, where: Any, now: dt.datetime) -> None:
 
 
 def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
-    return min(cap, base * 2 ** max(0, attempts - 1))
+    """Seconds before a transiently failed image is tried again: 2, 4, 8, ... at most 5 minutes."""
+    return nth_delay(attempts, base, cap)
 
 
 def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attempts: int = 5,
@@ -290,7 +291,7 @@ def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attem
                 if policy is not None and job.purpose in DECIDING:
                     image = conn.execute(select(images.c.class_name, images.c.sha256, images.c.path,
                                                 images.c.source_id).where(images.c.id == job.image_id)).one()
-                    decided = decide(conn, job.image_id, o.sha256 or image.sha256, image.class_name,
+                    decided = decide(conn, job.image_id, image.sha256, image.class_name,
                                      job.model_version_id, o.result["image_score"], policy)
                 result_id = conn.execute(results.insert().values(
                     image_id=job.image_id, model_version_id=job.model_version_id, worker=worker, created_at=now,
@@ -300,8 +301,6 @@ def complete(engine: Engine, worker: str, outcomes: Sequence[Outcome], max_attem
                         conn, result_id, job.image_id, image, job.model_version_id, o.result["image_score"],
                         decided, now), policy.sinks)
                 image_values.update(width=o.width, height=o.height)
-                if o.sha256:
-                    image_values["sha256"] = o.sha256
                 if job.purpose in DECIDING:
                     image_values.update(status=DONE, error=None)
                 stored += 1

@@ -15,11 +15,12 @@ from typing import Any
 from sqlalchemy import Engine, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from ..errors import InspectorError
 from .db import utcnow
 from .schema import PROMOTE, SHADOW, UNSHADOW, model_versions, promotions
 
 
-class VersionError(ValueError):
+class VersionError(InspectorError, ValueError):
     """A model version that cannot be recorded or promoted as asked; the message says why."""
 
 

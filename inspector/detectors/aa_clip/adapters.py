@@ -31,9 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class HeadFormatError(ValueError):
-    """An adapter/head file that cannot be read; the message names the file and what is wrong."""
+from ...errors import HeadFormatError
 
 
 class LeakyLinear(nn.Module):

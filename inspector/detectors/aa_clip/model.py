@@ -1,6 +1,6 @@
 """AA-CLIP inference (CVPR 2025, "Anomaly-Aware CLIP"): frozen CLIP + residual adapters -> maps and scores.
 
-The function computed is the official test path (shared/spec/aa-clip.md §4-6) on identical weights.
+The function computed is the official test path (github.com/Mwxinnn/AA-CLIP, ``test.py``) on identical weights.
 Symbols (N images, G grid side, L = G·G patches, Wv vision width, Et text width, E joint width, S input
 side, lambda = 0.1) -> code:
 
@@ -57,6 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,9 +70,8 @@ from ...backbone import (
     read_openai_state_dict,
     tokenize,
 )
-from ...imaging import ImageInput, as_list, preprocess
-from ...runtime import autocast, check, fp32, resolve
-from ..base import EvalProtocol, Prediction
+from ...runtime import fp32, resolve
+from ..base import Detector, EvalProtocol, Prediction, minmax
 from .adapters import (
     HeadFormatError,
     build_image_adapter,
@@ -185,6 +185,26 @@ def gaussian_blur(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     return x.view(b, c, h, w)
 
 
+def map_peak(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The official metric-time image score: each map's maximum after min-max over every pixel of the
+    class's maps (float32, and the official literal ``!= 1`` test: no rescaling when the top is exactly 1)."""
+    highest = np.array([r["map_max"] for r in rows], dtype=np.float32)
+    lowest = float(min(r["map_min"] for r in rows))
+    top = float(highest.max())
+    return highest if top == 1 else (highest - lowest) / (top - lowest)
+
+
+def fuse_max(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """AA-CLIP, medical: the min-maxed map peak."""
+    return map_peak(rows).astype(np.float64)
+
+
+def fuse_text_max(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """AA-CLIP, industrial: 0.5 · min-maxed map peak + 0.5 · minmax(text score)."""
+    text = np.array([r["text"] for r in rows], dtype=np.float32)
+    return (0.5 * map_peak(rows) + 0.5 * minmax(text)).astype(np.float64)
+
+
 def _check_domain(domain: str) -> str:
     key = str(domain).strip().lower()
     if key not in BLUR:
@@ -192,19 +212,20 @@ def _check_domain(domain: str) -> str:
     return key
 
 
-class AACLIP(nn.Module):
+class AACLIP(Detector):
     """Zero-shot anomaly detector. ``predict(images, class_names)`` -> ``Prediction`` (batched)."""
 
     name = "aa-clip"
     default_backbone = BackboneSpec(arch="ViT-L-14-336", pretrained="openai", image_size=518,
                                     feature_layers=(6, 12, 18, 24))
     trainable = True
+    section = "aa_clip"
 
     def __init__(self, backbone: ClipBackbone, *, text_adapter_weight: float = 0.1, image_adapter_weight: float = 0.1,
                  text_adapt_until: int = 3, image_adapt_until: int = 6, use_text_adapter: bool = True,
                  domain: str = "industrial", attention: str = "auto", topk: int = 100, precision: str = "fp32",
                  provenance: Mapping[str, Any] | None = None):
-        super().__init__()
+        super().__init__(backbone, precision, provenance)
         # adapters "after" blocks a tower does not have (a tiny test tower) are built, so the files keep the
         # official key layout, and never called: the official loop applies them only inside the tower
         if text_adapt_until < 0 or image_adapt_until < 0:
@@ -213,7 +234,6 @@ class AACLIP(nn.Module):
             raise ValueError(f"attention must be 'auto', 'explicit' or 'sdpa', not '{attention}'")
         if int(topk) < 1:
             raise ValueError(f"topk must be >= 1, not {topk}")
-        self.backbone = backbone
         self.levels = tuple(backbone.spec.feature_layers)
         self.text_adapter_weight = float(text_adapter_weight)
         self.image_adapter_weight = float(image_adapter_weight)
@@ -223,8 +243,6 @@ class AACLIP(nn.Module):
         self.domain = _check_domain(domain)
         self.attention = attention
         self.topk = int(topk)
-        self.precision = check(precision)
-        self.provenance = dict(provenance or {})
         wv, et, e = backbone.vision_width, backbone.text_width, backbone.embed_dim
         self.text_adapter = build_text_adapter(et, e, self.text_adapt_until)
         self.image_adapter = build_image_adapter(wv, e, self.image_adapt_until, len(self.levels))
@@ -284,12 +302,11 @@ class AACLIP(nn.Module):
         return model.to(resolve_device(device))
 
     @classmethod
-    def from_settings(cls, backbone: ClipBackbone, head: str | Path | None, settings: Any,
-                      provenance: Mapping[str, Any] | None) -> AACLIP:
-        """A detector on a loaded backbone, adapters from ``head`` (our format) or untrained (None).
-
-        Options from ``settings.aa_clip`` (``domain``, ``topk``) where the settings have that section."""
-        kwargs = {**cls.scoring_options(settings), "provenance": provenance}
+    def from_settings(cls, backbone: ClipBackbone, head: str | Path | None, options: Any, *,
+                      precision: str = "fp32", provenance: Mapping[str, Any] | None = None) -> AACLIP:
+        """A detector on a loaded backbone, adapters from ``head`` (our format) or untrained (None), with the
+        ``[aa_clip]`` options (``domain``, ``topk``, ``attention``)."""
+        kwargs = {**cls.scoring_options(options, precision), "provenance": provenance}
         if head is None:
             return cls(backbone, **kwargs)
         payload = cls.load_head(head)
@@ -301,13 +318,37 @@ class AACLIP(nn.Module):
         return model
 
     @classmethod
-    def scoring_options(cls, settings: Any) -> dict[str, Any]:
-        """The ``[aa_clip]`` options and ``[model] precision``: what changes the numbers (part of a model
-        version's identity)."""
-        options = getattr(settings, "aa_clip", None)
-        return {"domain": getattr(options, "domain", "industrial"), "topk": getattr(options, "topk", 100),
-                "attention": getattr(options, "attention", "auto"),
-                "precision": getattr(getattr(settings, "model", None), "precision", "fp32")}
+    def scoring_options(cls, options: Any, precision: str) -> dict[str, Any]:
+        """The ``[aa_clip]`` options and the precision: what changes the numbers (a version's identity)."""
+        return {"domain": options.domain, "topk": options.topk, "attention": options.attention,
+                "precision": precision}
+
+    @classmethod
+    def trainer(cls) -> Any:
+        from . import train
+
+        return train.TRAINER
+
+    @classmethod
+    def import_official(cls, clip: Any, text_adapter: Any = None, image_adapter: Any = None,
+                        model_config: Any = None, **unused: Any) -> tuple[AACLIP, dict[str, Any]]:
+        """The official adapter files (``text_adapter.pth``, ``image_adapter_<epoch>.pth``) on an OpenAI CLIP."""
+        from ...errors import UsageError
+        from ...hashing import file_sha256
+
+        given = [k for k, v in unused.items() if v is not None]
+        if given:
+            raise UsageError("AA-CLIP takes --image-adapter and --text-adapter, not "
+                             + ", ".join("--" + k.replace("_", "-") for k in given))
+        if image_adapter is None:
+            raise UsageError("AA-CLIP needs --image-adapter (image_adapter_<epoch>.pth)")
+        model = cls.from_official(clip=clip, text_adapter=text_adapter, image_adapter=image_adapter,
+                                  model_config=model_config)
+        origin = {"kind": "official-aa-clip", "image_adapter_file": str(Path(image_adapter).resolve()),
+                  "image_adapter_sha256": file_sha256(image_adapter),
+                  "text_adapter_file": str(Path(text_adapter).resolve()) if text_adapter else None,
+                  "text_adapter_sha256": file_sha256(text_adapter) if text_adapter else None}
+        return model, origin
 
     # ---------------------------------------------------------------------------------------------
     # our head format
@@ -385,24 +426,12 @@ class AACLIP(nn.Module):
     # properties and caches
 
     @property
-    def device(self) -> torch.device:
-        return self.image_adapter["det_proj"].fc.weight.device
-
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
-
-    @property
     def eval_protocol(self) -> EvalProtocol:
         """The paper's metric-time fusion: min-maxed map max (+ min-maxed text score for industrial)."""
-        return EvalProtocol(smooth_sigma=0.0, fusion="text+max" if self.domain == "industrial" else "max")
+        return EvalProtocol(smooth_sigma=0.0, fusion=fuse_text_max if self.domain == "industrial" else fuse_max)
 
     def clear_caches(self) -> None:
         self._anchors.clear()
-
-    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half() must not keep stale cached anchors
-        self.clear_caches()
-        return super()._apply(fn, *args, **kwargs)
 
     def _attention(self) -> str:
         if self.attention != "auto":
@@ -537,7 +566,7 @@ class AACLIP(nn.Module):
         class_names = list(class_names)
         if len(class_names) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(class_names)} class names")
-        with autocast(self.device, self.precision):  # the vision tower; taps on are fp32 (image_features)
+        with self.autocast():  # the vision tower; taps on are fp32 (image_features)
             features, det = self.image_features(pixels.to(self.device, torch.float32))
         return self.score_features(features, det, class_names, domain=domain, size=pixels.shape[-1])
 
@@ -563,19 +592,3 @@ class AACLIP(nn.Module):
                       "text_adapter": self.use_text_adapter, "topk": self.topk}
         return Prediction(anomaly_map=anomaly_map, image_score=image_score, text_score=text_score,
                           topk_score=topk, provenance=provenance, probability_map=probability_map)
-
-    def predict(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
-                domain: str | None = None) -> Prediction:
-        """Score PIL images or file paths of the named classes (one name for all, or one per image).
-
-        Preprocessing as the official code: PIL bicubic resize to S×S, CLIP mean/std."""
-        images = as_list(images)
-        if isinstance(class_names, str):
-            class_names = [class_names] * len(images)
-        return self.predict_tensors(preprocess(images, self.image_size), class_names, domain=domain)
-
-    @torch.inference_mode()
-    def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The plain backbone forward (what ``inspector bench`` measures against)."""
-        with autocast(self.device, self.precision):
-            return self.backbone.encode_image_floor(pixels.to(self.device))

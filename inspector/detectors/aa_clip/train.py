@@ -1,4 +1,4 @@
-"""Training AA-CLIP's adapters: the official two-stage recipe (peer-models §1.4-1.5, aa-clip spec §9).
+"""Training AA-CLIP's adapters: the official two-stage recipe (github.com/Mwxinnn/AA-CLIP, ``train.py``).
 
 Stage 1 ("text", 5 epochs, batch 16, Adam lr 1e-5, betas (0.5, 0.999), no schedule) trains only the text
 adapters (adapters after the first text blocks + the learned projection that replaces ``text_projection``).
@@ -61,6 +61,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +71,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from ...backbone import ClipBackbone, _run_block
+from ...config import TrainSettings
 from ...data.splits import load_mask_nearest, split_records
+from ...errors import UsageError
 from ...imaging import open_image, to_model_input
+from ...runtime import fp32, training_autocast
+from ..base import Trainer
 
 if TYPE_CHECKING:
     from .model import AACLIP
@@ -113,6 +118,24 @@ class AACLIPTrainConfig:
     #: validation: maps are scored at this side (at most the model's input size); batch size of stage 2
     val_map_size: int = 256
     val_batch_size: int = 8
+
+    @classmethod
+    def from_settings(cls, train: TrainSettings, text_epochs: int | None = None) -> AACLIPTrainConfig:
+        """The official recipe, with what a user changed in ``[train]`` (or by flag): ``epochs`` -> the image
+        stage's epochs, ``batch_size`` -> its batch size, ``seed``, ``augment``, ``val_fraction``; the text
+        stage's epochs from ``text_epochs``. A changed key AA-CLIP's recipe has no use for (``patience``,
+        ``mosaic``, ``val_samples``: Bayes-PFL's) is refused."""
+        default = TrainSettings()
+        unused = [k for k in ("patience", "mosaic", "val_samples") if getattr(train, k) != getattr(default, k)]
+        if unused:
+            raise UsageError(f"AA-CLIP's trainer has no use for [train] {', '.join(unused)} (Bayes-PFL's); "
+                             "set them back to their defaults")
+        moved = {"epochs": "image_epochs", "batch_size": "image_batch_size", "seed": "seed", "augment": "augment",
+                 "val_fraction": "val_fraction"}
+        changes = {mine: getattr(train, key) for key, mine in moved.items() if getattr(train, key) != getattr(default, key)}
+        if text_epochs is not None:
+            changes["text_epochs"] = text_epochs
+        return cls(**changes)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -227,11 +250,6 @@ def _batch(records: Sequence[Any], size: int, rng: random.Random | None, colour:
     return pixels, masks, labels, [r.class_name for r in records]
 
 
-def _fp32() -> torch.autocast:
-    """A region where CUDA autocast is off (a no-op on CPU)."""
-    return torch.autocast("cuda", enabled=False)
-
-
 # -------------------------------------------------------------------------------------------------
 # stage-1 image features: frozen CLIP with V-V attention
 
@@ -276,7 +294,7 @@ def surgery_features(backbone: ClipBackbone, pixels: torch.Tensor, layers: Seque
             x = _vv_block(block, x, axis)
         if index in layers:
             taps.append(x[:, 1:])
-    with _fp32():
+    with fp32("cuda"):
         g = F.normalize(visual.ln_post(plain[:, 0].float()) @ visual.proj.float(), dim=-1)
         return [F.normalize(visual.ln_post(t.float()) @ visual.proj.float(), dim=-1) + g[:, None] for t in taps]
 
@@ -290,7 +308,7 @@ def similarity_probabilities(features: torch.Tensor, anchors: torch.Tensor, size
     100·features·anchors, bilinearly upsampled (align_corners=True) before the softmax (official training)."""
     n, length, _ = features.shape
     grid = math.isqrt(length)
-    with _fp32():
+    with fp32("cuda"):
         z = 100.0 * torch.bmm(features.float(), anchors.float())  # [N, L, 2]
         z = z.transpose(1, 2).reshape(n, 2, grid, grid)
         z = F.interpolate(z, size=(size, size), mode="bilinear", align_corners=True)
@@ -339,7 +357,7 @@ def stage1_losses(model: AACLIP, pixels: torch.Tensor, masks: torch.Tensor, clas
     layers = tuple(backbone.spec.feature_layers)
     used = layers[-1:] if cfg.faithful else layers
     features = surgery_features(backbone, pixels, used, cfg.vv_blocks, cfg.vv_axis)
-    with torch.autocast("cuda", enabled=False):  # the text side is small: kept in fp32 under CUDA autocast
+    with fp32("cuda"):  # the text side is small: kept in fp32 under CUDA autocast
         anchors = batch_anchors(model, class_names).float()
     size = pixels.shape[-1]
     seg = sum(segmentation_loss(similarity_probabilities(f, anchors, size), masks) for f in features)
@@ -353,7 +371,7 @@ def stage2_losses(model: AACLIP, pixels: torch.Tensor, masks: torch.Tensor, labe
     """The image stage's loss on one batch; ``anchors`` [N, E, 2] fixed. CE(det·T) + Σ_levels seg."""
     levels, det = model.image_features(pixels)
     anchors = anchors.float()
-    with _fp32():
+    with fp32("cuda"):
         logits = torch.bmm(det.float()[:, None], anchors)[:, 0]  # [N, 2]
         cls = F.cross_entropy(logits, labels.long())
     size = pixels.shape[-1]
@@ -397,7 +415,7 @@ def validate(model: AACLIP, records: Sequence[Any], stage: int, cfg: AACLIPTrain
         chunk = records[start:start + batch_size]
         pixels = torch.stack([to_model_input(open_image(r.image), size) for r in chunk]).to(device)
         t = torch.stack([anchors[r.class_name] for r in chunk]).float()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        with training_autocast(device, cfg.amp):
             if stage == 1:
                 used = layers[-1:] if cfg.faithful else layers
                 feats = surgery_features(model.backbone, pixels, used, cfg.vv_blocks, cfg.vv_axis)
@@ -486,7 +504,7 @@ def train_aa_clip(model: AACLIP, records: Sequence[Any], cfg: AACLIPTrainConfig,
     device = model.device
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
     if not train_records:
-        raise ValueError("no training images after the validation split")
+        raise UsageError("no training images after the validation split")
     classes = [r.class_name for r in records]
     model.backbone.requires_grad_(False)
     model.text_adapter.requires_grad_(False)
@@ -521,7 +539,7 @@ def train_aa_clip(model: AACLIP, records: Sequence[Any], cfg: AACLIPTrainConfig,
         log.info("resumed from %s: text epoch %d, image epoch %d", run_dir, state.text_epoch, state.image_epoch)
     elif any((run_dir / name).exists() for name in (TEXT_FILE, IMAGE_FILE)):
         log.warning("%s already holds checkpoints; starting afresh and overwriting them", run_dir)
-    autocast = {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": cfg.amp and device.type == "cuda"}
+    autocast = partial(training_autocast, device, cfg.amp)
 
     # the official code trains against the plain CLIP text encoder when there is no text stage
     model.use_text_adapter = cfg.text_epochs > 0 or state.text_epoch > 0
@@ -604,7 +622,7 @@ def _train_epoch(model, records, cfg, stage: int, epoch: int, batch_size: int, s
         rng = random.Random(f"{cfg.seed}-aa-clip-{stage}-aug-{epoch}-{step}") if cfg.augment else None
         batch = [records[i] for i in order[step * batch_size:(step + 1) * batch_size]]
         pixels, masks, labels, names = _batch(batch, model.backbone.image_size, rng, stage == 2, model.device)
-        with torch.autocast(**autocast):
+        with autocast():
             losses = loss_fn(pixels, masks, labels, names)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -630,3 +648,6 @@ def _record(state: AACLIPTrainState, stage: int, stage_epoch: int, sums: dict[st
     state.history.append(entry)
     log.info("%s epoch %d: %s", "text" if stage == 1 else "image", stage_epoch,
              {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
+
+
+TRAINER = Trainer(config=AACLIPTrainConfig.from_settings, fit=train_aa_clip)

@@ -34,14 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import HeadFormatError
 from .flows import GaussianBase, ImageAgnosticFlow, ImageSpecificFlow
 from .rca import GlobalFeatureFuse, ResidualCrossModalAttention
 
 FORMAT = "inspector.bayes_pfl/1"
-
-
-class HeadFormatError(ValueError):
-    """A head checkpoint that cannot be read; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...backbone import EOT_TOKEN, BackboneSpec, ClipBackbone, load_backbone, tokenize
-from ...imaging import ImageInput, as_list, content_seed, preprocess
-from ...runtime import autocast, check, fp32, resolve, resolve_device
-from ..base import EvalProtocol, Prediction
+from ...imaging import ImageInput, as_list, content_seed
+from ...runtime import fp32, resolve, resolve_device
+from ..base import BenchPlan, Detector, EvalProtocol, Prediction, minmax
 from .head import BayesPFLConfig, BayesPFLHead, describe
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,14 @@ def _seed_of(*parts: Any) -> int:
 
 #: Bayes-PFL's paper evaluates maps smoothed with a Gaussian (sigma 8) before pixel metrics, and the image
 #: score as the per-class min-max fusion of s_text and s_topk
-OFFICIAL_PROTOCOL = EvalProtocol(smooth_sigma=8.0, fusion="text+topk")
+def fuse_text_topk(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """0.5·minmax(s_text) + 0.5·minmax(s_topk) over one class's rows (float64)."""
+    text = np.array([r["text"] for r in rows], dtype=np.float64)
+    topk = np.array([r["topk"] for r in rows], dtype=np.float64)
+    return 0.5 * minmax(text) + 0.5 * minmax(topk)
+
+
+OFFICIAL_PROTOCOL = EvalProtocol(smooth_sigma=8.0, fusion=fuse_text_topk)
 
 
 def official_image_scores(text_scores: torch.Tensor, topk_scores: torch.Tensor,
@@ -99,19 +106,20 @@ class _ClassPrompt:
     last: int
 
 
-class BayesPFL(nn.Module):
+class BayesPFL(Detector):
     """Zero-shot anomaly detector. ``predict(images, class_names)`` -> ``Prediction`` (batched)."""
 
     name = "bayes-pfl"
     default_backbone = BackboneSpec(arch="ViT-L-14-336", pretrained="openai", image_size=518,
                                     feature_layers=(6, 12, 18, 24))
     trainable = True
+    section = "bayes_pfl"
     eval_protocol = OFFICIAL_PROTOCOL
 
     def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
                  topk: int = 0, text_cache: str = "none", precision: str = "fp32", prototype_images: int = 8,
                  provenance: Mapping[str, Any] | None = None):
-        super().__init__()
+        super().__init__(backbone, precision, provenance)
         c = head.config
         if backbone.embed_dim != backbone.text_width:
             raise ValueError(f"Bayes-PFL needs a CLIP whose embedding width ({backbone.embed_dim}) equals its "
@@ -123,13 +131,10 @@ class BayesPFL(nn.Module):
             raise ValueError(f"head has {c.levels} feature levels, backbone gives {len(backbone.spec.feature_layers)}")
         if text_cache not in ("none", "class"):
             raise ValueError(f"text_cache must be 'none' or 'class', not '{text_cache}'")
-        self.backbone = backbone
         self.head = head.eval().requires_grad_(False)
         self.samples, self.seed, self.topk = samples, seed, topk
         self.text_cache = text_cache
         self.prototype_images = prototype_images
-        self.precision = check(precision)
-        self.provenance = dict(provenance or {})
         self._prompts: dict[str, _ClassPrompt] = {}
         self._iad: dict[tuple[str, int], torch.Tensor] = {}  # (class, R) -> state-token inputs [2, R, B, Q, E]
         self._prototypes: dict[str, torch.Tensor] = {}  # class -> g_bar [E]
@@ -155,44 +160,62 @@ class BayesPFL(nn.Module):
         return cls(backbone, head_module, provenance=provenance, **options).to(resolve_device(device))
 
     @classmethod
-    def from_settings(cls, backbone: ClipBackbone, head: str | Path | None, settings: Any,
-                      provenance: Mapping[str, Any]) -> BayesPFL:
+    def from_settings(cls, backbone: ClipBackbone, head: str | Path | None, options: Any, *,
+                      precision: str = "fp32", provenance: Mapping[str, Any] | None = None) -> BayesPFL:
         """``head``: our head file or the official ``{'MyModel': ...}`` file; None = the official
-        initialisation (untrained, seeded by ``[model] seed``)."""
-        m = settings.model
+        initialisation (untrained, drawn from ``[bayes_pfl] seed`` without touching the global generator).
+        ``options``: the ``[bayes_pfl]`` section."""
         if head is not None:
             module = BayesPFLHead.load(head)
         else:
-            torch.manual_seed(m.seed)
-            module = BayesPFLHead(BayesPFLConfig(text_width=backbone.text_width, vision_width=backbone.vision_width,
-                                                 levels=len(backbone.spec.feature_layers)))
-        return cls(backbone, module, provenance=provenance, **cls.scoring_options(settings))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(options.seed)
+                module = BayesPFLHead(BayesPFLConfig(text_width=backbone.text_width,
+                                                     vision_width=backbone.vision_width,
+                                                     levels=len(backbone.spec.feature_layers)))
+        return cls(backbone, module, provenance=provenance, **cls.scoring_options(options, precision))
 
     @classmethod
-    def scoring_options(cls, settings: Any) -> dict[str, Any]:
-        """The ``[model]`` options that change the numbers (part of a model version's identity)."""
-        m = settings.model
-        return {"samples": m.samples, "seed": m.seed, "topk": m.topk, "text_cache": m.text_cache,
-                "precision": m.precision, "prototype_images": m.prototype_images}
+    def trainer(cls) -> Any:
+        from . import train
+
+        return train.TRAINER
+
+    @classmethod
+    def import_official(cls, clip: Any, head: Any = None, stage: int | None = None, model_config: Any = None,
+                        **unused: Any) -> tuple[BayesPFL, dict[str, Any]]:
+        """The official head file (``train_visa.pth`` / ``train_mvtec.pth``) on an OpenAI CLIP checkpoint."""
+        from ...errors import UsageError
+        from ...hashing import file_sha256
+
+        given = [k for k, v in unused.items() if v is not None]
+        if given:
+            raise UsageError(f"Bayes-PFL takes --head (and --stage), not {', '.join('--' + k.replace('_', '-') for k in given)}")
+        if head is None:
+            raise UsageError("Bayes-PFL needs --head (train_visa.pth or train_mvtec.pth)")
+        head_module = BayesPFLHead.load(head, stage=stage)
+        spec = BackboneSpec(arch="openai-checkpoint", pretrained=str(clip), clip_format="openai", activation="gelu",
+                            model_config=str(Path(model_config).resolve()) if model_config else "")
+        backbone = load_backbone(spec)
+        if head_module.config.vision_width != backbone.vision_width:
+            raise UsageError(f"{head} was trained for a vision width of {head_module.config.vision_width}, "
+                             f"{clip} has {backbone.vision_width}")
+        origin = {"kind": "official-bayes-pfl", "head_file": str(Path(head).resolve()),
+                  "head_file_sha256": file_sha256(head), "stage": head_module.config.stage}
+        model = cls(backbone, head_module, provenance={"backbone": str(clip), "random_weights": False})
+        return model, origin
+
+    @classmethod
+    def scoring_options(cls, options: Any, precision: str) -> dict[str, Any]:
+        """The ``[bayes_pfl]`` options and the precision: what changes the numbers (a version's identity)."""
+        return {"samples": options.samples, "seed": options.seed, "topk": options.topk,
+                "text_cache": options.text_cache, "precision": precision, "prototype_images": options.prototype_images}
 
     def save_head(self, path: str | Path) -> None:
         self.head.save(path)
 
     def describe_head(self) -> dict[str, Any]:
         return describe(self.head)
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.context.device
-
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
-
-    @torch.inference_mode()
-    def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.precision):
-            return self.backbone.encode_image_floor(pixels)
 
     @property
     def config(self):
@@ -203,8 +226,7 @@ class BayesPFL(nn.Module):
         self._iad.clear()
         self._class_text.clear()
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half() must not keep stale cached tensors
-        self.clear_caches()
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half(): caches cleared (base), prototypes follow
         self._prototypes = {k: fn(v) for k, v in self._prototypes.items()}
         return super()._apply(fn, *args, **kwargs)
 
@@ -298,7 +320,7 @@ class BayesPFL(nn.Module):
         ], dim=-2).reshape(-1, length, e)  # [N·2·R·B, length, E]
         last = torch.tensor([p.last for p in prompts], device=self.device)
         last = last.repeat_interleave(2 * samples * c.bank_size)
-        with autocast(self.device, self.precision):
+        with self.autocast():
             t = self.backbone.encode_text(seq, last)  # [N·M, E]
         return F.normalize(t.float(), dim=-1).view(n, 2 * samples * c.bank_size, -1)
 
@@ -308,8 +330,8 @@ class BayesPFL(nn.Module):
         if isinstance(images, torch.Tensor) and images.dim() == 2:
             g = images.to(self.device).float()
         else:
-            pixels = preprocess(as_list(images), self.backbone.image_size).to(self.device)
-            with torch.inference_mode(), autocast(self.device, self.precision):
+            pixels = self.preprocess(as_list(images)).to(self.device)
+            with torch.inference_mode(), self.autocast():
                 g = self.backbone.encode_image(pixels, layers=())[0].float()
         self._prototypes[class_name] = g.mean(0)
         self._class_text = {k: v for k, v in self._class_text.items() if k[0] != class_name}
@@ -344,7 +366,7 @@ class BayesPFL(nn.Module):
         n, m, _ = t.shape
         half = m // 2
         device = t.device
-        with autocast(device, self.precision):
+        with self.autocast():
             v = F.normalize(head.image_embedding(g, list(patch_tokens)).float(), dim=-1)  # [N, E]
             text = F.normalize(head.class_mapping(t).float(), dim=-1)  # [N, M, E]
             with fp32(device):  # logits scaled by exp(tau) ~ 100, then their difference: fp32
@@ -399,7 +421,7 @@ class BayesPFL(nn.Module):
         elif self.text_cache == "none":
             eps_isd = self.draw_isd_noise(pixels, samples, seeds)
         pixels = pixels.to(self.device)
-        with autocast(self.device, self.precision):
+        with self.autocast():
             g, patch_tokens = self.backbone.encode_image(pixels)
         g = g.float()
         if noise is not None:
@@ -428,19 +450,51 @@ class BayesPFL(nn.Module):
         return Prediction(anomaly_map=anomaly_map, text_score=text_score, topk_score=topk,
                           image_score=0.5 * text_score + 0.5 * topk, provenance=provenance)
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str],
-                samples: int | None = None, noise: Mapping[str, torch.Tensor] | None = None) -> Prediction:
-        """Score PIL images or file paths of the named classes (one name for all, or one per image).
+    # ---------------------------------------------------------------------------------------------
+    # bench hooks
 
-        ``image_score`` is the per-image product score 0.5·s_text + 0.5·s_topk: both terms already lie in
-        [0, 1], so no test-set statistics are needed (``official_image_scores`` gives the transductive
-        fusion of the paper, for evaluation parity).
-        """
-        images = as_list(images)
-        if isinstance(class_names, str):
-            class_names = [class_names] * len(images)
-        pixels = preprocess(images, self.backbone.image_size)
-        return self.predict_tensors(pixels, class_names, samples=samples, noise=noise)
+    def bench_main_case(self, samples: int) -> str:
+        return f"exact R={samples}"
+
+    def sample_options(self, samples: int | None) -> dict[str, Any]:
+        return {} if samples is None else {"samples": samples}
+
+    def bench_plan(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int,
+                   references: int = 0) -> BenchPlan:
+        """The exact path at R = 1 and R = ``samples``, and the class-cache mode at R = ``samples`` (its first
+        call, the warm-up, fills the cache)."""
+        def exact(r: int) -> Prediction:
+            return self.predict_tensors(pixels, class_names, samples=r)
+
+        def class_cache() -> Prediction:
+            self.text_cache = "class"
+            try:
+                return exact(samples)
+            finally:
+                self.text_cache = "none"
+
+        self.clear_caches()
+        return [("exact R=1", lambda: exact(1)), (f"exact R={samples}", lambda: exact(samples)),
+                (f"class-cache R={samples}", class_cache)]
+
+    def bench_report(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int) -> dict[str, Any]:
+        """Agreement of the class-cache mode with the exact path on the same images."""
+        from ...metrics import spearman
+
+        exact = self.predict_tensors(pixels, class_names, samples=samples)
+        self.text_cache = "class"
+        try:
+            self.clear_caches()
+            for name in set(class_names):
+                self._prototypes.pop(name, None)
+            cached = self.predict_tensors(pixels, class_names, samples=samples)
+        finally:
+            self.text_cache = "none"
+        return {"class_cache_agreement": {
+            "images": len(class_names),
+            "spearman_image_score": spearman(exact.image_score.cpu(), cached.image_score.cpu()),
+            "max_abs_map_diff": float((exact.anomaly_map - cached.anomaly_map).abs().max()),
+            "max_abs_image_score_diff": float((exact.image_score - cached.image_score).abs().max())}}
 
 
 def bilinear_matrix(grid: int, size: int, device: torch.device) -> torch.Tensor:

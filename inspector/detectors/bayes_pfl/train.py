@@ -43,7 +43,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from ...config import TrainSettings
 from ...data.splits import load_mask, split_records
+from ...errors import UsageError
 from ...imaging import open_image, to_model_input
+from ...runtime import training_autocast
+from ..base import Trainer
 from .model import BayesPFL
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,14 @@ class TrainConfig(TrainSettings):
     warmup_fraction: float = 0.1
     kl_weight: float = 0.01
     iad_logdet_per_image: bool = False
+
+    @classmethod
+    def from_settings(cls, train: TrainSettings, text_epochs: int | None = None) -> TrainConfig:
+        """Every ``[train]`` key is Bayes-PFL's; ``text_epochs`` (AA-CLIP's first stage) is refused."""
+        if text_epochs is not None:
+            raise UsageError("--text-epochs is AA-CLIP's (its text-adapter stage); Bayes-PFL trains both flow "
+                             "stages within --epochs, switching on validation")
+        return cls(**dataclasses.asdict(train))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -280,7 +291,7 @@ class TrainState:
 
 def validate(model: BayesPFL, records: Sequence[Any], samples: int, batch_size: int) -> dict[str, float]:
     """Mean over classes of pixel AP (maps, unsmoothed) and image AP (text score)."""
-    from .metrics import average_precision
+    from ...metrics import average_precision
 
     size = model.backbone.image_size
     per_class: dict[str, dict[str, list]] = {}
@@ -318,7 +329,7 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
     device = model.device
     train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
     if not train_records:
-        raise ValueError("no training images after the validation split")
+        raise UsageError("no training images after the validation split")
     anomalous = [r for r in train_records if r.label == 1 and r.mask is not None]
     steps_per_epoch = math.ceil(len(train_records) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -365,8 +376,7 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
             masks = torch.stack([x[1] for x in examples]).to(device)
             labels = torch.tensor([x[2] for x in examples], device=device)
             names = [x[3] for x in examples]
-            # mixed precision on CUDA (bf16: no loss scaling needed); fp32 on CPU
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with training_autocast(device):
                 if state.stage == 1:
                     losses = stage1_losses(model, pixels, masks, labels, names, gen, cfg)
                     opt = optimizer
@@ -419,11 +429,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported (?:global|operand)[^\n]*", str(exc))
-        raise ValueError(f"{path}: refusing a checkpoint that holds more than tensors and plain data "
+        raise UsageError(f"{path}: refusing a checkpoint that holds more than tensors and plain data "
                          f"({found.group(0) if found else str(exc).splitlines()[0]}); delete it or train without "
                          "--resume") from None
     if not isinstance(blob, dict) or not {"head", "state"} <= set(blob):
-        raise ValueError(f"{path}: not a retrain checkpoint; delete it or train without --resume")
+        raise UsageError(f"{path}: not a retrain checkpoint; delete it or train without --resume")
     return blob
 
 
@@ -433,3 +443,6 @@ def _save_checkpoint(path: Path, model: BayesPFL, optimizer, optimizer2, schedul
                 "optimizer2": optimizer2.state_dict(), "schedule": schedule.state_dict(),
                 "best_head": best_head, "state": dataclasses.asdict(state)}, tmp)
     os.replace(tmp, path)
+
+
+TRAINER = Trainer(config=TrainConfig.from_settings, fit=train)

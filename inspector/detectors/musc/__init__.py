@@ -3,7 +3,7 @@ Scoring of the Unlabeled Images", arXiv 2401.16753): training-free and text-free
 *pool* of unlabeled images of one class, each against all the others.
 
 The function computed is the one of the official code, github.com/xrli-U/MuSc at commit
-b76b93da8bd3096a99964a96ae29d46f197a0651 (spec ``musc.md``); the way it is computed is our own (nearest
+b76b93da8bd3096a99964a96ae29d46f197a0651 (github.com/xrli-U/MuSc); the way it is computed is our own (nearest
 distances as chunked matrix products under a memory budget, no [L, (N-1)L] matrix).
 
 Symbols (the paper's, mapped once):

@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...backbone import BackboneSpec, ClipBackbone, build_openai_clip, read_openai_state_dict
-from ...imaging import ImageInput, as_list, preprocess
+from ...imaging import ImageInput, as_list
 from ...references import ReferenceStore
-from ...runtime import autocast, check, resolve
-from ..base import EvalProtocol, Prediction
+from ...runtime import resolve
+from ..base import BenchPlan, Detector, Prediction
 from .ops import (
     FRACTION,
     K_LIST_MVTEC,
@@ -112,7 +111,7 @@ def content_hash(pixels: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 
-class MuSc(nn.Module):
+class MuSc(Detector):
     """Training-free, text-free zero-shot detector. ``score_pool(images)``: the official function of a
     closed pool; ``predict(images, class_names)`` / ``predict_tensors``: live scoring with a rolling pool."""
 
@@ -120,7 +119,8 @@ class MuSc(nn.Module):
     trainable = False
     default_backbone = BackboneSpec(arch="ViT-L-14-336", pretrained="openai", image_size=518,
                                     feature_layers=(6, 12, 18, 24), pos_embed_antialias=False)
-    eval_protocol = EvalProtocol(smooth_sigma=0.0, fusion="live")
+    section = "musc"
+    closed_pool = True
 
     def __init__(self, backbone: ClipBackbone, r_list: Sequence[int] = (1, 3, 5), fraction: float = FRACTION,
                  k_list: Sequence[int] = K_LIST_MVTEC, pool_size: int = 50, msm: str = "matmul",
@@ -129,7 +129,7 @@ class MuSc(nn.Module):
                  approx: str = "none", patch_budget: int = 256, drift_window: int = 16, drift_share: float = 0.5,
                  drift_quantile: float = 0.95, pool_dir: str | Path | None = None,
                  eval_k_list: Sequence[int] = (), provenance: Mapping[str, Any] | None = None):
-        super().__init__()
+        super().__init__(backbone, precision, provenance)
         if not backbone.spec.feature_layers:
             raise ValueError("MuSc needs feature layers (the official taps are blocks 6, 12, 18, 24)")
         if any(r < 1 or r % 2 == 0 for r in r_list):
@@ -147,7 +147,6 @@ class MuSc(nn.Module):
         if patch_budget < 1 or drift_window < 0 or not 0 < drift_share <= 1 or not 0 < drift_quantile <= 1:
             raise ValueError("patch_budget must be >= 1, drift_window >= 0, 0 < drift_share <= 1 and "
                              "0 < drift_quantile <= 1")
-        self.backbone = backbone
         self.layers = tuple(backbone.spec.feature_layers)
         self.r_list = tuple(int(r) for r in r_list)
         self.fraction = float(fraction)
@@ -159,14 +158,12 @@ class MuSc(nn.Module):
         self.join_pool = bool(join_pool)
         self.pool_dtype = pool_dtype
         self.topk = int(topk)
-        self.precision = check(precision)
         self.attention = attention
         self.approx = approx
         self.patch_budget = int(patch_budget)
         self.drift_window, self.drift_share, self.drift_quantile = int(drift_window), float(drift_share), \
             float(drift_quantile)
         self.eval_k_list = tuple(int(k) for k in eval_k_list)
-        self.provenance = dict(provenance or {})
         self.bench_pools: tuple[int, ...] = (10, 50, 100, 200)
         self._pools: dict[str, _Pool] = {}  # class -> rolling pool of earlier images
         self._pinned: dict[str, _Pool] = {}  # class -> reference images (store or ``set_references``)
@@ -180,29 +177,27 @@ class MuSc(nn.Module):
     # construction and the detector contract
 
     @classmethod
-    def from_settings(cls, backbone: ClipBackbone, head: Any, settings: Any,
-                      provenance: Mapping[str, Any] | None) -> MuSc:
-        """A MuSc on ``backbone`` with the options of ``[musc]``; ``head`` is ignored (training-free). The
+    def from_settings(cls, backbone: ClipBackbone, head: Any, options: Any, *, precision: str = "fp32",
+                      provenance: Mapping[str, Any] | None = None) -> MuSc:
+        """A MuSc on ``backbone`` with the ``[musc]`` options; ``head`` is ignored (training-free). The
         position embedding is resized again with ``[musc] pos_embed_antialias`` (plain bicubic by default,
         as the official loader) if the backbone was loaded with the other kernel."""
         if head:
             log.warning("MuSc is training-free: ignoring head %s", head)
-        o = cls.scoring_options(settings)
+        o = cls.scoring_options(options, precision)
         backbone.set_pos_embed_antialias(o["pos_embed_antialias"])
-        section = getattr(settings, "musc", None)
-        root = getattr(section, "pool_dir", "")
-        pool_dir = Path(root).expanduser() / cls.pool_key(o, backbone.spec) if root else None
+        pool_dir = (Path(options.pool_dir).expanduser() / cls.pool_key(o, backbone.spec)) if options.pool_dir else None
         o.pop("pos_embed_antialias")
         o.pop("reference_images")
         folder = o.pop("references")
         return cls(backbone, references=ReferenceStore(folder) if folder else None, provenance=provenance,
-                   pool_dir=pool_dir, eval_k_list=list(getattr(section, "eval_k_list", []) or []), **o)
+                   pool_dir=pool_dir, eval_k_list=list(options.eval_k_list), **o)
 
     @staticmethod
     def pool_key(options: Mapping[str, Any], spec: BackboneSpec) -> str:
         """The folder name of a model version's stored pools: a digest of the scoring options and the backbone
         (its weights by SHA-256 when they are a file, as the version identity in ``inspector.versions``)."""
-        from ...versions import file_sha256
+        from ...hashing import cached_file_sha256 as file_sha256
 
         source = Path(spec.pretrained).expanduser()
         weights = f"sha256:{file_sha256(source)}" if source.is_file() else spec.pretrained
@@ -213,27 +208,20 @@ class MuSc(nn.Module):
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @classmethod
-    def scoring_options(cls, settings: Any) -> dict[str, Any]:
+    def scoring_options(cls, options: Any, precision: str) -> dict[str, Any]:
         """The options that change the numbers (part of a model version's identity): ``[musc]``, the
-        position-embedding kernel, ``[model] precision`` and the reference set. (The rolling pool is state,
-        not identity: a score depends on the images before it, as the method does.)"""
-        o = getattr(settings, "musc", None)
-        folder = getattr(o, "references", "references")
-        store = ReferenceStore(folder) if folder else None
-        return {"r_list": [int(r) for r in getattr(o, "r_list", (1, 3, 5))],
-                "fraction": float(getattr(o, "fraction", FRACTION)),
-                "k_list": [int(k) for k in getattr(o, "k_list", K_LIST_MVTEC)],
-                "pool_size": int(getattr(o, "pool_size", 50)), "join_pool": bool(getattr(o, "join_pool", True)),
-                "msm": getattr(o, "msm", "matmul"), "memory_mb": int(getattr(o, "memory_mb", 256)),
-                "pool_dtype": getattr(o, "pool_dtype", "float32"), "topk": int(getattr(o, "topk", 0)),
-                "attention": getattr(o, "attention", "auto"),
-                "approx": getattr(o, "approx", "none"), "patch_budget": int(getattr(o, "patch_budget", 256)),
-                "drift_window": int(getattr(o, "drift_window", 16)),
-                "drift_share": float(getattr(o, "drift_share", 0.5)),
-                "drift_quantile": float(getattr(o, "drift_quantile", 0.95)),
-                "precision": getattr(getattr(settings, "model", None), "precision", "fp32"),
-                "pos_embed_antialias": bool(getattr(o, "pos_embed_antialias", False)),
-                "references": folder,
+        position-embedding kernel, the precision and the reference set. (The rolling pool is state, not
+        identity: a score depends on the images before it, as the method does; so are its folder and the
+        eval k list.)"""
+        store = ReferenceStore(options.references) if options.references else None
+        return {"r_list": [int(r) for r in options.r_list], "fraction": float(options.fraction),
+                "k_list": [int(k) for k in options.k_list], "pool_size": int(options.pool_size),
+                "join_pool": bool(options.join_pool), "msm": options.msm, "memory_mb": int(options.memory_mb),
+                "pool_dtype": options.pool_dtype, "topk": int(options.topk), "attention": options.attention,
+                "approx": options.approx, "patch_budget": int(options.patch_budget),
+                "drift_window": int(options.drift_window), "drift_share": float(options.drift_share),
+                "drift_quantile": float(options.drift_quantile), "precision": precision,
+                "pos_embed_antialias": bool(options.pos_embed_antialias), "references": options.references,
                 "reference_images": {name: list(store.fingerprint(name)) for name in store.classes()} if store else {}}
 
     @classmethod
@@ -263,19 +251,6 @@ class MuSc(nn.Module):
                 "approx": self.approx, "patch_budget": self.patch_budget if self.approx != "none" else None,
                 "bytes_per_pooled_image": self.bytes_per_pooled_image(),
                 "pool_dir": str(self.files.folder) if self.files else None}
-
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.clip.visual.conv1.weight.device
-
-    @torch.inference_mode()
-    def encode_floor(self, pixels: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.precision):
-            return self.backbone.encode_image_floor(pixels)
 
     def bytes_per_pooled_image(self) -> int:
         """Memory of one pooled image: R*T LNAMD maps of L' x C values in ``pool_dtype`` (+ its embedding);
@@ -324,7 +299,7 @@ class MuSc(nn.Module):
         z, g = [], []
         for start in range(0, pixels.shape[0], chunk):
             tokens = self.backbone.embed_image(pixels[start:start + chunk].to(self.device))
-            with autocast(self.device, self.precision):
+            with self.autocast():
                 x, taps = self.backbone.run_vision(tokens, self.layers, attention=attention)
                 g.append(F.normalize(self.backbone.pool(x).float(), dim=-1))
             z.append(torch.stack([lnamd(t.float(), grid, r) for r in self.r_list for t in taps], dim=1))
@@ -368,7 +343,7 @@ class MuSc(nn.Module):
         code takes [1, 8, 9] for VisA, ``ops.official_k_list``). Nothing is pooled; ``class_name`` is
         only recorded by callers."""
         del class_name
-        pixels = images if isinstance(images, torch.Tensor) else preprocess(as_list(images), self.image_size)
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(as_list(images))
         n = pixels.shape[0]
         k = official_k(n - 1, self.fraction)
         if k < 1:
@@ -450,7 +425,7 @@ class MuSc(nn.Module):
         """Add images (paths, PIL or pixels [K, 3, S, S]) to the rolling pool of a class without scoring
         them (a lot of known-good parts, or a pool rebuilt after a restart); duplicates are skipped.
         Returns the pool's size."""
-        pixels = images if isinstance(images, torch.Tensor) else preprocess(as_list(images), self.image_size)
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(as_list(images))
         with torch.inference_mode():
             z, g = self.features(pixels)
             if self._join(class_name, z, g, [content_hash(p) for p in pixels]):
@@ -541,7 +516,7 @@ class MuSc(nn.Module):
     def pool_remove(self, class_name: str, images: Sequence[ImageInput] | torch.Tensor) -> int:
         """Take images out of the rolling pool of a class (a reviewer rejected them as defects), by
         content. Returns how many were removed."""
-        pixels = images if isinstance(images, torch.Tensor) else preprocess(as_list(images), self.image_size)
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(as_list(images))
         drop = {content_hash(p) for p in pixels}
         pool = self._rolling(class_name)
         if pool is None:
@@ -579,7 +554,7 @@ class MuSc(nn.Module):
         if images is None:
             self._pinned.pop(class_name, None)
             return
-        pixels = images if isinstance(images, torch.Tensor) else preprocess(as_list(images), self.image_size)
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(as_list(images))
         if pixels.shape[0] == 0:
             raise ValueError("no reference images given (use None to unpin)")
         self._pinned[class_name] = self._reference_pool(pixels, None)
@@ -605,7 +580,7 @@ class MuSc(nn.Module):
         if cached is None or cached.fingerprint != fingerprint:
             log.info("class '%s': MuSc pool seeded with %d reference image(s) from %s", class_name, len(paths),
                      self.references.folder)
-            cached = self._pinned[class_name] = self._reference_pool(preprocess(paths, self.image_size),
+            cached = self._pinned[class_name] = self._reference_pool(self.preprocess(paths),
                                                                      fingerprint)
         return cached
 
@@ -739,6 +714,15 @@ class MuSc(nn.Module):
         self._save(class_name)
 
     @contextlib.contextmanager
+    def isolated(self):
+        """Predictions that leave the rolling pools as they were (nothing joins them)."""
+        join, self.join_pool = self.join_pool, False
+        try:
+            yield self
+        finally:
+            self.join_pool = join
+
+    @contextlib.contextmanager
     def eval_session(self):
         """``inspector eval`` (``evaluation.score_dataset``): score a dataset from empty rolling pools held in
         memory only (no stored pool read or written, so an eval never mixes with a line's pools), then give the
@@ -750,18 +734,11 @@ class MuSc(nn.Module):
         finally:
             self.files, self._pools, self._drift, self._restored, self._forget_disk = saved
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], class_names: str | Sequence[str]) -> Prediction:
-        """Score PIL images or file paths of the named classes (one name for all, or one per image)."""
-        images = as_list(images)
-        if isinstance(class_names, str):
-            class_names = [class_names] * len(images)
-        return self.predict_tensors(preprocess(images, self.image_size), class_names)
-
     # ---------------------------------------------------------------------------------------------
     # bench hooks (``inspector bench``)
 
-    def bench_plan(self, pixels: torch.Tensor, class_names: Sequence[str]
-                   ) -> list[tuple[str, Callable[[], Any]]]:
+    def bench_plan(self, pixels: torch.Tensor, class_names: Sequence[str], samples: int = 0,
+                   references: int = 0) -> BenchPlan:
         """Timed cases for ``inspector bench``: the batch scored live against a pool of N - 1 earlier images
         (N = ``pool_size`` + 1 as "musc", and each N of ``bench_pools``). The pool images are shifted copies
         of the bench images, encoded once outside the timing; the pool is restored after each call, and no
@@ -822,7 +799,7 @@ class MuSc(nn.Module):
         """Agreement of ``approx = "subsample"`` with the exact search on a closed pool of up to ``images`` of
         the bench pool's images (features already computed): Spearman of the raw image scores, max and mean
         absolute difference of the probability maps (map / 2) and of the image scores."""
-        from ...bench import spearman
+        from ...metrics import spearman
 
         count = min(images, z.shape[0])
         k = official_k(count - 1, self.fraction)
@@ -851,7 +828,8 @@ class MuSc(nn.Module):
                 "what": "closed pool of the bench's pool images, exact vs subsampled references (probability "
                         "maps = map / 2); a subsample can only raise a nearest distance"}
 
-    def bench_report(self) -> dict[str, Any]:
+    def bench_report(self, pixels: torch.Tensor | None = None, class_names: Sequence[str] = (),
+                     samples: int = 0) -> dict[str, Any]:
         """Memory per pooled image here and the full-size cost model (ViT-L/14 at 518: L = 1369, C = 1024)."""
         length, width = self.backbone.grid ** 2, self.backbone.vision_width
         combos = len(self.r_list) * len(self.layers)

@@ -1,7 +1,7 @@
 """The weight-free arithmetic of MuSc: LNAMD, MSM, the pixel map and RsCIN (symbols in ``musc/__init__``).
 
-Every function works on whole batches of images and is written from spec ``musc.md`` §5-8 (the official
-code at github.com/xrli-U/MuSc, commit b76b93da8bd3096a99964a96ae29d46f197a0651).
+Every function works on whole batches of images and computes the official code's arithmetic
+(github.com/xrli-U/MuSc, commit b76b93da8bd3096a99964a96ae29d46f197a0651).
 """
 
 from __future__ import annotations
