@@ -44,7 +44,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from .backoff import Backoff
-from .imaging import ImageDecodeError, content_seed, open_image
+from .dicom import DicomError, decode_frame, is_dicom, read_header
+from .imaging import ImageDecodeError, content_seed, open_image, to_model_input
 from .intake import NotRegularFile, open_regular
 from .store.decisions import DecisionPolicy
 from .store.maps import encode_map
@@ -131,8 +132,13 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
-def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor], budget: PixelBudget | None = None) -> Loaded:
-    """Read the file once, check it is still the content that was registered, decode, preprocess."""
+def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor] | int,
+         budget: PixelBudget | None = None) -> Loaded:
+    """Read the file once, check it is still the content that was registered, decode, preprocess with the
+    detector's ``to_input`` (an int: the default preprocessing at that size)."""
+    if isinstance(to_input, int):
+        size = to_input
+        to_input = lambda image: to_model_input(image, size)
     try:
         with open_regular(item.path) as handle:
             data = handle.read()
@@ -149,11 +155,18 @@ def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor], budget:
     if item.sha256 and hashlib.sha256(data).hexdigest() != item.sha256:
         return Loaded(item, error="the file was replaced after it was discovered; its new content is queued "
                                   "as a new image")
-    area = _header_pixels(data)
+    dicom = None
+    if is_dicom(item.path, data[:132]):  # one frame of a DICOM file, in its window (inspector/dicom.py)
+        try:
+            dicom = read_header(io.BytesIO(data), item.path, len(data))
+        except DicomError as exc:
+            return Loaded(item, error=str(exc))
+    area = dicom.frame_pixels if dicom is not None else _header_pixels(data)
     try:
         with budget.hold(area) if budget is not None else contextlib.nullcontext():
             try:
-                image = open_image(io.BytesIO(data), name=item.path)
+                image = decode_frame(data, dicom, item.frame, item.window, item.path).image \
+                    if dicom is not None else open_image(io.BytesIO(data), name=item.path)
                 pixels = to_input(image)
                 width, height = image.width, image.height
                 del image
@@ -163,7 +176,7 @@ def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor], budget:
                 if area >= _TRIM_PIXELS and _malloc_trim is not None:
                     _malloc_trim(0)
         return Loaded(item, pixels, width, height, seed=content_seed(pixels))
-    except ImageDecodeError as exc:
+    except (ImageDecodeError, DicomError) as exc:
         return Loaded(item, error=str(exc))
     except MemoryError:
         return Loaded(item, error="image too large to decode in memory")
