@@ -61,7 +61,7 @@ def test_schema_matches_models_and_is_checked(db_url):
     engine = make_engine(db_url)
     with pytest.raises(StoreError, match="inspector db upgrade"):
         check_schema(engine)
-    assert upgrade(db_url) == "0004"
+    assert upgrade(db_url) == "0005"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
@@ -197,7 +197,7 @@ def test_migrating_an_existing_database_keeps_its_rows(db_url, tmp_path):
             mtime_ns=1, status="pending", attempts=0, next_attempt_at=now, discovered_at=now, updated_at=now))
     with pytest.raises(StoreError, match="revision 0001"):
         check_schema(engine)
-    assert upgrade(db_url) == "0004"
+    assert upgrade(db_url) == "0005"
     check_schema(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []

@@ -303,7 +303,7 @@ def test_migration_0002_to_0003_keeps_every_row(tmp_path, db_url):
                                                   created_at=utcnow()))
     counts_before = {name: _count(engine, table) for name, table in t.items() if name != "alembic_version"}
     engine.dispose()
-    assert upgrade(db_url) == "0004"
+    assert upgrade(db_url) == "0005"
     engine = open_store(db_url)
     new = MetaData()
     new.reflect(engine)

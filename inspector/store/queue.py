@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from ..backoff import nth_delay
 from .db import db_now, is_sqlite, utcnow
 from .decisions import DecisionPolicy, decide
+from .dicom import insert_dicom
 from .outbox import enqueue
 from .routing import add_jobs, targets
 from .schema import (
@@ -51,6 +52,7 @@ from .schema import (
     LIVE,
     MANUAL,
     PENDING,
+    dicom_images,
     images,
     jobs,
     model_versions,
@@ -74,6 +76,8 @@ class Claimed:
     attempts: int
     image_id: int = 0
     model_version_id: int = 0
+    frame: int = 0  # the frame of a multi-frame file
+    window: str | None = None  # a DICOM image's window preset (None: the file's own)
 
 
 @dataclass
@@ -118,7 +122,7 @@ def known_files(engine: Engine, source_id: int) -> dict[str, tuple[int | None, i
 
 def register_file(engine: Engine, source_id: int | None, class_name: str, path: str, sha256: str | None,
                   size: int | None, mtime_ns: int | None, error: str | None = None,
-                  wanted: list[tuple[int, str]] | None = None) -> str:
+                  wanted: list[tuple[int, str]] | None = None, dicom: dict[str, Any] | None = None) -> str:
     """Record a discovered file and queue its jobs. Returns "known", "new", "renamed", "duplicate" or "failed".
 
     * (path, content) already known: nothing to do;
@@ -129,7 +133,11 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
     A new image gets the jobs ``routing.targets`` chooses for its source, in the same transaction.
     ``wanted`` (``inspector score --model``): these (version, purpose) jobs instead, added to the known
     image (or the original of a copy) when the content was seen before.
+
+    ``dicom`` (a DICOM file's record, ``inspector.dicom.DicomHeader.record``): one image row per frame (frame
+    0, 1, ...), each with its ``dicom_images`` row; a rename moves every frame, a copy links frame to frame.
     """
+    frames = int(dicom["frames"]) if dicom else 1
     try:
         with engine.begin() as conn:
             now = db_now(conn)
@@ -145,28 +153,43 @@ def register_file(engine: Engine, source_id: int | None, class_name: str, path: 
                 return "failed"
             known = conn.execute(select(images.c.id).where(images.c.path == path, images.c.sha256 == sha256)).first()
             if known is not None:
-                if wanted:
-                    add_jobs(conn, known.id, wanted, now)
+                for image_id in (_frame_rows(conn, path, sha256).values() if wanted else ()):
+                    add_jobs(conn, image_id, wanted, now)
                 return "known"
             # (an image whose file vanished and whose copy was promoted points at its successor: skip it)
             twin = conn.execute(select(images.c.id, images.c.path).where(
                 images.c.sha256 == sha256, images.c.status != DUPLICATE, images.c.duplicate_of.is_(None))
                 .order_by(images.c.id)).first()
             if twin is not None:
-                if wanted:
-                    add_jobs(conn, twin.id, wanted, now)
+                originals = _frame_rows(conn, twin.path, sha256)  # frame -> image id (one row unless multi-frame)
+                for image_id in (originals.values() if wanted else ()):
+                    add_jobs(conn, image_id, wanted, now)
                 if not os.path.lexists(twin.path):
-                    conn.execute(update(images).where(images.c.id == twin.id).values(
+                    conn.execute(update(images).where(images.c.id.in_(list(originals.values()))).values(
                         path=path, size=size, mtime_ns=mtime_ns, updated_at=now))
-                    _requeue_vanished(conn, twin.id, now)
+                    for image_id in originals.values():
+                        _requeue_vanished(conn, image_id, now)
                     return "renamed"
-                conn.execute(images.insert().values(**base, status=DUPLICATE, duplicate_of=twin.id))
+                for frame, original in originals.items():
+                    conn.execute(images.insert().values(**base, frame=frame, status=DUPLICATE, duplicate_of=original))
                 return "duplicate"
-            image_id = conn.execute(images.insert().values(**base, status=PENDING)).inserted_primary_key[0]
-            add_jobs(conn, image_id, wanted if wanted is not None else targets(conn, source_id, class_name), now)
+            jobs_wanted = wanted if wanted is not None else targets(conn, source_id, class_name)
+            for frame in range(frames):
+                image_id = conn.execute(images.insert().values(**base, frame=frame, status=PENDING)
+                                        ).inserted_primary_key[0]
+                if dicom:
+                    insert_dicom(conn, image_id, dicom)
+                add_jobs(conn, image_id, jobs_wanted, now)
             return "new"
     except IntegrityError:  # another intake registered it at the same moment
         return "known"
+
+
+def _frame_rows(conn: Any, path: str, sha256: str | None) -> dict[int, int]:
+    """frame -> image id of the (non-duplicate) rows of one file's content at ``path``."""
+    rows = conn.execute(select(images.c.id, images.c.frame).where(
+        images.c.path == path, images.c.sha256 == sha256, images.c.status != DUPLICATE).order_by(images.c.frame))
+    return {r.frame: r.id for r in rows}
 
 
 def _requeue_vanished(conn: Any, image_id: int, now: dt.datetime) -> None:
@@ -210,8 +233,9 @@ def claim(engine: Engine, worker: str, limit: int, lease_seconds: float, version
         if version is None:
             return []
         query = (select(jobs.c.id, jobs.c.image_id, jobs.c.attempts, images.c.path, images.c.class_name,
-                        images.c.sha256)
+                        images.c.sha256, images.c.frame, dicom_images.c.window)
                  .join(images, images.c.id == jobs.c.image_id)
+                 .outerjoin(dicom_images, dicom_images.c.image_id == jobs.c.image_id)
                  .where(ready, jobs.c.model_version_id == version)
                  .order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit))
         if not is_sqlite(engine):
@@ -228,7 +252,8 @@ def claim(engine: Engine, worker: str, limit: int, lease_seconds: float, version
         conn.execute(update(jobs).where(jobs.c.id.in_([r.id for r in rows])).values(
             status=CLAIMED, claimed_by=worker, lease_until=now + dt.timedelta(seconds=lease_seconds),
             attempts=jobs.c.attempts + 1, updated_at=now))
-    return [Claimed(r.id, r.path, r.class_name, r.sha256, r.attempts + 1, r.image_id, version) for r in rows]
+    return [Claimed(r.id, r.path, r.class_name, r.sha256, r.attempts + 1, r.image_id, version, r.frame, r.window)
+            for r in rows]
 
 
 def renew(engine: Engine, worker: str, job_ids: Iterable[int], lease_seconds: float) -> int:

@@ -12,12 +12,16 @@
     thresholds      decision thresholds per (class, model version), versioned (never updated in place):
                     reviewed (saved by a person) or provisional (computed from the first unlabeled scores)
     outbox          decisions on their way to the line (MQTT, webhook, folders), written with the result
+    dicom_images    one per image row of a DICOM file (one per frame): the UIDs that find it in the PACS
+                    again, modality, body part, the window used; never patient data (``inspector/dicom.py``)
     reviews         human verdicts, one row per review (history is never overwritten), with the result
                     (and so the model version) the reviewer was shown
 
 All timestamps are naive UTC. Job states: pending -> claimed -> done | failed. ``images.status`` mirrors
 the image's *live* job (the one that drives its decision), plus two ledger states: failed at intake (never
 queued) and duplicate (same content as another image, linked by duplicate_of and never scored twice).
+An image is one frame of its file: ``frame`` is 0 except for the frames of a multi-frame DICOM file, which
+get one row each (same path and content, frame 0, 1, ...).
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ images = Table(
     Column("next_attempt_at", DateTime(), nullable=False),
     Column("discovered_at", DateTime(), nullable=False),
     Column("updated_at", DateTime(), nullable=False),
-    UniqueConstraint("path", "sha256"),
+    Column("frame", Integer, nullable=False, default=0),  # 0-based frame of a multi-frame file
+    UniqueConstraint("path", "sha256", "frame"),
     Index("ix_images_status_next_attempt_at", "status", "next_attempt_at"),
     Index("ix_images_sha256", "sha256"),
     Index("ix_images_discovered_at", "discovered_at"),
@@ -208,4 +213,26 @@ outbox = Table(
     Column("sent_at", DateTime(), nullable=True),
     UniqueConstraint("result_id", "sink"),
     Index("ix_outbox_sink_status", "sink", "status"),
+)
+
+#: DICOM attributes of an image row (``inspector/dicom.py`` says which tags are read and kept): identifiers of
+#: the study, series and instance (not of the patient), what the file is, and the window its frame is scored in
+dicom_images = Table(
+    "dicom_images", metadata,
+    Column("image_id", Integer, ForeignKey("images.id"), primary_key=True, autoincrement=False),
+    Column("study_uid", String(64), nullable=True),
+    Column("series_uid", String(64), nullable=True),
+    Column("sop_uid", String(64), nullable=True),
+    Column("sop_class_uid", String(64), nullable=True),
+    Column("frames", Integer, nullable=False),  # frames of the file (images.frame is this row's)
+    Column("modality", String(16), nullable=True),
+    Column("body_part", String(64), nullable=True),
+    Column("photometric", String(32), nullable=True),
+    Column("transfer_syntax", String(64), nullable=True),
+    Column("window", String(100), nullable=True),  # the source's window preset as configured (None: the file's)
+    Column("window_source", String(32), nullable=True),  # preset | file | file VOI LUT | frame range | colour...
+    Column("window_center", Float, nullable=True),
+    Column("window_width", Float, nullable=True),
+    Index("ix_dicom_images_sop_uid", "sop_uid"),
+    Index("ix_dicom_images_study_uid", "study_uid"),
 )
