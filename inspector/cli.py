@@ -608,7 +608,8 @@ def watch(
         for entry in s.sources:
             watched.append(WatchedFolder(_folder(Path(entry.path).expanduser()), entry.class_name.strip(),
                                          entry.recursive, entry.line or None, model=entry.model or None,
-                                         detector=entry.detector or None, polling=entry.polling))
+                                         detector=entry.detector or None, polling=entry.polling,
+                                         window=entry.window or None, domain=entry.domain or None))
     stop = threading.Event()
     install_signal_handlers(stop)
     if not once:

@@ -180,6 +180,13 @@ class SourceSettings:
     recursive: bool = False
     #: Poll this folder instead of inotify (network shares); empty = [watch] polling.
     polling: bool | None = None
+    #: DICOM images: the window they are scored in, a preset (brain, subdural, stroke, bone, temporal_bone,
+    #: soft_tissue, lung, mediastinum, liver; see inspector/dicom.py) or "center/width" ("40/80"); empty =
+    #: the file's own window (VOI LUT, else Window Center / Width, else each frame's range).
+    window: str = ""
+    #: AA-CLIP domain of this folder's model version, "industrial" or "medical" (empty = [aa_clip] domain);
+    #: pins the folder to that version.
+    domain: str = ""
 
 
 @dataclass
@@ -481,6 +488,16 @@ def _source(entry: Any, where: str) -> SourceSettings:
     source.line = check_name(source.line, f"{where} line", required=False)
     if source.model and source.detector:
         raise ConfigError(f"{where}: give model or detector, not both")
+    if source.window:
+        from .dicom import parse_window
+
+        try:
+            parse_window(source.window)
+        except ValueError as exc:
+            raise ConfigError(f"{where} window: {exc}") from None
+    if source.domain and source.domain not in _CHOICES["aa_clip", "domain"]:
+        raise ConfigError(f"{where} domain: {source.domain!r} is not one of "
+                          f"{', '.join(_CHOICES['aa_clip', 'domain'])}")
     return source
 
 

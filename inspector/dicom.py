@@ -44,6 +44,7 @@ with a reason saying so.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import struct
@@ -97,6 +98,11 @@ class _HeaderTooLarge(Exception):
     pass
 
 
+def _at(name: str) -> str:
+    """The prefix of a message about the file ``name`` (none when the caller names the file itself)."""
+    return f"{name}: " if name else ""
+
+
 # -------------------------------------------------------------------------------------------------
 # recognising
 
@@ -124,8 +130,10 @@ def _pydicom():
         from pydicom import config
     except ImportError:
         raise DicomError("DICOM support is not installed: pip install 'inspector[dicom]' (pydicom)") from None
-    # validation messages quote the offending value (a birth date, a name): never produce them
+    # validation messages quote the offending value (a birth date, a name): never produce them; and the
+    # decoders' own log lines (with tracebacks) are left out: the reason is in the DicomError
     config.settings.reading_validation_mode = config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     return pydicom
 
 
@@ -279,7 +287,7 @@ class DicomHeader:
                 "sop_uid": _text(ds, "SOPInstanceUID", 64), "sop_class_uid": _text(ds, "SOPClassUID", 64),
                 "frames": self.frames, "modality": _text(ds, "Modality", 16),
                 "body_part": _text(ds, "BodyPartExamined", 64), "photometric": self.photometric[:32],
-                "transfer_syntax": self.transfer_syntax[:64] or None, "rows": self.rows, "columns": self.columns,
+                "transfer_syntax": self.transfer_syntax[:64] or None,
                 "window": (window_spec or None) if preset is not None else None, "window_source": window.source,
                 "window_center": window.center, "window_width": window.width}
 
@@ -320,9 +328,9 @@ def _count(ds: Any, keyword: str, default: int | None = None, name: str = "") ->
     try:
         number = int(str(value).strip()) if value is not None and str(value).strip() != "" else default
     except (TypeError, ValueError):
-        raise DicomError(f"{name}: {keyword} is not a number") from None
+        raise DicomError(f"{_at(name)}{keyword} is not a number") from None
     if number is None:
-        raise DicomError(f"{name}: no {keyword} in the header")
+        raise DicomError(f"{_at(name)}no {keyword} in the header")
     return number
 
 
@@ -337,7 +345,7 @@ def read_header(fp: BinaryIO, name: str, size: int) -> DicomHeader:
     head = fp.read(1 << 16)
     fp.seek(0)
     if DEFLATED in head[:1 << 16]:  # pydicom inflates the whole dataset in one call: unbounded, never
-        raise DicomError(f"{name}: transfer syntax Deflated Explicit VR Little Endian is not read (inflating "
+        raise DicomError(f"{_at(name)}transfer syntax Deflated Explicit VR Little Endian is not read (inflating "
                          "it has no size limit); export the file uncompressed or with an image compression")
     bounded = _Bounded(fp, MAX_HEADER_BYTES)
     try:
@@ -346,11 +354,11 @@ def read_header(fp: BinaryIO, name: str, size: int) -> DicomHeader:
             ds = pydicom.dcmread(bounded, stop_before_pixels=True, defer_size=DEFER_BYTES,
                                  force=not has_preamble(head))
     except _HeaderTooLarge:
-        raise DicomError(f"{name}: DICOM header larger than {MAX_HEADER_BYTES >> 20} MiB, refused") from None
+        raise DicomError(f"{_at(name)}DICOM header larger than {MAX_HEADER_BYTES >> 20} MiB, refused") from None
     except InvalidDicomError:
-        raise DicomError(f"{name}: not a DICOM file") from None
+        raise DicomError(f"{_at(name)}not a DICOM file") from None
     except Exception as exc:  # noqa: BLE001 - a broken header in any way pydicom reports it
-        raise DicomError(f"{name}: not a readable DICOM file (broken header near byte {fp.tell()}, "
+        raise DicomError(f"{_at(name)}not a readable DICOM file (broken header near byte {fp.tell()}, "
                          f"{type(exc).__name__})") from None
     at = fp.tell()
     meta = getattr(ds, "file_meta", None)
@@ -364,13 +372,14 @@ def read_header(fp: BinaryIO, name: str, size: int) -> DicomHeader:
         modality = _text(ds, "Modality", 16)
         what = f"a {kind}" + (f" (modality {modality})" if modality else "")
         if tag in ((0x7FE0, 0x0008), (0x7FE0, 0x0009)):
-            raise DicomError(f"{name}: {what} with float pixel data, which is not supported")
+            raise DicomError(f"{_at(name)}{what} with float pixel data, which is not supported")
         if len(element) >= 4 and tag is not None and tag[0] != 0xFFFC:
-            raise DicomError(f"{name}: DICOM header unreadable at byte {at}")
-        raise DicomError(f"{name}: DICOM without pixel data: {what}, not an image")
-    if implicit:
+            raise DicomError(f"{_at(name)}DICOM header unreadable at byte {at}")
+        raise DicomError(f"{_at(name)}DICOM without pixel data: {what}, not an image")
+    vr = element[4:6]
+    if implicit or not (vr.isalpha() and vr.isupper()):  # implicit, or written implicit against its syntax
         header_len, length = 8, struct.unpack("<I" if little else ">I", element[4:8])[0]
-    elif element[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+    elif vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
         header_len, length = 12, struct.unpack("<I" if little else ">I", element[8:12])[0]
     else:
         header_len, length = 8, struct.unpack("<H" if little else ">H", element[6:8])[0]
@@ -379,13 +388,13 @@ def read_header(fp: BinaryIO, name: str, size: int) -> DicomHeader:
     frames = _count(ds, "NumberOfFrames", 1, name)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if rows < 1 or columns < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64) or frames < 1:
-        raise DicomError(f"{name}: impossible image geometry (Rows {rows}, Columns {columns}, Samples per Pixel "
+        raise DicomError(f"{_at(name)}impossible image geometry (Rows {rows}, Columns {columns}, Samples per Pixel "
                          f"{samples}, Bits Allocated {bits}, Number of Frames {frames})")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and rows * columns > limit:
-        raise DicomError(f"{name}: refused, too many pixels ({rows} x {columns} per frame; the limit is {limit})")
+        raise DicomError(f"{_at(name)}refused, too many pixels ({rows} x {columns} per frame; the limit is {limit})")
     if frames > MAX_FRAMES:
-        raise DicomError(f"{name}: {frames} frames, more than the {MAX_FRAMES} scored per file")
+        raise DicomError(f"{_at(name)}{frames} frames, more than the {MAX_FRAMES} scored per file")
     encapsulated = length == 0xFFFFFFFF
     start = at + header_len
     if encapsulated:
@@ -395,14 +404,14 @@ def read_header(fp: BinaryIO, name: str, size: int) -> DicomHeader:
 
         expected = get_expected_length(ds, unit="bytes")
         if start + length > size:
-            raise DicomError(f"{name}: truncated: the pixel data declares {length} bytes but the file ends "
+            raise DicomError(f"{_at(name)}truncated: the pixel data declares {length} bytes but the file ends "
                              f"{size - start} bytes after its start")
         if length < expected:
-            raise DicomError(f"{name}: the pixel data holds {length} bytes, but {frames} frame(s) of {rows} x "
+            raise DicomError(f"{_at(name)}the pixel data holds {length} bytes, but {frames} frame(s) of {rows} x "
                              f"{columns} x {samples} samples x {bits} bits need {expected} (wrong Number of "
                              "Frames or dimensions)")
         if frames > 1 and length - expected >= expected // frames:
-            raise DicomError(f"{name}: the pixel data holds {length} bytes, more than the {frames} frame(s) "
+            raise DicomError(f"{_at(name)}the pixel data holds {length} bytes, more than the {frames} frame(s) "
                              f"declared need ({expected}): wrong Number of Frames")
     return DicomHeader(ds, frames, rows, columns, samples, photometric, syntax, encapsulated)
 
@@ -420,12 +429,12 @@ def _check_fragments(fp: BinaryIO, start: int, frames: int, little: bool, name: 
             offsets = parse_basic_offsets(fp, endianness=endian)
             count, _ = parse_fragments(fp, endianness=endian)
     except Exception as exc:  # noqa: BLE001 - broken item tags, truncated fragments
-        raise DicomError(f"{name}: broken encapsulated pixel data ({type(exc).__name__})") from None
+        raise DicomError(f"{_at(name)}broken encapsulated pixel data ({type(exc).__name__})") from None
     if count < frames:
-        raise DicomError(f"{name}: Number of Frames says {frames} but the encapsulated pixel data holds "
+        raise DicomError(f"{_at(name)}Number of Frames says {frames} but the encapsulated pixel data holds "
                          f"{count} fragment(s)")
     if offsets and len(offsets) != frames:
-        raise DicomError(f"{name}: the Basic Offset Table lists {len(offsets)} frame(s), Number of Frames "
+        raise DicomError(f"{_at(name)}the Basic Offset Table lists {len(offsets)} frame(s), Number of Frames "
                          f"says {frames}")
 
 
@@ -471,11 +480,11 @@ def check_decoder(transfer_syntax: str, name: str) -> None:
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
-        raise DicomError(f"{name}: transfer syntax {label} cannot be decoded: pydicom has no decoder for "
+        raise DicomError(f"{_at(name)}transfer syntax {label} cannot be decoded: pydicom has no decoder for "
                          "it") from None
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
-        raise DicomError(f"{name}: transfer syntax {label} needs a pixel data plugin that is not installed: "
+        raise DicomError(f"{_at(name)}transfer syntax {label} needs a pixel data plugin that is not installed: "
                          f"{needs}")
 
 
@@ -499,17 +508,29 @@ def decode_frame(data: bytes, header: DicomHeader, frame: int = 0, preset: Windo
     if isinstance(preset, str) or preset is None:
         preset = parse_window(preset)
     if not 0 <= frame < header.frames:
-        raise DicomError(f"{name}: frame {frame + 1} asked for, the file has {header.frames}")
+        raise DicomError(f"{_at(name)}frame {frame + 1} asked for, the file has {header.frames}")
     check_decoder(header.transfer_syntax, name)
+    index = frame if header.frames > 1 else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = pixel_array(io.BytesIO(data), index=frame if header.frames > 1 else None)
+            try:  # from the bytes: only this frame's pixel data is read
+                arr = pixel_array(io.BytesIO(data), index=index)
+            except MemoryError:
+                raise
+            except Exception as first:  # noqa: BLE001 - then from the parsed dataset, which reads elements
+                # written against their transfer syntax (an implicit VR Pixel Data in an explicit file) that
+                # the bytes route refuses; the first reason is the one reported if this fails too
+                try:
+                    full = _pydicom().dcmread(io.BytesIO(data), force=not has_preamble(data[:132]))
+                    arr = pixel_array(full, index=index)
+                except Exception:  # noqa: BLE001
+                    raise first from None
     except MemoryError:
-        raise DicomError(f"{name}: frame too large to decode in memory") from None
+        raise DicomError(f"{_at(name)}frame too large to decode in memory") from None
     except Exception as exc:  # noqa: BLE001 - every decoder reports its own way
         message = _scrub(_one_line(exc), ds)
-        raise DicomError(f"{name}: cannot decode frame {frame + 1} of {header.frames}: {message}") from None
+        raise DicomError(f"{_at(name)}cannot decode frame {frame + 1} of {header.frames}: {message}") from None
     window = header.window_for(frame, preset)
     bits_stored = _count(ds, "BitsStored", _count(ds, "BitsAllocated", name=name), name)
     try:
@@ -540,7 +561,7 @@ def decode_frame(data: bytes, header: DicomHeader, frame: int = 0, preset: Windo
         raise
     except Exception as exc:  # noqa: BLE001 - a broken LUT or palette
         message = _scrub(_one_line(exc), ds)
-        raise DicomError(f"{name}: cannot apply the file's lookup table to frame {frame + 1}: {message}") from None
+        raise DicomError(f"{_at(name)}cannot apply the file's lookup table to frame {frame + 1}: {message}") from None
     if header.photometric == "MONOCHROME1":
         gray = 1.0 - gray
     gray8 = np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)

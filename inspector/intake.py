@@ -11,6 +11,10 @@ A file is taken only when its size and mtime have not changed for ``stable_secon
 mtime is already that old is taken at once). Temporary names (``.tmp``, ``.part``, ``~``, dot-files) and
 non-image suffixes are ignored. A file already known by path and size/mtime is not hashed again; one
 known by path and content is not enqueued again; a renamed file is recognised by its content hash.
+
+DICOM files (``.dcm``, or no suffix and the DICM preamble: PACS exports) are read as far as their header
+(``inspector/dicom.py``) before they are hashed: one image row per frame; a file that cannot become images
+is recorded as failed with the reason; a file without a suffix that is not DICOM is ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from .config import check_name
+from .dicom import DicomError, inspect_file, is_dicom, is_dicom_name
 from .hashing import stream_sha256
 from .imaging import IMAGE_SUFFIXES
 from .store.queue import ensure_source, known_files, register_file
@@ -50,6 +55,10 @@ class WatchedFolder:
     detector: str | None = None
     #: poll this folder instead of using inotify (None: the daemon's ``[watch] polling``)
     polling: bool | None = None
+    #: DICOM window preset of its images (``inspector.dicom.PRESETS`` or "center/width"; None: the file's)
+    window: str | None = None
+    #: AA-CLIP domain of its version ("industrial" / "medical"; None: ``[aa_clip] domain``)
+    domain: str | None = None
 
 
 def ignored_name(name: str) -> bool:
@@ -57,7 +66,7 @@ def ignored_name(name: str) -> bool:
     if name.startswith(".") or name.endswith("~"):
         return True
     suffix = os.path.splitext(lower)[1]
-    return suffix in TEMP_SUFFIXES or suffix not in IMAGE_SUFFIXES
+    return suffix in TEMP_SUFFIXES or (suffix not in IMAGE_SUFFIXES and not is_dicom_name(lower))
 
 
 class NotRegularFile(OSError):
@@ -98,6 +107,16 @@ def open_regular(path: str):
     except BaseException:
         os.close(fd)
         raise
+
+
+def dicom_record(path: str, window: str | None = None) -> dict | None:
+    """The ``dicom_images`` record of a DICOM file (``inspector.dicom``); None when the file is not DICOM
+    (a name without a suffix whose content is something else). Raises DicomError, OSError."""
+    with open_regular(path) as handle:
+        if not is_dicom(path, handle.read(132)):
+            return None
+        handle.seek(0)
+        return inspect_file(handle, "", window)
 
 
 def sha256_file(path: str) -> tuple[str, int]:
@@ -319,8 +338,16 @@ class Intake:
             target = os.path.realpath(path)
             if not target.startswith(str(folder.path) + os.sep):
                 return self._register_error(path, folder, f"symlink points outside the watched folder ({target})")
+        record = None
         try:
+            if os.path.splitext(path.lower())[1] not in IMAGE_SUFFIXES:  # a DICOM name (see ignored_name)
+                record = dicom_record(path, folder.window)
+                if record is None:  # a file without a suffix that is not DICOM: not ours, never hashed
+                    self._known[path] = state
+                    return 0
             sha, size = sha256_file(path)
+        except DicomError as exc:
+            return self._register_error(path, folder, str(exc))
         except FileNotFoundError:
             return 0
         except NotRegularFile as exc:
@@ -332,7 +359,8 @@ class Intake:
         if size != state[0]:  # changed while hashing: look again later
             self._candidates[path] = (size, state[1], time.monotonic(), folder)
             return 0
-        outcome = register_file(self.engine, folder.source_id, folder.class_name, path, sha, size, state[1])
+        outcome = register_file(self.engine, folder.source_id, folder.class_name, path, sha, size, state[1],
+                                dicom=record)
         self._known[path] = state
         if outcome in self.counts:
             self.counts[outcome] += 1

@@ -348,10 +348,11 @@ def _safe(fn: Callable[[], float]) -> float:
 
 
 def folder_settings(settings: Settings, folder: WatchedFolder) -> Settings:
-    """The settings a folder's default version is built from: the daemon's, with its own model/detector."""
+    """The settings a folder's default version is built from: the daemon's, with its own model/detector and
+    AA-CLIP domain (part of the version's identity: a medical folder scores under a version of its own)."""
     import copy
 
-    if not (folder.model or folder.detector):
+    if not (folder.model or folder.detector or folder.domain):
         return settings
     own = copy.deepcopy(settings)
     if folder.model:
@@ -359,6 +360,8 @@ def folder_settings(settings: Settings, folder: WatchedFolder) -> Settings:
     if folder.detector:
         own.model.name = ""
         own.model.detector = folder.detector
+    if folder.domain:
+        own.aa_clip.domain = folder.domain
     return own
 
 
@@ -384,7 +387,7 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
         recipe = default_recipe(own)
         check_weights_allowed(own, recipe)
         version = models.add(recipe, own)
-        pinned = bool(folder.model or folder.detector or settings.model.name or settings.model.head)
+        pinned = bool(folder.model or folder.detector or folder.domain or settings.model.name or settings.model.head)
         set_source_versions(engine, folder.source_id, version if pinned else None, version)
     source_ids = [f.source_id for f in folders]
     routed = route_unrouted(engine, source_ids)
