@@ -421,3 +421,60 @@ def test_no_patient_name_or_id_anywhere_after_scoring_files_that_carry_them(tmp_
         assert needle not in logs, f"{needle!r} in the logs"
         assert all(needle not in payload for payload in outbox_rows)
     engine.dispose()
+
+
+def _captions(at) -> str:
+    """The captions of the page's images (the element is "image" in current Streamlit, "imgs" before)."""
+    return " ".join(img.caption for kind in ("image", "imgs") for element in at.get(kind) for img in element.proto.imgs)
+
+
+def _dicom_panel(db_url: str, image_id: int) -> None:  # an AppTest script: runs in Streamlit's script thread
+    from inspector._dashboard import dicom_view
+
+    from inspector.store import open_store as _open
+
+    dicom_view.show(_open(db_url), image_id)
+
+
+def test_dashboard_panel_shows_uids_modality_and_window_and_rerenders_presets(tmp_path):
+    from inspector._dashboard import dicom_view
+    from streamlit.testing.v1 import AppTest
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    path = _with_patient("CT_small.dcm", folder / "IM000001")
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    engine = open_store(db, auto_upgrade=True)
+    source = ensure_source(engine, str(folder), "head CT")
+    with open(path, "rb") as handle:
+        record = dicom.inspect_file(handle, "", "brain")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert register_file(engine, source, "head CT", str(path), sha, 1, 1, dicom=record) == "new"
+    image_id = image_list(db)[0]["id"]
+    scored = dicom_view.frame_image(engine, image_id)
+    assert scored is not None and scored[1] == dicom.Window("preset", 40.0, 80.0, name="brain")
+    assert np.array_equal(np.asarray(scored[0]), np.asarray(decode(str(path), window="brain").image))
+
+    at = AppTest.from_function(_dicom_panel, args=(db, image_id), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    shown = " ".join(m.value for m in at.markdown)
+    ds = pydicom.dcmread(path)
+    for value in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, "CT", "brain preset C 40 / W 80",
+                  "1 of 1"):
+        assert value in shown, value
+    assert at.selectbox[0].value == dicom_view.AS_SCORED and "lung" in at.selectbox[0].options
+    assert "brain preset C 40 / W 80" in _captions(at)
+    at.selectbox[0].select("lung").run()
+    assert not at.exception, at.exception
+    assert "lung preset C -600 / W 1500" in _captions(at)
+    at.selectbox[0].select(dicom_view.CUSTOM).run()
+    at.number_input[0].set_value(100.0).run()
+    assert "preset C 100 / W 80" in _captions(at)
+    page = shown + _captions(at) + " ".join(str(n.value) for n in at.selectbox)
+    assert PATIENT_NAME not in page and PATIENT_ID not in page and BIRTH_DATE not in page
+    path.write_bytes(path.read_bytes()[:-10] + bytes(10))  # replaced after scoring: not shown as the scored one
+    with pytest.raises(Exception, match="replaced since it was scored"):
+        dicom_view.frame_image(engine, image_id)
+    assert dicom_view.show(engine, image_list(db)[0]["id"] + 1) is False  # not a DICOM image: nothing drawn
+    engine.dispose()
