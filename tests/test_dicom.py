@@ -478,3 +478,76 @@ def test_dashboard_panel_shows_uids_modality_and_window_and_rerenders_presets(tm
         dicom_view.frame_image(engine, image_id)
     assert dicom_view.show(engine, image_list(db)[0]["id"] + 1) is False  # not a DICOM image: nothing drawn
     engine.dispose()
+
+
+def test_enhanced_multi_frame_rescale_and_window_are_taken_per_frame(tmp_path):
+    """Per-Frame Functional Groups (PS3.3 C.7.6.16) carry each frame's rescale and window: frame 0 is shown
+    in its own window, frame 1 in another, and a shared group applies to frames without their own."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    frame = ds.PixelData
+    ds.PixelData = frame * 3
+    ds.NumberOfFrames = 3
+
+    def group(center: float | None, width: float, slope: float) -> Dataset:
+        item = Dataset()
+        transform = Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = slope, 0, "US"
+        item.PixelValueTransformationSequence = Sequence([transform])
+        if center is not None:
+            voi = Dataset()
+            voi.WindowCenter, voi.WindowWidth = center, width
+            item.FrameVOILUTSequence = Sequence([voi])
+        return item
+
+    ds.PerFrameFunctionalGroupsSequence = Sequence([group(600, 400, 1.0), group(1200, 800, 2.0), Dataset()])
+    shared = Dataset()
+    shared.FrameVOILUTSequence = Sequence([Dataset()])
+    shared.FrameVOILUTSequence[0].WindowCenter, shared.FrameVOILUTSequence[0].WindowWidth = 300, 100
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    values = pydicom.dcmread(bundled("MR_small.dcm")).pixel_array.astype(np.float64)
+    first, second, third = (decode(str(path), frame=i) for i in range(3))
+    assert first.window == dicom.Window("file", 600.0, 400.0) and second.window == dicom.Window("file", 1200.0, 800.0)
+    assert third.window == dicom.Window("file", 300.0, 100.0)  # the shared group
+    # frame 1 doubles its values and its window: the same picture as frame 0 (to a grey level)
+    assert np.abs(gray(second) - gray(first)).max() <= 1
+    expected = np.clip(((values - 299.5) / 99.0 + 0.5) * 255 + 0.5, 0, 255).astype(np.int16)
+    assert np.abs(gray(third) - expected).max() <= 1
+
+
+def test_migration_0005_keeps_rows_as_frame_0_and_downgrades(tmp_path):
+    from inspector.store.db import make_engine, upgrade, utcnow
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    assert upgrade(url, "0004") == "0004"
+    engine = make_engine(url)
+    old = MetaData()
+    old.reflect(engine)
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(old.tables["images"].insert().values(
+            path="/a.png", class_name="bottle", sha256="a" * 64, size=1, mtime_ns=1, status="pending", attempts=0,
+            next_attempt_at=now, discovered_at=now, updated_at=now))
+    assert upgrade(url) == "0005"
+    with engine.connect() as conn:
+        assert conn.execute(select(images.c.path, images.c.frame)).all() == [("/a.png", 0)]
+    from alembic import command
+
+    from inspector.store.db import alembic_config
+
+    engine.dispose()
+    plain = create_engine(url)  # foreign keys off, as upgrade() runs SQLite migrations
+    with plain.begin() as conn:
+        config = alembic_config(url)
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0004")
+    after = MetaData()
+    after.reflect(plain)
+    assert "dicom_images" not in after.tables and "frame" not in after.tables["images"].c
+    with plain.connect() as conn:
+        assert conn.execute(select(after.tables["images"].c.path)).scalars().all() == ["/a.png"]
+    plain.dispose()
