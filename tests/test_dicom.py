@@ -244,8 +244,8 @@ def test_a_medical_source_scores_under_a_version_of_its_own(tmp_path):
     assert recipe_from_settings(own).identity["options"]["domain"] == "medical"
 
 
-def test_one_row_per_frame_renames_and_copies_follow_every_frame(tmp_path):
-    engine = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}", auto_upgrade=True)
+def test_one_row_per_frame_renames_and_copies_follow_every_frame(tmp_path, db_url):
+    engine = open_store(db_url, auto_upgrade=True)
     source = ensure_source(engine, str(tmp_path), "dose")
     path = tmp_path / "dose.dcm"
     shutil.copy(bundled("rtdose.dcm"), path)
