@@ -18,8 +18,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
@@ -28,6 +29,7 @@ from .imaging import ImageDecodeError, ImageInput, as_list, open_image
 
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _NAME_FILE = "class.txt"
+T = TypeVar("T")
 
 
 def class_slug(class_name: str) -> str:
@@ -141,3 +143,39 @@ class ReferenceStore:
 
     def __repr__(self) -> str:
         return f"ReferenceStore({str(self.folder)!r})"
+
+
+def cached_encoding(store: ReferenceStore | None, class_name: str, cache: dict[str, T],
+                    encode: Callable[[list[Path], tuple[str, ...]], T], limit: int = 0) -> T | None:
+    """What a detector made of a class's reference images (few-shot memory, MuSc's seeded pool), cached in
+    ``cache`` and made again only when the store's images of that class changed.
+
+    A cached value carries a ``fingerprint``: the file names it was made from, or None when the detector pinned
+    it itself (kept as is, whatever the store holds). ``encode(paths, fingerprint)`` makes the value from the
+    first ``limit`` references (0: all). A reference removed between listing and reading (``references
+    remove`` on another box) gets one more listing; a second failure is a ValueError naming the folder. Returns
+    None (and forgets the class) when the store holds no reference of it.
+    """
+    cached = cache.get(class_name)
+    if cached is not None and cached.fingerprint is None:
+        return cached
+    current = store.fingerprint(class_name) if store is not None else ()
+    if not current:
+        cache.pop(class_name, None)
+        return None
+    if cached is not None and cached.fingerprint == current:
+        return cached
+    for attempt in (1, 2):
+        paths = store.list(class_name)
+        if not paths:
+            cache.pop(class_name, None)
+            return None
+        try:
+            value = encode(paths[:limit] if limit else paths, tuple(p.name for p in paths))
+            break
+        except ValueError as exc:
+            if attempt == 2:
+                raise ValueError(f"reference images of class '{class_name}' in {store.folder} are unreadable: "
+                                 f"{exc}") from None
+    cache[class_name] = value
+    return value

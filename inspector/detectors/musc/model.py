@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ...backbone import BackboneSpec, ClipBackbone, build_openai_clip, read_openai_state_dict
 from ...imaging import ImageInput, as_list
-from ...references import ReferenceStore
+from ...references import ReferenceStore, cached_encoding
 from ...runtime import resolve
 from ..base import BenchPlan, Detector, Prediction
 from .ops import (
@@ -567,22 +567,12 @@ class MuSc(Detector):
 
     def reference_pool(self, class_name: str) -> _Pool | None:
         """The pinned references of a class, or those of the reference store (re-read when it changed)."""
-        cached = self._pinned.get(class_name)
-        if cached is not None and cached.fingerprint is None:
-            return cached
-        if self.references is None:
-            return None
-        paths = self.references.list(class_name)
-        fingerprint = tuple(p.name for p in paths)
-        if not paths:
-            self._pinned.pop(class_name, None)
-            return None
-        if cached is None or cached.fingerprint != fingerprint:
+        def encode(paths: list[Path], fingerprint: tuple[str, ...]) -> _Pool:
             log.info("class '%s': MuSc pool seeded with %d reference image(s) from %s", class_name, len(paths),
                      self.references.folder)
-            cached = self._pinned[class_name] = self._reference_pool(self.preprocess(paths),
-                                                                     fingerprint)
-        return cached
+            return self._reference_pool(self.preprocess(paths), fingerprint)
+
+        return cached_encoding(self.references, class_name, self._pinned, encode)
 
     # ---------------------------------------------------------------------------------------------
     # live scoring

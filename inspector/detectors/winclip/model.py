@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from ...backbone import CLIP_MEAN, CLIP_STD, BackboneSpec, ClipBackbone, tokenize
 from ...imaging import ImageInput, as_list
-from ...references import ReferenceStore
+from ...references import ReferenceStore, cached_encoding
 from ...runtime import fp32, resolve
 from ..base import BenchPlan, Detector, Prediction
 
@@ -310,33 +311,14 @@ class WinCLIP(Detector):
 
     def reference_memory(self, class_name: str) -> _References | None:
         """The few-shot memory of a class: pinned, or from the store (re-read when it changed), or None."""
-        cached = self._memory.get(class_name)
-        if cached is not None and cached.fingerprint is None:
-            return cached
-        if self.references is None:
-            return None
-        fingerprint = self.references.fingerprint(class_name)
-        if not fingerprint:
-            self._memory.pop(class_name, None)
-            return None
-        if cached is None or cached.fingerprint != fingerprint:
-            for attempt in (1, 2):  # a second listing if a reference vanished meanwhile (`references remove`)
-                paths = self.references.list(class_name)
-                fingerprint = tuple(p.name for p in paths)
-                if not paths:
-                    self._memory.pop(class_name, None)
-                    return None
-                try:
-                    pixels = self.preprocess(paths[:self.k_shot] if self.k_shot else paths)
-                    break
-                except ValueError as exc:
-                    if attempt == 2:
-                        raise ValueError(f"reference images of class '{class_name}' in {self.references.folder} "
-                                         f"are unreadable: {exc}") from None
+        def encode(paths: list[Path], fingerprint: tuple[str, ...]) -> _References:
+            pixels = self.preprocess(paths)
             log.info("class '%s': few-shot on %d reference image(s) from %s", class_name, pixels.shape[0],
                      self.references.folder)
-            self._memory[class_name] = cached = self._encode_references(pixels, fingerprint)
-        return cached
+            with torch.inference_mode():
+                return self._encode_references(pixels, fingerprint)
+
+        return cached_encoding(self.references, class_name, self._memory, encode, limit=self.k_shot)
 
     # ---------------------------------------------------------------------------------------------
     # scoring
