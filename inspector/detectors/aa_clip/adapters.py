@@ -7,7 +7,7 @@ Two small module types, laid out so that ``state_dict()`` keys are exactly the o
 * ``Projection`` (``fc.weight``): a bias-free ``x W^T``, the per-level seg projections S_l and the det
   projection D.
 
-Official containers (spec §9):
+Official containers (as AA-CLIP's ``train.py`` writes them):
 
 ==========================  ==================================================  ==========
 key                         meaning                                             shape

@@ -148,12 +148,12 @@ OFFICIAL_DESCRIPTIONS: dict[str, dict[str, str]] = {
 #: folder name -> description over all datasets (the folder names do not collide)
 CLASS_DESCRIPTIONS: dict[str, str] = {k: v for table in OFFICIAL_DESCRIPTIONS.values() for k, v in table.items()}
 
-#: Prompt ensemble (spec §4.1): state phrases, then sentence templates, state-major order.
+#: Prompt ensemble (official ``forward_utils.py``): state phrases, then sentence templates, state-major order.
 NORMAL_STATES = ("{}", "a {}", "the {}")
 ABNORMAL_STATES = ("a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage")
 TEMPLATES = ("{}.", "a photo of {}.")
 
-#: domain -> (blur kernel size, sigma) (spec §6.2)
+#: domain -> (blur kernel size, sigma) (official ``test.py``)
 BLUR = {"industrial": (7, 1.0), "medical": (9, 1.5)}
 LOGIT_SCALE = 100.0  # fixed, not exp(logit_scale)
 

@@ -1,6 +1,6 @@
 """Bayes-PFL inference: frozen CLIP + ``BayesPFLHead`` -> anomaly maps and image scores.
 
-The function computed is the official test path (spec §2-5) on identical weights and noise; the way
+The function computed is the official test path (github.com/xiaozhen228/Bayes-PFL: ``test.py``, ``VPB.py``, ``PFL.py``) on identical weights and noise; the way
 it is computed is not:
 
 * one text-encoder call per batch for all 2·B·R prompts of all N images, sequences cut right after
@@ -41,7 +41,7 @@ from .head import BayesPFLConfig, BayesPFLHead, describe
 
 log = logging.getLogger(__name__)
 
-#: Folder names the official code maps to other prompt names (spec §2); anything else is lower-cased.
+#: Folder names the official code maps to other prompt names (official ``VPB.py`` prompt names); anything else is lower-cased.
 CLASS_PROMPT_NAMES = {
     "macaroni1": "macaroni", "macaroni2": "macaroni",
     "pcb1": "printed circuit board", "pcb2": "printed circuit board",
@@ -81,7 +81,7 @@ OFFICIAL_PROTOCOL = EvalProtocol(smooth_sigma=8.0, fusion=fuse_text_topk)
 
 def official_image_scores(text_scores: torch.Tensor, topk_scores: torch.Tensor,
                           class_names: Sequence[str]) -> torch.Tensor:
-    """The official transductive fusion (spec §5.3), for evaluation parity only.
+    """The official transductive fusion (``models/metric_and_visualization.py``, called from ``test.py``), for evaluation parity only.
 
     0.5·minmax_c(s_text) + 0.5·minmax_c(s_topk), min-max over all test images of the same class c
     (+1e-8 in the denominator). It needs the whole test set, so a live line cannot use it. The same

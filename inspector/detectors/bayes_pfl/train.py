@@ -1,4 +1,4 @@
-"""Retraining Bayes-PFL's learnable parts on auxiliary data (spec §6). The CLIP backbone stays frozen and
+"""Retraining Bayes-PFL's learnable parts on auxiliary data (official ``train.py``). The CLIP backbone stays frozen and
 no gradient is computed for its weights (features under ``no_grad``; the text tower is differentiated
 only with respect to its inputs, the prompts).
 
@@ -151,7 +151,7 @@ def dice_loss(prob_abnormal: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def flow_kl(out: dict[str, torch.Tensor], images: int, logdet_divisor: int | None = None) -> torch.Tensor:
-    """KL(q_K || N(0, I)) up to constants, averaged over images (spec §6.1).
+    """KL(q_K || N(0, I)) up to constants, averaged over images (official ``train.py`` and ``loss.py``).
 
     out: z0, zk [..., E], mu, var (broadcastable), log_det [...]. ``logdet_divisor`` reproduces the official
     IAD quirk (its single log-det divided by the image batch size).
@@ -353,7 +353,7 @@ def train(model: BayesPFL, records: Sequence[Any], cfg: TrainConfig, run_dir: Pa
     model.head.to(device)
     while state.epoch < cfg.epochs and not state.finished:
         epoch = state.epoch
-        # stage 1 scores images with v = g, stage 2 with v = image_mapping(g + fuse(F)) (spec §5.1)
+        # stage 1 scores images with v = g, stage 2 with v = image_mapping(g + fuse(F)) (official ``VPB.py``)
         model.head.config = dataclasses.replace(model.head.config, stage=state.stage)
         model.head.train()
         model.clear_caches()

@@ -84,7 +84,7 @@ def nearest_distances(query: torch.Tensor, memory: torch.Tensor, budget_bytes: i
 
 
 def nearest_distances_cdist(query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """The official arithmetic of the same D (spec §6): one ``torch.cdist`` per query image on contiguous
+    """The official arithmetic of the same D (official ``_MSM.py``): one ``torch.cdist`` per query image on contiguous
     [L, C] and [M*L', C] operands, the whole [L, M*L'] distance matrix at once. Memory O(M * L^2)."""
     nq, length, width = query.shape
     m, mem_length, _ = memory.shape
@@ -118,7 +118,7 @@ def upsample(grid_map: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def rscin(scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int]) -> torch.Tensor:
-    """RsCIN (spec §8.2): raw scores a [N] and unit image embeddings T [N, E] of one pool -> [N] float32.
+    """RsCIN (official ``_RsCIN.py``): raw scores a [N] and unit image embeddings T [N, E] of one pool -> [N] float32.
 
     s = min-max(a); W = T T^T; for each k, each image's score is the W-weighted mean of s over its k most
     similar images (itself included); the result is the mean over ``k_list``. Identical raw scores give 0
