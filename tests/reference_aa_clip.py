@@ -1,6 +1,7 @@
 """Independent, deliberately naive reference of the official AA-CLIP *test* path.
 
-Written from shared/spec/aa-clip.md only (§2-6, §9), never from the package under test: nothing from
+Written from notes taken on the official code (github.com/Mwxinnn/AA-CLIP; "spec §N" below names sections of
+those notes), never from the package under test: nothing from
 ``inspector`` is imported here. It follows the structure of the official code, not ours:
 
 * a CLIP of its own built from an open_clip-style config dict: sequence-first

@@ -1,7 +1,8 @@
 """Independent, deliberately naive reference of the official Bayes-PFL *test* path.
 
-Written from the notes in shared/spec/bayes-pfl.md only (sections 1-5, 7, 8, 12), never from the
-package under test: nothing from ``inspector`` is imported here. It works on raw state-dict tensors
+Written from notes taken on the official code (github.com/xiaozhen228/Bayes-PFL; the "spec §N" marks below
+name sections of those notes: backbone, prompts, flows, RCA, scores, test path, checkpoints, hazards), never
+from the package under test: nothing from ``inspector`` is imported here. It works on raw state-dict tensors
 and follows the structure of the official code, not ours:
 
 * one image at a time (the official test batch is 1, spec §7.1, §12.7);

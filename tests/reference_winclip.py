@@ -1,4 +1,4 @@
-"""A deliberately naive WinCLIP, written from the facts of anomalib's ``WinClipModel`` (spec §2), to check
+"""A deliberately naive WinCLIP, written from the facts of anomalib's ``WinClipModel`` (anomalib 2.x, ``anomalib/models/image/winclip``), to check
 ``inspector.detectors.winclip`` against: open_clip's own modules (``clip.encode_text``, the hooked
 ``clip.visual`` forward, ``clip.visual.transformer``), one transformer call per window and image, one
 Python step per patch in the harmonic aggregation, and explicit loops for the nearest reference.
