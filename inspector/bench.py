@@ -197,7 +197,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
             "agreement": precision_agreement(model, pixels_all, [class_name] * pixels_all.shape[0], low,
                                              quantile=threshold_quantile, **options),
         }
-    pipeline, latency = pipeline_case(model, max(batch_sizes), samples, count=max(6 * max(batch_sizes), 24))
+    pipeline, latency = pipeline_case(model, max(batch_sizes), count=max(6 * max(batch_sizes), 24))
     exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
     pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
     pipeline.precision = resolved
@@ -370,8 +370,9 @@ def _percentiles(values: list[float]) -> dict[str, float | int]:
     return {"events": int(data.size), **{f"p{q}_ms": float(np.percentile(data, q)) for q in (50, 95, 99)}}
 
 
-def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) -> tuple[Case, dict[str, Any]]:
-    """Time `watch --once` on ``count`` PNG files with the already-loaded ``model`` (no load time), deciding
+def pipeline_case(model: Detector, batch_size: int, count: int) -> tuple[Case, dict[str, Any]]:
+    """Time `watch --once` on ``count`` PNG files with the already-loaded ``model`` as configured (its own
+    options, e.g. Bayes-PFL's R, as the line would score; no load time), deciding
     each result and delivering its event to a real local MQTT broker when the machine has mosquitto:
     returns the case and the file-stable -> decision-delivered latency (p50, p95, p99)."""
     import datetime as dt
@@ -390,9 +391,6 @@ def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) ->
     from .store.schema import images, results
     from .worker import Worker
 
-    old_samples = getattr(model, "samples", None)
-    if old_samples is not None:
-        model.samples = samples
     with tempfile.TemporaryDirectory(prefix="inspector-bench-") as tmp:
         folder = Path(tmp) / "line"
         folder.mkdir()
@@ -445,7 +443,5 @@ def pipeline_case(model: Detector, batch_size: int, samples: int, count: int) ->
                 raise RuntimeError(f"pipeline bench stored {worker.stored} of {count} images")
         finally:
             engine.dispose()
-            if old_samples is not None:
-                model.samples = old_samples
     case = Case("pipeline (watch --once)", batch_size, seconds * 1000 / count, count / seconds, rss.peak / 2**20)
     return case, latency

@@ -350,7 +350,8 @@ def bench(
         s.override("model", detector=name, backbone=backbone, pretrained=pretrained, device=device,
                    precision=precision, image_size=image_size, head="", name="")
         s.override("bench", batch_sizes=batch_sizes, repeats=repeats, output=str(output) if output else None)
-        r = samples or s.bayes_pfl.samples
+        s.override("bayes_pfl", samples=samples)  # the pipeline case scores as the line would, at this R
+        r = s.bayes_pfl.samples
         model = load_model(settings=s)
         console.print(f"bench {name}: {model.backbone.spec.arch} ({model.backbone.spec.pretrained}) at "
                       f"{model.image_size}px on {model.device}", highlight=False)

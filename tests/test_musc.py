@@ -287,7 +287,7 @@ def test_run_bench_times_musc_pools(clip, monkeypatch):
     stubbed: it belongs to the pipeline (tests/test_detectors.py), not to the detector."""
     from inspector import bench
 
-    monkeypatch.setattr(bench, "pipeline_case", lambda model, batch_size, samples, count:
+    monkeypatch.setattr(bench, "pipeline_case", lambda model, batch_size, count:
                         (bench.Case("pipeline (watch --once)", batch_size, 1.0, 1000.0, 0.0), {}))
     live = MuSc(_backbone(clip), pool_size=4, provenance={"backbone": "test-tiny/random", "random_weights": True})
     live.bench_pools = (8,)
