@@ -165,13 +165,13 @@ def test_pool_comes_back_after_a_restart(backbone, tmp_path):
     first = old.predict_tensors(pixels[:3], ["metal nut"] * 3)
     old.predict_tensors(pixels[3:7], ["metal nut"] * 4)  # 7 > cap 5: the ring buffer wrapped
     pool = old._pools["metal nut"]
-    assert pool.count == 5 and pool.start != 0
+    assert pool.count == 5 and pool.oldest_first() != list(range(5))  # a newcomer took the oldest's slot
     folder = old.files.class_dir("metal nut")
     (folder / ".tmp-killed.pt").write_bytes(b"half a file")  # what a SIGKILL during a write leaves
     new = MuSc(backbone, pool_size=5, pool_dir=tmp_path)  # a restarted worker, same settings
     assert new.pool_hashes("metal nut") == old.pool_hashes("metal nut")
     restored = new._pools["metal nut"]
-    assert restored.start == pool.start and restored.hashes == pool.hashes
+    assert restored.ages == pool.ages and restored.hashes == pool.hashes
     assert torch.equal(restored.features[:5], pool.features[:5])
     assert torch.equal(restored.embeddings[:5], pool.embeddings[:5])
     a = old.predict_tensors(pixels[7:8], ["metal nut"])
@@ -276,3 +276,76 @@ def test_bench_reports_the_subsample_agreement(backbone):
     assert -1 <= agreement["spearman_image_score"] <= 1 and agreement["max_abs_map_diff"] > 0
     assert agreement["mean_signed_image_score_diff"] >= 0
     assert report["full_size"]["msm_gflop_per_image_subsample"][200] < report["full_size"]["msm_gflop_per_image"][200]
+
+
+# ------------------------------------------------------------------------------------------------------
+# reviewer verdicts: rejected images leave the pool, accepted ones are preferred
+
+
+def _pngs(folder: Path, count: int, seed: int) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 200, size=(48, 48, 3))
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"part_{i}.png")
+        Image.fromarray((base + rng.integers(0, 56, size=(48, 48, 3))).astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_accepted_normals_are_evicted_last_and_readmitted(backbone, tmp_path):
+    from inspector.detectors.musc import content_hash
+
+    paths = _pngs(tmp_path / "line", 7, 21)
+    model = MuSc(backbone, pool_size=3, pool_dir=tmp_path / "pools")
+    pixels = model.preprocess(paths)
+    h = [content_hash(p) for p in pixels]
+    review = lambda i: ("c", str(paths[i]), f"sha-{i}")  # (class, path, content key) as store.pool_reviews
+    model.predict_tensors(pixels[:3], ["c"] * 3)
+    assert model.pool_hashes("c") == h[:3]
+    assert model.on_reviews([], normals=[review(0)]) == 0 and model.pool_accepted("c") == [h[0]]
+    for i in (3, 4, 5):  # each newcomer replaces the oldest image no reviewer accepted, never h0
+        model.predict_tensors(pixels[i:i + 1], ["c"])
+    assert model.pool_hashes("c") == [h[0], h[4], h[5]]  # a plain ring buffer would hold h3, h4, h5
+    # an accepted image that had left the pool is admitted again (unscored), replacing the oldest unaccepted
+    model.on_reviews([], normals=[review(1)])
+    assert model.pool_hashes("c") == [h[0], h[5], h[1]] and model.pool_accepted("c") == [h[0], h[1]]
+    # rejected: out; a reviewer who changes their mind about an accepted image takes it out too
+    assert model.on_reviews([review(5), review(0)]) == 2
+    assert model.pool_hashes("c") == [h[1]] and model.pool_accepted("c") == [h[1]]
+    # a restarted worker has the same pool and marks, and is sent every review again: it reads no image
+    again = MuSc(backbone, pool_size=3, pool_dir=tmp_path / "pools")
+    assert again.pool_hashes("c") == [h[1]] and again.pool_accepted("c") == [h[1]]
+
+    def no_reading(images):
+        raise AssertionError(f"read {images} again")
+
+    again.preprocess = no_reading
+    assert again.on_reviews([review(5), review(0)], normals=[review(1)]) == 0
+    assert again.pool_hashes("c") == [h[1]]
+    # a pool of accepted images only: the newest image still gets in, in place of the oldest accepted one
+    full = MuSc(backbone, pool_size=2)
+    full.on_reviews([], normals=[review(0), review(1), review(2)])  # the newest pool_size are admitted
+    assert full.pool_hashes("c") == [h[1], h[2]] and full.pool_accepted("c") == [h[1], h[2]]
+    full.predict_tensors(pixels[6:7], ["c"])
+    assert full.pool_hashes("c") == [h[2], h[6]] and full.pool_accepted("c") == [h[2]]
+
+
+def test_accepted_normals_join_while_the_class_drifts(backbone, tmp_path):
+    """A drifting class keeps its new images out of the pool, but a reviewer-accepted one is admitted."""
+    from inspector.detectors.musc import content_hash
+
+    paths = _pngs(tmp_path / "line", 2, 5)
+    model = MuSc(backbone, pool_size=10, drift_window=2, drift_share=0.5)
+    normals, odd = _stream(6, 31), _stream(4, 32, square=True)
+    for i in range(6):
+        model.predict_tensors(normals[i:i + 1], ["d"])
+    preds = [model.predict_tensors(odd[i:i + 1], ["d"]) for i in range(4)]
+    assert preds[-1].provenance["pool_drift"]["d"]["drifting"]
+    count = model.pool_count("d")
+    model.on_reviews([], normals=[("d", str(paths[0]), "k0")])
+    assert model.pool_count("d") == count + 1
+    assert model.pool_accepted("d") == [content_hash(model.preprocess(paths[:1])[0])]

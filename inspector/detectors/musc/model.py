@@ -46,6 +46,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _APPROX = ("none", "subsample")
 #: images of a class scored before the drift check has its baseline / needs for a verdict: ``drift_window``
 MIN_DRIFT_REFERENCES = 4  # images scored against fewer references are not counted (their scores run high)
+#: verdicts remembered per class (``MuSc.on_reviews``): older ones are taken into account again after a restart
+REVIEW_MEMORY = 4096
 
 
 @dataclass
@@ -82,18 +84,34 @@ class PoolScores:
 
 @dataclass
 class _Pool:
-    """Pooled images of one class: Z [capacity, R*T, L, C] (``count`` filled), unit g [capacity, E],
-    content hashes; a ring buffer once full (``start`` = the oldest slot)."""
+    """Pooled images of one class: Z [capacity, R*T, L, C] (``count`` filled), unit g [capacity, E], content
+    hashes and join ages (larger = newer) per slot, and the hashes a reviewer accepted as normal. Once full,
+    a newcomer replaces the ``victim``: the oldest image no reviewer accepted, else the oldest."""
 
     features: torch.Tensor
     embeddings: torch.Tensor
     hashes: list[str] = field(default_factory=list)
-    start: int = 0
+    ages: list[int] = field(default_factory=list)
+    accepted: set[str] = field(default_factory=set)
     fingerprint: tuple[str, ...] | None = None  # reference-store pools: the listing they were read from
+
+    def __post_init__(self) -> None:
+        if len(self.ages) != len(self.hashes):  # slot order is join order
+            self.ages = list(range(len(self.hashes)))
 
     @property
     def count(self) -> int:
         return len(self.hashes)
+
+    def next_age(self) -> int:
+        return max(self.ages, default=-1) + 1
+
+    def oldest_first(self) -> list[int]:
+        return sorted(range(self.count), key=self.ages.__getitem__)
+
+    def eviction_order(self) -> list[int]:
+        """Slots in the order they leave a full pool: unaccepted images oldest first, then accepted ones."""
+        return sorted(range(self.count), key=lambda s: (self.hashes[s] in self.accepted, self.ages[s]))
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -168,6 +186,7 @@ class MuSc(Detector):
         self._pools: dict[str, _Pool] = {}  # class -> rolling pool of earlier images
         self._pinned: dict[str, _Pool] = {}  # class -> reference images (store or ``set_references``)
         self._drift: dict[str, _Drift] = {}  # class -> drift check state
+        self._reviewed: dict[str, dict[str, str]] = {}  # class -> review key -> verdict taken into account
         self.files = PoolFiles(pool_dir) if pool_dir else None
         self._restored: set[str] = set()  # classes whose stored pool was read (or that were cleared)
         self._forget_disk = False  # clear_pools() of every class: nothing more is read from disk
@@ -284,7 +303,7 @@ class MuSc(Detector):
     def _apply(self, fn, *args, **kwargs):  # .to(device): pooled features follow the model
         for pools in (self._pools, self._pinned):
             for key, p in pools.items():
-                pools[key] = _Pool(fn(p.features), fn(p.embeddings), p.hashes, p.start, p.fingerprint)
+                pools[key] = _Pool(fn(p.features), fn(p.embeddings), p.hashes, p.ages, p.accepted, p.fingerprint)
         return super()._apply(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
@@ -294,20 +313,36 @@ class MuSc(Detector):
         """pixels [N, 3, S, S] -> (Z [N, R*T, L, C] fp32 unit rows, index r_index * T + t_index; g/|g| [N, E]).
 
         The backbone's raw residual stream after each tap (no ln_post), then LNAMD per r."""
-        attention = "sdpa" if self.attention == "auto" else self.attention
         grid = self.backbone.grid
         z, g = [], []
         for start in range(0, pixels.shape[0], chunk):
-            tokens = self.backbone.embed_image(pixels[start:start + chunk].to(self.device))
-            with self.autocast():
-                x, taps = self.backbone.run_vision(tokens, self.layers, attention=attention)
-                g.append(F.normalize(self.backbone.pool(x).float(), dim=-1))
+            pooled, *taps = self.encode_graph("vision", pixels[start:start + chunk].to(self.device))
+            g.append(F.normalize(pooled.float(), dim=-1))
             z.append(torch.stack([lnamd(t.float(), grid, r) for r in self.r_list for t in taps], dim=1))
         if not z:
             length, width = grid * grid, self.backbone.vision_width
             return (torch.empty(0, len(self.r_list) * len(self.layers), length, width, device=self.device),
                     torch.empty(0, self.backbone.embed_dim, device=self.device))
         return torch.cat(z), torch.cat(g)
+
+    def vision_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The "vision" graph: pixels [N, 3, S, S] -> (g [N, E] not normalised, the raw residual stream after
+        each tap layer, CLS dropped: [N, L, W] per layer)."""
+        attention = "sdpa" if self.attention == "auto" else self.attention
+        tokens = self.backbone.embed_image(pixels)
+        with self.autocast():
+            x, taps = self.backbone.run_vision(tokens, self.layers, attention=attention)
+            return (self.backbone.pool(x), *taps)
+
+    def scoring_graphs(self) -> dict[str, Any]:
+        """The vision tower with its taps (LNAMD, the mutual scoring and the pools stay in torch)."""
+        from ..base import ScoringGraph
+
+        size = self.image_size
+        taps = tuple(f"tap_{layer}" for layer in self.layers)
+        return {"vision": ScoringGraph(self.vision_outputs, ("pixels",), ("g", *taps),
+                                       lambda: (torch.randn(2, 3, size, size),),
+                                       {"pixels": {0: "batch"}, "g": {0: "batch"}, **{t: {0: "batch"} for t in taps}})}
 
     # ---------------------------------------------------------------------------------------------
     # mutual scoring
@@ -400,23 +435,30 @@ class MuSc(Detector):
         return _Pool(torch.empty(capacity, combos, length, width, dtype=_DTYPES[self.pool_dtype], device=self.device),
                      torch.empty(capacity, self.backbone.embed_dim, device=self.device))
 
-    def _push(self, pool: _Pool, z: torch.Tensor, g: torch.Tensor, digest: str, capacity: int) -> _Pool:
+    def _push(self, pool: _Pool, z: torch.Tensor, g: torch.Tensor, digest: str, capacity: int,
+              accepted: bool = False) -> _Pool:
         """Add one image (Z [R*T, L, C]) to a pool (growing by doubling up to ``capacity``, then replacing the
-        oldest); in approximate mode only its ``patch_subset`` is kept."""
+        pool's ``victim``: the oldest image no reviewer accepted, else the oldest); in approximate mode only
+        its ``patch_subset`` is kept. ``accepted``: a reviewer accepted it as normal."""
         z = self.as_memory(z[None], [digest])[0]
+        age = pool.next_age()
         if pool.count < capacity:
             if pool.count == pool.features.shape[0]:
                 bigger = self._empty_pool(min(capacity, max(4, 2 * pool.count)))
                 bigger.features[:pool.count] = pool.features[:pool.count]
                 bigger.embeddings[:pool.count] = pool.embeddings[:pool.count]
-                bigger.hashes = pool.hashes
+                bigger.hashes, bigger.ages, bigger.accepted = pool.hashes, pool.ages, pool.accepted
                 pool = bigger
             slot = pool.count
             pool.hashes.append(digest)
+            pool.ages.append(age)
         else:
-            slot = pool.start
+            slot = pool.eviction_order()[0]
+            pool.accepted.discard(pool.hashes[slot])
             pool.hashes[slot] = digest
-            pool.start = (pool.start + 1) % capacity
+            pool.ages[slot] = age
+        if accepted:
+            pool.accepted.add(digest)
         pool.features[slot] = z.to(pool.features.dtype)
         pool.embeddings[slot] = g
         return pool
@@ -457,7 +499,12 @@ class MuSc(Detector):
         pool = self._rolling(class_name)
         if pool is None:
             return []
-        return [pool.hashes[(pool.start + i) % pool.count] for i in range(pool.count)]
+        return [pool.hashes[s] for s in pool.oldest_first()]
+
+    def pool_accepted(self, class_name: str) -> list[str]:
+        """Content hashes of the rolling pool's images that a reviewer accepted as normal, oldest first."""
+        pool = self._rolling(class_name)
+        return [] if pool is None else [h for h in self.pool_hashes(class_name) if h in pool.accepted]
 
     # ---------------------------------------------------------------------------------------------
     # pools on disk (``persist.py``): read on a class's first use, written after each change
@@ -470,14 +517,18 @@ class MuSc(Detector):
             shape = (combos, self.memory_length, self.backbone.vision_width)
             stored = self.files.load(class_name, self.device, shape, _DTYPES[self.pool_dtype])
             if stored is not None:
-                hashes, features, start = stored["hashes"], stored["features"], stored["start"]
-                if len(hashes) > max(self.pool_size, 0):  # the cap applies to what was stored too
-                    order = [(start + i) % len(hashes) for i in range(len(hashes))][len(hashes) - self.pool_size:]
-                    index = torch.tensor(order, dtype=torch.long, device=features.device)
-                    hashes, features, start = [hashes[i] for i in order], features[index], 0
-                    stored["embeddings"] = stored["embeddings"][index.to(stored["embeddings"].device)]
+                pool = _Pool(stored["features"], stored["embeddings"], list(stored["hashes"]), list(stored["ages"]),
+                             set(stored["accepted"]) & set(stored["hashes"]))
+                if pool.count > max(self.pool_size, 0):  # the cap applies to what was stored too
+                    keep = sorted(pool.eviction_order()[pool.count - self.pool_size:])
+                    index = torch.tensor(keep, dtype=torch.long, device=pool.features.device)
+                    pool = _Pool(pool.features[index], pool.embeddings[index.to(pool.embeddings.device)],
+                                 [pool.hashes[i] for i in keep], [pool.ages[i] for i in keep], pool.accepted)
+                    pool.accepted &= set(pool.hashes)
+                hashes = pool.hashes
                 if hashes:
-                    self._pools[class_name] = _Pool(features, stored["embeddings"], list(hashes), start)
+                    self._pools[class_name] = pool
+                self._reviewed[class_name] = dict(stored["reviewed"])
                 drift = stored["drift"]
                 if drift:
                     self._drift[class_name] = _Drift([float(v) for v in drift.get("baseline", [])],
@@ -496,22 +547,90 @@ class MuSc(Detector):
         count = pool.count
         features = {pool.hashes[i]: pool.features[i] for i in range(count)}
         drift = self._drift.get(class_name)
-        self.files.save(class_name, features, list(pool.hashes), pool.start, pool.embeddings[:count],
-                        drift.state() if drift else {})
+        self.files.save(class_name, features, list(pool.hashes), list(pool.ages), pool.embeddings[:count],
+                        drift.state() if drift else {}, accepted=sorted(pool.accepted),
+                        reviewed=self._reviewed.get(class_name, {}))
 
-    def on_reviews(self, defects: Sequence[tuple[str, str]]) -> int:
-        """Reviewer verdicts from the line (``pipeline.Models.sync_reviews``): each (class name, image path)
-        judged a defect leaves its class's rolling pool, so a rejected part is never a reference of normality.
-        Returns how many pool entries were removed; an image that is gone or unreadable is skipped."""
-        removed = 0
-        for class_name, path in defects:
-            if self._rolling(class_name) is None:
+    def on_reviews(self, defects: Sequence[Sequence[str]], normals: Sequence[Sequence[str]] = ()) -> int:
+        """Reviewer verdicts from the line (``pipeline.Models.sync_reviews``, ``store.pool_reviews``), each a
+        (class name, image path[, content key]) tuple, each image once by its latest verdict:
+
+        * ``defects``: a rejected image leaves its class's rolling pool (by content), so a rejected part is
+          never a reference of normality;
+        * ``normals``: an accepted image is marked *accepted* in the pool, and evicted last (a full pool
+          replaces its oldest unaccepted image first; only a pool of accepted images replaces an accepted
+          one). An accepted image that is not pooled (evicted already, kept out while the class drifted, or
+          scored by another model version) is admitted again, without scoring; only the newest
+          ``pool_size`` accepted images of a class per call are considered.
+
+        A verdict taken into account is remembered by its key (the file's SHA-256 from the store) and
+        stored with the pool, so a restarted worker, which is sent every review again, neither re-reads
+        those images nor changes its pool. Returns how many pool entries were removed; an image that is
+        gone or unreadable is skipped (and tried again at the next restart)."""
+        removed, touched = 0, set()
+        for entry in defects:
+            class_name, path = entry[0], entry[1]
+            key = entry[2] if len(entry) > 2 else path
+            pool = self._rolling(class_name)
+            if self._reviewed.get(class_name, {}).get(key) == "defect":
                 continue
-            try:
-                removed += self.pool_remove(class_name, [path])
-            except (OSError, ValueError) as exc:
-                log.warning("MuSc: cannot take rejected %s out of the %s pool: %s", path, class_name, exc)
+            if pool is not None and pool.count:
+                try:
+                    removed += self.pool_remove(class_name, [path])
+                except (OSError, ValueError) as exc:
+                    log.warning("MuSc: cannot take rejected %s out of the %s pool: %s", path, class_name, exc)
+                    continue
+            self._remember(class_name, key, "defect")
+            touched.add(class_name)
+        for class_name in touched:
+            self._save(class_name)
+        for class_name in dict.fromkeys(e[0] for e in normals):
+            wanted = [e for e in normals if e[0] == class_name][-self.pool_size:] if self.pool_size else []
+            seen = self._reviewed.setdefault(class_name, {})
+            fresh = [e for e in wanted if seen.get(e[2] if len(e) > 2 else e[1]) != "normal"]
+            if fresh:
+                self._accept(class_name, fresh)
         return removed
+
+    def _accept(self, class_name: str, entries: Sequence[Sequence[str]]) -> None:
+        """Mark reviewer-accepted images of a class (already pooled) or admit them (not pooled); see
+        ``on_reviews``. Admission ignores a drift pause: a reviewer vouched for these images."""
+        pool = self._rolling(class_name) or self._empty_pool(0)
+        pinned = self._pinned.get(class_name)
+        pixels, digests, keys = [], [], []
+        for entry in entries:
+            key = entry[2] if len(entry) > 2 else entry[1]
+            try:
+                x = self.preprocess(as_list([entry[1]]))[0]
+            except (OSError, ValueError) as exc:
+                log.warning("MuSc: cannot read accepted %s for the %s pool: %s", entry[1], class_name, exc)
+                continue
+            digest = content_hash(x)
+            keys.append(key)
+            if digest in pool.hashes:
+                pool.accepted.add(digest)
+            elif not (pinned and digest in pinned.hashes) and digest not in digests:
+                pixels.append(x)
+                digests.append(digest)
+        if digests:
+            with torch.inference_mode():
+                z, g = self.features(torch.stack(pixels))
+                for i, digest in enumerate(digests):
+                    pool = self._push(pool, z[i], g[i], digest, self.pool_size, accepted=True)
+            log.info("class '%s': %d reviewer-accepted image(s) admitted to the MuSc pool", class_name, len(digests))
+        if pool.count:
+            self._pools[class_name] = pool
+        for key in keys:
+            self._remember(class_name, key, "normal")
+        self._save(class_name)
+
+    def _remember(self, class_name: str, key: str, verdict: str) -> None:
+        """Record a verdict taken into account (bounded: the newest ``REVIEW_MEMORY`` keys of a class)."""
+        seen = self._reviewed.setdefault(class_name, {})
+        seen.pop(key, None)
+        seen[key] = verdict
+        for old in list(seen)[:max(0, len(seen) - REVIEW_MEMORY)]:
+            del seen[old]
 
     def pool_remove(self, class_name: str, images: Sequence[ImageInput] | torch.Tensor) -> int:
         """Take images out of the rolling pool of a class (a reviewer rejected them as defects), by
@@ -521,8 +640,7 @@ class MuSc(Detector):
         pool = self._rolling(class_name)
         if pool is None:
             return 0
-        order = [(pool.start + i) % pool.count for i in range(pool.count)]  # oldest first
-        keep = [slot for slot in order if pool.hashes[slot] not in drop]
+        keep = [slot for slot in pool.oldest_first() if pool.hashes[slot] not in drop]
         if len(keep) == pool.count:
             return 0
         fresh = self._empty_pool(max(len(keep), 1))
@@ -530,6 +648,8 @@ class MuSc(Detector):
         fresh.features[:len(keep)] = pool.features[index]
         fresh.embeddings[:len(keep)] = pool.embeddings[index]
         fresh.hashes = [pool.hashes[s] for s in keep]
+        fresh.ages = [pool.ages[s] for s in keep]
+        fresh.accepted = pool.accepted & set(fresh.hashes)
         self._pools[class_name] = fresh
         self._save(class_name)
         return pool.count - len(keep)
@@ -538,7 +658,7 @@ class MuSc(Detector):
         """Forget the rolling pool and drift state of one class (or all) and the reference images read from
         the store, in memory: the files in ``pool_dir`` stay until the class's pool next changes (then they
         are replaced), and are not read again by this instance."""
-        for pools in (self._pools, self._pinned, self._drift):
+        for pools in (self._pools, self._pinned, self._drift, self._reviewed):
             for key in [class_name] if class_name is not None else list(pools):
                 pools.pop(key, None)
         if class_name is None:
@@ -562,7 +682,7 @@ class MuSc(Detector):
     def _reference_pool(self, pixels: torch.Tensor, fingerprint: tuple[str, ...] | None) -> _Pool:
         with torch.inference_mode():
             z, g = self.features(pixels)
-        pool = _Pool(z.to(_DTYPES[self.pool_dtype]), g, [content_hash(p) for p in pixels], 0, fingerprint)
+        pool = _Pool(z.to(_DTYPES[self.pool_dtype]), g, [content_hash(p) for p in pixels], fingerprint=fingerprint)
         return pool
 
     def reference_pool(self, class_name: str) -> _Pool | None:
@@ -717,12 +837,13 @@ class MuSc(Detector):
         """``inspector eval`` (``evaluation.score_dataset``): score a dataset from empty rolling pools held in
         memory only (no stored pool read or written, so an eval never mixes with a line's pools), then give the
         instance back its pools as they were."""
-        saved = (self.files, self._pools, self._drift, self._restored, self._forget_disk)
-        self.files, self._pools, self._drift, self._restored, self._forget_disk = None, {}, {}, set(), False
+        saved = (self.files, self._pools, self._drift, self._reviewed, self._restored, self._forget_disk)
+        self.files, self._pools, self._drift, self._reviewed, self._restored, self._forget_disk = \
+            None, {}, {}, {}, set(), False
         try:
             yield self
         finally:
-            self.files, self._pools, self._drift, self._restored, self._forget_disk = saved
+            self.files, self._pools, self._drift, self._reviewed, self._restored, self._forget_disk = saved
 
     # ---------------------------------------------------------------------------------------------
     # bench hooks (``inspector bench``)

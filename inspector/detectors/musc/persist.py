@@ -3,7 +3,9 @@
 One folder per model version (``[musc] pool_dir`` / the digest of the detector's scoring options and its
 backbone, chosen by ``MuSc.from_settings``), one sub-folder per class::
 
-    <pool_dir>/<class slug>/index.pt        hashes in slot order, ring start, image embeddings, drift state
+    <pool_dir>/<class slug>/index.pt        hashes and join ages in slot order, image embeddings, the
+                                            reviewer-accepted hashes, the verdicts taken into account,
+                                            drift state
     <pool_dir>/<class slug>/<hash>.pt       one pooled image's LNAMD features [R*T, L', C] in pool_dtype
 
 An image's feature file is written once, when it joins (so a batch writes only its own images, not the whole
@@ -64,16 +66,21 @@ class PoolFiles:
     def class_dir(self, class_name: str) -> Path:
         return self.folder / class_slug(class_name)
 
-    def save(self, class_name: str, features: dict[str, torch.Tensor], hashes: list[str], start: int,
-             embeddings: torch.Tensor, drift: dict[str, Any]) -> None:
-        """Write the pool of a class: ``features`` maps the hashes not yet on disk to their [R*T, L', C]."""
+    def save(self, class_name: str, features: dict[str, torch.Tensor], hashes: list[str], ages: list[int],
+             embeddings: torch.Tensor, drift: dict[str, Any], accepted: list[str] = (),
+             reviewed: dict[str, str] | None = None) -> None:
+        """Write the pool of a class: ``features`` maps the hashes not yet on disk to their [R*T, L', C];
+        ``ages`` the join order per slot, ``accepted`` the reviewer-accepted hashes, ``reviewed`` review key
+        -> verdict taken into account."""
         folder = self.class_dir(class_name)
         written = self._written.setdefault(class_name, set())
         for digest in hashes:
             if digest not in written:
                 atomic_save(features[digest].detach().cpu().clone(), folder / f"{digest}.pt")
                 written.add(digest)
-        atomic_save({"format": FORMAT, "class_name": class_name, "hashes": list(hashes), "start": int(start),
+        atomic_save({"format": FORMAT, "class_name": class_name, "hashes": list(hashes),
+                     "ages": [int(a) for a in ages], "accepted": list(accepted),
+                     "reviewed": [[str(k), str(v)] for k, v in (reviewed or {}).items()],
                      "embeddings": embeddings.detach().float().cpu().clone(), "drift": drift}, folder / "index.pt")
         keep = set(hashes)
         for path in folder.iterdir():  # evicted images and leftovers of a killed write
@@ -83,8 +90,9 @@ class PoolFiles:
 
     def load(self, class_name: str, device: torch.device, shape: tuple[int, ...], dtype: torch.dtype
              ) -> dict[str, Any] | None:
-        """The stored pool of a class: {"hashes", "start", "features" [count, *shape], "embeddings", "drift"},
-        or None. Entries whose feature file is missing or of another shape / dtype are dropped (logged)."""
+        """The stored pool of a class: {"hashes", "ages", "features" [count, *shape], "embeddings", "accepted",
+        "reviewed", "drift"}, or None. Entries whose feature file is missing or of another shape / dtype are
+        dropped (logged). An index of the first layout (a ring ``start`` instead of ages) is read too."""
         index_path = self.class_dir(class_name) / "index.pt"
         if not index_path.is_file():
             return None
@@ -111,12 +119,15 @@ class PoolFiles:
                 continue
             kept.append(tensor)
             rows.append(slot)
-        start = int(index["start"]) % max(len(hashes), 1)
-        if len(rows) != len(hashes):  # keep the survivors oldest first, from slot 0
-            order = sorted(range(len(rows)), key=lambda i: (rows[i] - start) % len(hashes))
-            kept, rows, start = [kept[i] for i in order], [rows[i] for i in order], 0
+        if "ages" in index:
+            ages = [int(a) for a in index["ages"]]
+        else:  # the first layout: a ring buffer whose oldest slot was ``start``
+            start = int(index.get("start", 0)) % max(len(hashes), 1)
+            ages = [(slot - start) % len(hashes) for slot in range(len(hashes))]
         self._written[class_name] = {hashes[s] for s in rows}
         features = torch.stack(kept).to(device) if kept else torch.empty(0, *shape, dtype=dtype, device=device)
         embeddings = index["embeddings"][rows].to(device)
-        return {"hashes": [hashes[s] for s in rows], "start": start, "features": features,
-                "embeddings": embeddings, "drift": dict(index.get("drift") or {})}
+        return {"hashes": [hashes[s] for s in rows], "ages": [ages[s] for s in rows], "features": features,
+                "embeddings": embeddings, "accepted": [str(h) for h in index.get("accepted", [])],
+                "reviewed": {str(k): str(v) for k, v in index.get("reviewed", [])},
+                "drift": dict(index.get("drift") or {})}
