@@ -1,14 +1,19 @@
-"""Dashboard logic with Streamlit's AppTest, on a database filled by the real pipeline (test-tiny)."""
+"""Dashboard logic with Streamlit's AppTest, on a database filled by the real pipeline (test-tiny), and the
+review page's pictures (heat overlay, fitting, zoom) on real images."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from inspector.store import reviews, thresholds
 
-from .pipeline_helpers import scored_database, table_rows
+from .pipeline_helpers import image_list, scored_database, table_rows
 
 APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
 
@@ -18,16 +23,20 @@ def scored_db(tmp_path_factory):
     return scored_database(tmp_path_factory.mktemp("dash"), count=6, seed=500)
 
 
-def open_app(db: str, monkeypatch):
-    """The dashboard on ``db``, no password, after its first run."""
+def open_app(db: str, monkeypatch, page: str | None = None, **query: str):
+    """The dashboard on ``db``, no password, after its first run (on ``page``, a page script's file name)."""
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("INSPECTOR_DATABASE__URL", db)
     monkeypatch.delenv("INSPECTOR_DASHBOARD__PASSWORD", raising=False)
     monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
     at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params.update(query)
     at.run()
     assert not at.exception, at.exception
+    if page is not None:
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
     return at
 
 
@@ -36,49 +45,176 @@ def app(scored_db, monkeypatch):
     return open_app(scored_db, monkeypatch)
 
 
+def images_shown(at) -> list[str]:
+    """The alt texts of the pictures on the page ("image #3", "overlay of image #3", "zoom of image #3")."""
+    return [img.alt for element in at.get("image") for img in element.proto.imgs]
+
+
+def markdown(at) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def current_image(at) -> int:
+    (alt,) = [a for a in images_shown(at) if a.startswith("overlay of image #")]
+    return int(alt.rsplit("#", 1)[1])
+
+
 def test_review_needs_a_name_then_records_verdicts(app, scored_db):
-    assert len(app.get("image")) == 1, "the current image with its heatmap overlay is shown"
+    first = current_image(app)
+    assert images_shown(app) == [f"image #{first}", f"overlay of image #{first}", f"zoom of image #{first}"]
     assert app.button(key="reject").disabled and any("Enter your name" in w.value for w in app.warning)
-    first = app.caption[0].value
-    app.sidebar.text_input(key="reviewer").input("ana").run()
-    app.text_input(key=next(w.key for w in app.text_input if w.key.startswith("reason_"))).input("burr")
+    app.text_input(key="reviewer").input("ana").run()
+    app.text_input(key=f"reason_{first}").input("burr")
     app.button(key="reject").click().run()
     assert not app.exception
     saved = table_rows(scored_db, reviews)
-    assert [(r["verdict"], r["reviewer"], r["reason"]) for r in saved] == [("defect", "ana", "burr")]
-    assert app.caption[0].value != first, "the next unreviewed image follows at once"
+    assert [(r["verdict"], r["reviewer"], r["reason"], r["image_id"]) for r in saved] == [("defect", "ana", "burr", first)]
+    second = current_image(app)
+    assert second != first, "the next unreviewed image follows at once"
     app.button(key="accept").click().run()
     assert [r["verdict"] for r in table_rows(scored_db, reviews)] == ["defect", "normal"]
+    # undo: a new review row restores the state before (unreviewed), and the page shows that image again
+    app.button(key="undo").click().run()
+    assert not app.exception and current_image(app) == second
+    rows = table_rows(scored_db, reviews)
+    assert [(r["image_id"], r["verdict"], r["reason"]) for r in rows][-1] == (second, "unreviewed",
+                                                                               f"undo of review #{rows[1]['id']}")
+    assert len(rows) == 3, "history is kept: nothing was deleted"
 
 
-def test_thresholds_save_and_rollback(app, scored_db):
-    app.sidebar.text_input(key="reviewer").input("ben").run()
-    app.sidebar.radio(key="page").set_value("Thresholds").run()
-    assert not app.exception
-    app.slider(key="t_value").set_value(0.42).run()
-    assert len(app.metric) == 4
+def test_review_page_shows_where_the_image_comes_from(app, scored_db):
+    text = markdown(app)
+    image = current_image(app)
+    (row,) = [r for r in image_list(scored_db) if r["id"] == image]
+    assert row["path"] in text and str(Path(row["path"]).parent) in text  # the full path and its source folder
+    assert "**Scored**" in text and "UTC" in text and "bayes-pfl@" in text  # when, and by which model version
+    captions = [img.caption for element in app.get("image") for img in element.proto.imgs]
+    assert any("original · 64 × 64 px" in c for c in captions)
+
+
+def test_a_link_opens_one_image_and_the_verdict_returns_to_the_queue(scored_db, monkeypatch):
+    from sqlalchemy import create_engine, select
+
+    from inspector.store import results
+
+    engine = create_engine(scored_db)
+    with engine.connect() as conn:  # the lowest score: the last image of the queue
+        target = conn.execute(select(results.c.image_id).order_by(results.c.image_score).limit(1)).scalar()
+    engine.dispose()
+    linked = open_app(scored_db, monkeypatch, image=str(target))
+    assert current_image(linked) == target
+    linked.text_input(key="reviewer").input("ana").run()
+    linked.button(key="skip").click().run()
+    assert not linked.exception and "image" not in linked.query_params
+    assert [(r["image_id"], r["verdict"]) for r in table_rows(scored_db, reviews)][-1] == (target, "skip")
+    assert current_image(linked) != target
+
+
+def test_accept_low_scores_of_the_page(tmp_path, monkeypatch):
+    db = scored_database(tmp_path, count=6, seed=700)
+    at = open_app(db, monkeypatch, page="thresholds_page.py")
+    at.text_input(key="reviewer").input("ana").run()
+    every = sorted(float(v) for v in _class_scores(db))
+    at.number_input(key="t_typed").set_value(every[3]).run()  # three images below it
+    at.button(key="t_save").click().run()
+    at.switch_page("review_page.py").run()
+    assert "Accept low scores (3)" in [p.proto.popover.label for p in at.get("popover")]
+    at.button(key="accept_low").click().run()
+    assert not at.exception
+    saved = table_rows(db, reviews)
+    assert len(saved) == 3 and {(r["verdict"], r["reviewer"]) for r in saved} == {("normal", "ana")}
+    at.switch_page("overview_page.py").run()
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Flagged (24 h)"] == "50.0 %"  # 3 of 6 at or above the threshold, as a percentage
+    assert "50.0 %" in str(at.dataframe[0].value.to_dict())
+    at.switch_page("review_page.py").run()
+    at.button(key="undo").click().run()  # one undo takes back the whole action
+    assert [r["verdict"] for r in table_rows(db, reviews)][3:] == ["unreviewed"] * 3
+
+
+def _class_scores(db: str) -> list[float]:
+    from sqlalchemy import create_engine, select
+
+    from inspector.store import results
+
+    engine = create_engine(db)
+    with engine.connect() as conn:
+        values = list(conn.execute(select(results.c.image_score)).scalars())
+    engine.dispose()
+    return values
+
+
+def rollback_targets(at) -> list[int]:
+    """The versions the rollback box offers (its options read "v3 · 0.42 by ben")."""
+    return [int(o.split(" ", 1)[0][1:]) for o in at.selectbox(key="t_rollback_version").options]
+
+
+def test_thresholds_save_and_rollback(tmp_path, monkeypatch):
+    scored_db = scored_database(tmp_path, count=6, seed=500)
+    app = open_app(scored_db, monkeypatch, page="thresholds_page.py")
+    app.text_input(key="reviewer").input("ben").run()
+    slider = app.slider(key="t_value")
+    scores = _class_scores(scored_db)
+    # the slider spans the class's scores (not 0-1), with a step fine enough for them
+    assert slider.min <= min(scores) and slider.max >= max(scores) and slider.max - slider.min < 0.9
+    assert slider.step <= (max(scores) - min(scores)) / 100
+    app.number_input(key="t_typed").set_value(0.42).run()  # typed outside the slider's span: the span follows
+    assert app.slider(key="t_value").value == pytest.approx(0.42) and app.slider(key="t_value").min <= 0.42
+    assert {m.label for m in app.metric} >= {"Threshold in force", "Precision", "Recall", "False-positive rate",
+                                             "Flagged share", "Image AUROC", "Image AP"}
+    assert {m.label: m.value for m in app.metric}["Threshold in force"] == "not set"
     app.text_input(key="t_note").input("first cut").run()
     app.button(key="t_save").click().run()
+    # the header shows the saved threshold in the same rerun as the confirmation
+    assert {m.label: m.value for m in app.metric}["Threshold in force"] == "0.42"
+    assert any("as v" in s.value for s in app.success)
     app.slider(key="t_value").set_value(0.6).run()
+    assert app.number_input(key="t_typed").value == pytest.approx(0.6)
     app.button(key="t_save").click().run()
     saved = sorted(table_rows(scored_db, thresholds), key=lambda r: r["version"])
     assert [(r["version"], r["value"], r["created_by"]) for r in saved][-2:] == [
         (saved[-2]["version"], 0.42, "ben"), (saved[-1]["version"], 0.6, "ben")]
+    assert {m.label: m.value for m in app.metric}["Threshold in force"] == "0.6"
+    # the version in force is no rollback target
+    assert rollback_targets(app) == [v["version"] for v in saved[:-1]][::-1]  # not the version in force
     app.selectbox(key="t_rollback_version").set_value(saved[-2]["version"]).run()
     app.button(key="t_rollback").click().run()
     latest = max(table_rows(scored_db, thresholds), key=lambda r: r["version"])
     assert latest["value"] == 0.42 and latest["note"] == f"rollback to v{saved[-2]['version']}"
+    assert {m.label: m.value for m in app.metric}["Threshold in force"] == "0.42"
+    assert latest["version"] not in rollback_targets(app) and saved[-1]["version"] in rollback_targets(app)
+
+
+def test_thresholds_page_shows_auroc_ap_and_curves_once_both_verdicts_exist(tmp_path, monkeypatch):
+    db = scored_database(tmp_path, count=6, seed=800)
+    at = open_app(db, monkeypatch)
+    at.text_input(key="reviewer").input("ana").run()
+    for key in ("reject", "accept", "reject", "accept"):
+        at.button(key=key).click().run()
+    at.switch_page("thresholds_page.py").run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Reviewed"] == "4 of 6"
+    assert 0.0 <= float(metrics["Image AUROC"]) <= 1.0 and 0.0 <= float(metrics["Image AP"]) <= 1.0
+    charts = at.get("vega_lite_chart")
+    assert len(charts) == 3, "the histogram, ROC and precision-recall"
+    specs = "".join(c.proto.spec for c in charts)
+    assert "AUROC" in specs and "AP " in specs
 
 
 def test_overview_and_export(app):
-    app.sidebar.radio(key="page").set_value("Overview").run()
+    app.switch_page("overview_page.py").run()
     assert not app.exception
     labels = {m.label: m.value for m in app.metric}
-    assert labels["Queue depth"] == "0" and labels["Scored"] == "6"
+    assert labels["Queue depth"] == "0" and labels["Scored"] == "6" and labels["Flagged (24 h)"] == "no threshold"
     assert any("RANDOM" in e.value for e in app.error)
+    assert "**Active model:** `bayes-pfl@" in markdown(app)  # the whole name, not a metric cut to its width
+    assert "no threshold" in str(app.dataframe[0].value.to_dict()) and "flagged 0" not in markdown(app)
     assert not app.get("download_button")  # the export is built on demand, not on every render
     app.button(key="export_prepare").click().run()
-    assert not app.exception and app.session_state["export_csv"].count("\n") == 7  # header + 6 results
+    assert not app.exception
+    exported = list(csv.DictReader(io.StringIO(app.session_state["export_csv"])))
+    assert len({r["image_id"] for r in exported}) == 6  # every result, with its review history
 
 
 def test_password_gate(scored_db, monkeypatch):
@@ -88,11 +224,11 @@ def test_password_gate(scored_db, monkeypatch):
     monkeypatch.setenv("INSPECTOR_DASHBOARD__PASSWORD", "s3cret")
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
-    assert len(at.sidebar.radio) == 0 and len(at.text_input) == 1
+    assert len(at.text_input) == 1 and not at.button
     at.text_input(key="password").input("wrong").run()
-    assert at.error and len(at.sidebar.radio) == 0
+    assert at.error and not at.button
     at.text_input(key="password").input("s3cret").run()
-    assert len(at.sidebar.radio) == 1
+    assert at.text_input(key="reviewer") and at.button(key="accept")
 
 
 def test_review_page_survives_a_stored_image_replaced_by_a_non_image(tmp_path, monkeypatch):
@@ -102,6 +238,55 @@ def test_review_page_survives_a_stored_image_replaced_by_a_non_image(tmp_path, m
         path.write_bytes(b"not an image any more")
     at = open_app(db, monkeypatch)
     assert any("cannot be shown" in w.value for w in at.warning)
-    at.sidebar.text_input(key="reviewer").input("ana").run()
+    at.text_input(key="reviewer").input("ana").run()
     at.button(key="reject").click().run()
     assert not at.exception and [r["verdict"] for r in table_rows(db, reviews)] == ["defect"]
+
+
+# -------------------------------------------------------------------------------------------------
+# the pictures
+
+
+def part(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_heat_is_transparent_up_to_the_floor_and_rises_above_it():
+    from inspector._dashboard import heatmap
+
+    values = np.array([[0.0, 0.3, 0.5, 0.6, 0.8, 1.0]])
+    rgba = heatmap.heat_rgba(values, floor=0.5, opacity=0.8)
+    assert list(rgba[0, :3, 3]) == [0, 0, 0]  # a score of 0 paints nothing (it was navy before)
+    assert 0 < rgba[0, 3, 3] < rgba[0, 4, 3] < rgba[0, 5, 3] == round(0.8 * 255)
+
+
+def test_pictures_fit_the_screen_and_a_small_image_is_not_blown_up():
+    from inspector._dashboard import heatmap
+
+    assert heatmap.fit((64, 64), (470, 610)) == (128, 128)  # at most twice its size
+    assert heatmap.fit((4000, 1000), (960, 290)) == (960, 240)
+    assert heatmap.fit((400, 1200), (470, 610)) == (203, 610)
+
+
+def test_zoom_is_a_full_resolution_crop_around_the_peak():
+    from inspector._dashboard import heatmap
+
+    image = part((1600, 400), seed=1)
+    anomaly = np.zeros((64, 64), dtype=np.float32)
+    anomaly[40:44, 50:54] = 1.0  # the peak, at 52/64 of the width and 42/64 of the height
+    views = heatmap.render(image, anomaly, (960, 290), threshold=0.5)
+    x, y = views.peak
+    assert abs(x - 52 / 64 * 1600) < 30 and abs(y - 42 / 64 * 400) < 10
+    left, top, right, bottom = views.zoom_box
+    assert (right - left, bottom - top) == (256, 256) and 0 <= left and 0 <= top and right <= 1600 and bottom <= 400
+    zoom = Image.open(io.BytesIO(views.zoom))
+    assert views.zoom_scale == 1 and np.array_equal(np.asarray(zoom), np.asarray(image.crop(views.zoom_box)))
+    shown = Image.open(io.BytesIO(views.overlay))
+    assert shown.size == views.shown == (960, 240)
+    original = np.asarray(Image.open(io.BytesIO(views.original)), dtype=np.int16)
+    overlay = np.asarray(shown, dtype=np.int16)
+    # away from the peak the overlay is the image itself (JPEG noise aside); at the peak it is tinted
+    assert np.abs(overlay[:60, :300] - original[:60, :300]).mean() < 6
+    # inside the hot square (rows 150-165, columns 750-810 on screen)
+    assert np.abs(overlay[153:162, 760:800] - original[153:162, 760:800]).mean() > 30

@@ -133,7 +133,8 @@ def test_day_one_watch_status_and_dashboard(tmp_path, monkeypatch):
     monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
     app = AppTest.from_file(str(Path(__file__).parents[1] / "dashboard" / "app.py"), default_timeout=60)
     app.run()
-    app.sidebar.radio(key="page").set_value("Overview").run()
+    assert not app.exception, app.exception
+    app.switch_page("overview_page.py").run()
     assert not app.exception, app.exception
     assert any("Day one" in w.value and "winclip" in w.value for w in app.warning)
 

@@ -10,10 +10,15 @@ import torch
 from sqlalchemy import func, select
 
 from inspector.store import make_engine, results, upgrade
+from inspector.store.decisions import DecisionPolicy
 from inspector.store.maps import encode_map
 from inspector.store.queue import Outcome, claim, complete, ensure_model_version, ensure_source, register_file
 from inspector.store.review import (
+    BULK_ACCEPT_REASON,
+    UNDONE,
     ReviewError,
+    accept_low_scores,
+    escape_counts,
     export_csv,
     image_path_allowed,
     overview,
@@ -26,9 +31,9 @@ from inspector.store.review import (
     threshold_effect,
     threshold_for_recall,
     threshold_history,
+    undo_reviews,
 )
 from inspector.store.routing import set_source_versions
-
 
 SCORES = {"screw": [0.1, 0.35, 0.48, 0.52, 0.9], "nut": [0.2, 0.7]}
 
@@ -135,3 +140,96 @@ def test_overview_export_and_allowed_paths(filled):
     assert image_path_allowed(engine, str(tmp_path / "screw" / "0.png"))
     assert not image_path_allowed(engine, "/etc/passwd")
     assert not image_path_allowed(engine, str(tmp_path / "screw" / ".." / ".." / "elsewhere.png"))
+
+
+def test_undo_appends_a_review_that_restores_the_verdict_before(filled):
+    engine, _ = filled
+    first, second = review_queue(engine, class_name="screw")[:2]
+    one = record_review(engine, first["id"], "defect", "ana", "scratch", result_id=first["result_id"])
+    done, kept = undo_reviews(engine, [one], "ana")
+    assert kept == [] and [(d["image_id"], d["undone"], d["verdict"]) for d in done] == [(first["id"], one, UNDONE)]
+    # the image is unreviewed again (in the queue, out of the reviewed scores) and its history kept both rows
+    assert first["id"] in [r["id"] for r in review_queue(engine, class_name="screw", reviewed=False)]
+    assert first["id"] not in [r["id"] for r in review_queue(engine, class_name="screw", reviewed=True)]
+    assert reviewed_scores(engine, "screw")[0].size == 0
+    history = review_history(engine, first["id"])
+    assert [(h["verdict"], h["reason"]) for h in history] == [("defect", "scratch"), (UNDONE, f"undo of review #{one}")]
+    assert history[1]["result_id"] == first["result_id"]
+    # undoing a second verdict brings back the first one, not "unreviewed"
+    record_review(engine, second["id"], "normal", "ana")
+    two = record_review(engine, second["id"], "defect", "ben")
+    done, _ = undo_reviews(engine, [two], "ben")
+    assert done[0]["verdict"] == "normal"
+    (row,) = review_queue(engine, image_ids=[second["id"]])
+    assert row["verdict"] == "normal" and row["reviewer"] == "ben"  # ben's undo row carries ana's verdict
+    # a review someone else made since is not undone behind their back
+    three = record_review(engine, first["id"], "skip", "ana")
+    record_review(engine, first["id"], "defect", "ben")
+    assert undo_reviews(engine, [three], "ana") == ([], [three])
+    assert review_history(engine, first["id"])[-1]["verdict"] == "defect"
+    with pytest.raises(ReviewError, match="reviewer name"):
+        undo_reviews(engine, [three], " ")
+
+
+@pytest.fixture
+def decided(db_url, tmp_path):
+    """14 screw images scored 0.05 .. 0.70 by one version whose threshold 0.5 (review band 0.05) was in force
+    when they were stored, half of the passes drawn into the audit sample."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    mv = ensure_model_version(engine, "m", "bayes-pfl", {}, False)
+    source = ensure_source(engine, str(tmp_path), "screw")
+    set_source_versions(engine, source, None, mv)
+    save_threshold(engine, "screw", 0.5, "ana", model_version_id=mv, review_band=0.05)
+    scores = {}
+    for i in range(14):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(b"%d" % i)
+        register_file(engine, source, "screw", str(path), f"s{i}".ljust(64, "0"), 1, 1)
+        scores[str(path)] = round(0.05 * (i + 1), 2)
+    outcomes = []
+    for job in claim(engine, "w", 100, 60):
+        data, w, h = encode_map(torch.full((8, 8), scores[job.path]))
+        outcomes.append(Outcome(job.id, result={"image_score": scores[job.path], "anomaly_map": data,
+                                                "map_width": w, "map_height": h}))
+    complete(engine, "w", outcomes, policy=DecisionPolicy(audit_share=0.5, audit_seed=1))
+    yield engine
+    engine.dispose()
+
+
+def test_accept_low_scores_of_a_page_leaves_the_audit_sample_alone(decided):
+    engine = decided
+    page = review_queue(engine, class_name="screw", limit=10)  # the 10 highest: 0.70 .. 0.25
+    audit = {r["id"] for r in page if r["audit"]}
+    low = {r["id"] for r in page if r["image_score"] < 0.45 and not r["audit"]}
+    assert audit and low, "the seeded draw gives this page both audited and plain passes"
+    assert all(r["review_band"] == 0.05 and r["stored_decision"] in ("pass", "fail", "review") for r in page)
+    reviewed_before = next(iter(low))
+    record_review(engine, reviewed_before, "defect", "ben")
+    ids = accept_low_scores(engine, [(r["id"], r["result_id"]) for r in page], "carol")
+    assert len(ids) == len(low) - 1
+    by_image = {r["id"]: review_history(engine, r["id"]) for r in page}
+    accepted = {i for i, h in by_image.items() if any(x["reviewer"] == "carol" for x in h)}
+    assert accepted == low - {reviewed_before}
+    assert all(h[-1]["verdict"] == "normal" and h[-1]["reason"] == BULK_ACCEPT_REASON
+               and h[-1]["result_id"] is not None for i, h in by_image.items() if i in accepted)
+    assert not any(by_image[i] for i in audit), "audited passes are reviewed one by one"
+    band_and_above = {r["id"] for r in page if r["image_score"] >= 0.45}
+    assert not any(by_image[i] for i in band_and_above)
+    assert [h["verdict"] for h in by_image[reviewed_before]] == ["defect"]
+    # images off the page are untouched, and a second click changes nothing
+    assert len(review_queue(engine, class_name="screw", reviewed=True, limit=100)) == len(low)
+    assert accept_low_scores(engine, [(r["id"], r["result_id"]) for r in page], "carol") == []
+    # the bulk verdicts undo like any other; the escape rate still counts only audited passes
+    done, kept = undo_reviews(engine, ids, "carol")
+    assert kept == [] and {d["verdict"] for d in done} == {UNDONE}
+    (counts,) = escape_counts(engine)
+    assert counts["audited"] == 0
+
+
+def test_accept_low_scores_needs_a_threshold(filled):
+    engine, _ = filled
+    page = review_queue(engine, class_name="screw")
+    assert accept_low_scores(engine, [(r["id"], r["result_id"]) for r in page], "ana") == []
+    with pytest.raises(ReviewError, match="reviewer name"):
+        accept_low_scores(engine, [(page[0]["id"], page[0]["result_id"])], "")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine, and_, case, false, func, or_, select
 
+from ..errors import InspectorError
 from .db import utcnow
 from .queue import active_model, active_versions
 from .schema import (
@@ -38,20 +39,25 @@ from .schema import (
 )
 
 VERDICTS = ("normal", "defect", "skip")
+#: The verdict of a review row that undoes an image's only review (``undo_reviews``): the image counts as not
+#: reviewed again, and its history keeps both rows.
+UNDONE = "unreviewed"
+#: The reason stored with the verdicts of ``accept_low_scores``.
+BULK_ACCEPT_REASON = "accepted with its page: score below the threshold"
 
 
-class ReviewError(ValueError):
+class ReviewError(InspectorError, ValueError):
     """A review or threshold that cannot be saved as given (no reviewer name, unknown verdict...)."""
 
 
 def _latest_thresholds():
-    """Subquery: (class_name, model_version_id, version, value) of the newest threshold of each
+    """Subquery: (class_name, model_version_id, version, value, review_band) of the newest threshold of each
     (class, model version)."""
     newest = select(thresholds.c.class_name, thresholds.c.model_version_id,
                     func.max(thresholds.c.version).label("version")) \
         .group_by(thresholds.c.class_name, thresholds.c.model_version_id).subquery()
     return select(thresholds.c.class_name, thresholds.c.model_version_id, thresholds.c.version,
-                  thresholds.c.value).join(
+                  thresholds.c.value, thresholds.c.review_band).join(
         newest, and_(newest.c.class_name == thresholds.c.class_name,
                      newest.c.model_version_id == thresholds.c.model_version_id,
                      newest.c.version == thresholds.c.version)
@@ -103,14 +109,15 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
                  score_min: float | None = None, score_max: float | None = None, decision: str | None = None,
                  reviewed: bool | None = None, order: str = "score", limit: int = 50,
                  offset: int = 0, model_version_id: int | None = None,
-                 audit: bool | None = None) -> list[dict[str, Any]]:
+                 audit: bool | None = None, image_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Scored images with their decision and last review, filtered, sorted and paginated in SQL.
 
     One result per image: of ``model_version_id``, or of its class's active version.
     order: "score" (highest first) or "closeness" (nearest to the threshold first: the unsure ones).
     decision: "defect" (score >= threshold), "normal" (below), or None: the what-if decision at the current
     threshold (``stored_decision`` is the pass/fail/review made when the result was stored). reviewed:
-    True/False/None. audit: True = only the audit sample of passes.
+    True/False/None (an image whose last review was undone counts as not reviewed, its ``verdict`` None).
+    audit: True = only the audit sample of passes. image_ids: only these images (a link to one image).
     """
     th = _latest_thresholds()
     flagged = case((th.c.value.is_(None), None), (results.c.image_score >= th.c.value, "defect"), else_="normal")
@@ -125,7 +132,7 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
                     results.c.topk_score, results.c.created_at, results.c.model_version_id,
                     results.c.decision.label("stored_decision"), results.c.audit,
                     model_versions.c.name.label("model_version"), th.c.value.label("threshold"),
-                    th.c.version.label("threshold_version"), flagged.label("decision"),
+                    th.c.version.label("threshold_version"), th.c.review_band, flagged.label("decision"),
                     verdict.label("verdict"), last_review(reviews.c.reviewer).label("reviewer"),
                     last_review(reviews.c.created_at).label("reviewed_at"))
              .join(results, results.c.image_id == images.c.id)
@@ -147,11 +154,12 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
         query = query.where(flagged == decision)
     if audit is not None:
         query = query.where(results.c.audit.is_(True) if audit else results.c.audit.is_(False))
-    reviewed_any = select(reviews.c.id).where(reviews.c.image_id == images.c.id).exists()
+    if image_ids is not None:
+        query = query.where(images.c.id.in_([int(i) for i in image_ids]))
     if reviewed is True:
-        query = query.where(reviewed_any)
+        query = query.where(verdict.is_not(None), verdict != UNDONE)
     elif reviewed is False:
-        query = query.where(~reviewed_any)
+        query = query.where(or_(verdict.is_(None), verdict == UNDONE))
     if order == "closeness":
         query = query.order_by(func.abs(results.c.image_score - func.coalesce(th.c.value, 0.5)), images.c.id)
     elif order == "score":
@@ -160,7 +168,11 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
         raise ReviewError(f"order must be 'score' or 'closeness', not '{order}'")
     with engine.connect() as conn:
         query = query.where(version_filter(conn, model_version_id))
-        return [dict(r) for r in conn.execute(query.limit(limit).offset(offset)).mappings()]
+        rows = [dict(r) for r in conn.execute(query.limit(limit).offset(offset)).mappings()]
+    for row in rows:
+        if row["verdict"] == UNDONE:
+            row.update(verdict=None, reviewer=None, reviewed_at=None)
+    return rows
 
 
 def anomaly_map(engine: Engine, image_id: int, result_id: int | None = None) -> bytes | None:
@@ -191,6 +203,72 @@ def record_review(engine: Engine, image_id: int, verdict: str, reviewer: str, re
         return conn.execute(reviews.insert().values(image_id=image_id, verdict=verdict, reviewer=reviewer,
                                                     reason=(reason or None), result_id=result_id,
                                                     created_at=utcnow())).inserted_primary_key[0]
+
+
+def undo_reviews(engine: Engine, review_ids: Sequence[int], who: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Undo reviews by appending, for each, a review that restores the image's verdict from before it (or
+    ``UNDONE`` when it was the image's first): nothing is deleted, the history keeps all rows.
+
+    A review is undone only while it is still its image's latest (nobody reviewed the image since), newest
+    first, in one transaction. Returns (``{"image_id", "undone", "review_id", "verdict"}`` per undone review,
+    the ids left alone because the image was reviewed again since).
+    """
+    if not who or not who.strip():
+        raise ReviewError("a reviewer name is required to undo a review")
+    done: list[dict[str, Any]] = []
+    kept: list[int] = []
+    with engine.begin() as conn:
+        for review_id in sorted({int(i) for i in review_ids}, reverse=True):
+            row = conn.execute(select(reviews.c.image_id, reviews.c.result_id).where(reviews.c.id == review_id)).first()
+            if row is None:
+                raise ReviewError(f"no review with id {review_id}")
+            latest = conn.execute(select(func.max(reviews.c.id)).where(reviews.c.image_id == row.image_id)).scalar()
+            if latest != review_id:
+                kept.append(review_id)
+                continue
+            before = conn.execute(select(reviews.c.verdict, reviews.c.result_id)
+                                  .where(reviews.c.image_id == row.image_id, reviews.c.id < review_id)
+                                  .order_by(reviews.c.id.desc()).limit(1)).first()
+            verdict = before.verdict if before is not None else UNDONE
+            new_id = conn.execute(reviews.insert().values(
+                image_id=row.image_id, verdict=verdict, reviewer=who.strip(), reason=f"undo of review #{review_id}",
+                result_id=before.result_id if before is not None and before.result_id else row.result_id,
+                created_at=utcnow())).inserted_primary_key[0]
+            done.append({"image_id": row.image_id, "undone": review_id, "review_id": new_id, "verdict": verdict})
+    return done, kept
+
+
+def accept_low_scores(engine: Engine, shown: Sequence[tuple[int, int]], who: str) -> list[int]:
+    """Accept as normal, in one transaction, the images of ``shown`` ((image id, result id) pairs: the page a
+    reviewer sees) that are not reviewed and score below their threshold minus its review band; returns the
+    new review ids.
+
+    Left untouched: the audit sample of passes (drawn to measure the escape rate, each must be looked at),
+    images at or above the band, images of a version without a threshold, images already reviewed.
+    """
+    if not who or not who.strip():
+        raise ReviewError("a reviewer name is required to review")
+    pairs = {(int(i), int(r)) for i, r in shown}
+    if not pairs:
+        return []
+    th = _latest_thresholds()
+    verdict = (select(reviews.c.verdict).where(reviews.c.image_id == images.c.id).order_by(reviews.c.id.desc())
+               .limit(1).correlate(images).scalar_subquery())
+    query = (select(images.c.id, results.c.id.label("result_id"))
+             .join(results, results.c.image_id == images.c.id)
+             .join(th, _threshold_join(th))
+             .where(results.c.id.in_([r for _, r in pairs]), results.c.audit.is_(False),
+                    results.c.image_score < th.c.value - th.c.review_band,
+                    or_(verdict.is_(None), verdict == UNDONE))
+             .order_by(results.c.image_score.desc(), images.c.id))
+    now, ids = utcnow(), []
+    with engine.begin() as conn:
+        for row in conn.execute(query).all():
+            if (row.id, row.result_id) in pairs:
+                ids.append(conn.execute(reviews.insert().values(
+                    image_id=row.id, verdict="normal", reviewer=who.strip(), reason=BULK_ACCEPT_REASON,
+                    result_id=row.result_id, created_at=now)).inserted_primary_key[0])
+    return ids
 
 
 def defect_reviews_since(engine: Engine, after_id: int = 0) -> tuple[list[tuple[str, str]], int]:
@@ -438,19 +516,26 @@ def overview(engine: Engine, hours: int = 24) -> dict[str, Any]:
 
 def export_csv(engine: Engine, class_name: str | None = None, model_version_id: int | None = None) -> str:
     """Every scored image (by its class's active version, or ``model_version_id``) with the model version,
-    its decision at that version's current threshold and its full review history."""
+    its decision at that version's current threshold and its full review history; a DICOM image also its
+    frame and UIDs (``store.dicom.EVENT_FIELDS``, empty for other images)."""
+    from .dicom import EVENT_FIELDS
+    from .schema import dicom_images
+
     th, out = _latest_thresholds(), io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["image_id", "path", "class_name", "model_version", "image_score", "threshold_version",
                      "threshold", "decision", "scored_at", "review_verdict", "reviewer", "review_reason",
-                     "reviewed_at"])
+                     "reviewed_at", *EVENT_FIELDS])
     query = (select(images.c.id, images.c.path, images.c.class_name, model_versions.c.name.label("model_version"),
                     results.c.image_score, th.c.version, th.c.value, results.c.created_at, reviews.c.verdict,
-                    reviews.c.reviewer, reviews.c.reason, reviews.c.created_at.label("reviewed_at"))
+                    reviews.c.reviewer, reviews.c.reason, reviews.c.created_at.label("reviewed_at"),
+                    images.c.frame, dicom_images.c.image_id.label("dicom"), dicom_images.c.frames,
+                    dicom_images.c.study_uid, dicom_images.c.series_uid, dicom_images.c.sop_uid)
              .join(results, results.c.image_id == images.c.id)
              .join(model_versions, model_versions.c.id == results.c.model_version_id)
              .join(th, _threshold_join(th), isouter=True)
              .join(reviews, reviews.c.image_id == images.c.id, isouter=True)
+             .join(dicom_images, dicom_images.c.image_id == images.c.id, isouter=True)
              .order_by(images.c.id, reviews.c.id))
     if class_name:
         query = query.where(images.c.class_name == class_name)
@@ -459,7 +544,9 @@ def export_csv(engine: Engine, class_name: str | None = None, model_version_id: 
             decision = "" if r.value is None else ("defect" if r.image_score >= r.value else "normal")
             writer.writerow([r.id, r.path, r.class_name, r.model_version, f"{r.image_score:.6f}", r.version or "",
                              r.value if r.value is not None else "", decision, r.created_at, r.verdict or "",
-                             r.reviewer or "", r.reason or "", r.reviewed_at or ""])
+                             r.reviewer or "", r.reason or "", r.reviewed_at or "",
+                             *([r.frame, r.frames, r.study_uid or "", r.series_uid or "", r.sop_uid or ""]
+                               if r.dicom is not None else [""] * 5)])
     return out.getvalue()
 
 
@@ -539,8 +626,10 @@ def read_allowed_image(engine: Engine, path: str) -> bytes:
 
 
 __all__: Sequence[str] = [
+    "UNDONE",
     "VERDICTS",
     "ReviewError",
+    "accept_low_scores",
     "anomaly_map",
     "class_scores",
     "classes",
@@ -558,4 +647,5 @@ __all__: Sequence[str] = [
     "threshold_effect",
     "threshold_for_recall",
     "threshold_history",
+    "undo_reviews",
 ]
