@@ -72,6 +72,13 @@ class ModelSettings:
     #: "auto": bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in
     #: /proc/cpuinfo), fp32 on other CPUs; "fp32" (exact, the parity mode); "bf16", "fp16" (forced).
     precision: str = "auto"
+    #: What runs the backbone/encoder calls: "torch", or the graphs `inspector export` wrote, in "onnxruntime"
+    #: (pip install 'inspector[onnx]') or "openvino" (pip install 'inspector[openvino]'); the head and the
+    #: post-processing stay in torch. Exported graphs are fp32 ("auto" precision means fp32 there).
+    runtime: str = "torch"
+    #: The export folder for runtime "onnxruntime" / "openvino" (`inspector export MODEL --format F OUT`), or a
+    #: folder of such folders (the one written for the version being loaded is used).
+    export: str = ""
     #: Images per engine call.
     batch_size: int = 8
     #: Allow randomly initialised weights in production verbs (tests and demos only).
@@ -415,6 +422,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 #: allowed values of enumerated keys (the detectors check them again, later and with a traceback)
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("model", "runtime"): ("torch", "onnxruntime", "openvino"),
     ("bayes_pfl", "text_cache"): ("none", "class"),
     ("model", "clip_format"): ("auto", "openai", "open_clip"),
     ("model", "activation"): ("gelu", "quick_gelu"),

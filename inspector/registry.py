@@ -147,7 +147,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
                device: str | None = None, detector: str | None = None) -> Any:
     """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
     describe (``detector`` or ``[model] detector``, ``name``, or backbone + head keys). Options from
-    ``settings``. (Which version is *active* is the database's business: ``pipeline.resolve_recipe``.)
+    ``settings``; with ``[model] runtime`` other than torch, the encoder calls run through the export
+    ``[model] export`` names, which must have been written for this version (``inspector.exported``).
+    (Which version is *active* is the database's business: ``pipeline.resolve_recipe``.)
 
     A trainable detector without a head is built untrained (with a loud warning); the production verbs go
     through ``pipeline``, which scores with the training-free fallback instead."""
@@ -174,7 +176,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
         provenance["random_weights"] = True
         log.warning("UNTRAINED HEAD: no trained %s head configured; its learnable parts are at their initial "
                     "values and scores mean nothing", kind)
+    from .exported import scoring_precision
+
+    precision = scoring_precision(settings.model)  # fp32 under an exported runtime
     backbone = load_backbone(spec)
-    model = cls.from_settings(backbone, head_path, cls.options_from(settings), precision=settings.model.precision,
+    model = cls.from_settings(backbone, head_path, cls.options_from(settings), precision=precision,
                               provenance=provenance)
-    return model.to(resolve_device(device or settings.model.device))
+    model = model.to(resolve_device(device or settings.model.device))
+    if settings.model.runtime != "torch":  # the encoder calls through the exported graphs of this version
+        from .exported import attach
+        from .versions import recipe_from_registry, recipe_from_settings
+
+        recipe = (recipe_from_registry(settings, name_or_path) if name_or_path
+                  else recipe_from_settings(settings, detector=kind))
+        attach(model, settings.model.export, settings.model.runtime, recipe.identity)
+    return model

@@ -3,7 +3,8 @@
 A *version* is everything that changes the numbers a detector writes: the detector, the backbone (its
 open_clip tag, or the SHA-256 of its weights file), the head file's SHA-256, the input size, the feature
 layers, the detector's scoring options (Bayes-PFL's R, text cache and seed; WinCLIP's scales and reference
-set...) and its role (a day-one fallback is not the same version as the detector configured on purpose).
+set...), the runtime when it is not torch (``[model] runtime``: exported graphs) and its role (a day-one
+fallback is not the same version as the detector configured on purpose).
 ``digest`` is the SHA-256 of that identity, and the store keys versions by it: two boxes with the same
 model and settings write into the same version, a box whose settings differ gets a version of its own.
 
@@ -66,7 +67,9 @@ def _options(cls: Any, settings: Settings) -> dict[str, Any]:
     ``precision = "auto"`` replaced by the arithmetic it means on this box's device (bf16 on CUDA and on
     CPUs with native bf16, fp32 elsewhere): a box that computes in another precision scores another
     version, and says so instead of writing its numbers under the other's name."""
-    options = dict(cls.scoring_options(cls.options_from(settings), settings.model.precision))
+    from .exported import scoring_precision
+
+    options = dict(cls.scoring_options(cls.options_from(settings), scoring_precision(settings.model)))
     if options.get("precision") == "auto":
         from .runtime import resolve, resolve_device
 
@@ -84,11 +87,14 @@ def _weights_identity(pretrained: str) -> str:
 
 
 def _identity(detector: str, spec: Any, head_sha256: str | None, options: dict[str, Any],
-              fallback: bool) -> dict[str, Any]:
+              fallback: bool, runtime: str = "torch") -> dict[str, Any]:
     config = spec.model_config
     if config and Path(config).is_file():
         config = f"sha256:{cached_file_sha256(config)}"
-    return {"detector": detector, "arch": spec.arch, "weights": _weights_identity(spec.pretrained),
+    # an exported runtime computes other numbers (to ~1e-6): another version; torch is left unsaid, so the
+    # versions of boxes that score in torch keep their digests
+    extra = {"runtime": runtime} if runtime != "torch" and not fallback else {}
+    return {**extra, "detector": detector, "arch": spec.arch, "weights": _weights_identity(spec.pretrained),
             "clip_format": spec.clip_format, "activation": spec.activation, "model_config": config,
             "image_size": spec.image_size, "feature_layers": list(spec.feature_layers),
             "pos_embed_antialias": getattr(spec, "pos_embed_antialias", True),
@@ -107,7 +113,7 @@ def recipe_from_settings(settings: Settings, detector: str | None = None, fallba
     if head and not Path(head).is_file():
         raise FileNotFoundError(f"[model] head: no such file: {head}")
     head_sha = cached_file_sha256(head) if head else None
-    identity = _identity(kind, spec, head_sha, _options(cls, settings), fallback is not None)
+    identity = _identity(kind, spec, head_sha, _options(cls, settings), fallback is not None, settings.model.runtime)
     digest = digest_of(identity)
     return Recipe(name=f"{kind}@{digest[:12]}", detector=kind, identity=identity, digest=digest,
                   fallback=fallback, random_weights=spec.is_random or (cls.trainable and head is None))
@@ -124,7 +130,7 @@ def recipe_from_registry(settings: Settings, name_or_path: str) -> Recipe:
     spec = manifest_backbone(manifest)
     head_sha = (manifest.get("head") or {}).get("sha256")
     cls = detector_class(kind)
-    identity = _identity(kind, spec, head_sha, _options(cls, settings), False)
+    identity = _identity(kind, spec, head_sha, _options(cls, settings), False, settings.model.runtime)
     identity["registry_name"] = manifest["name"]
     in_registry = (Path(settings.registry.path) / manifest["name"]).resolve() == Path(folder).resolve()
     return Recipe(name=manifest["name"], detector=kind, identity=identity, digest=digest_of(identity),
@@ -136,6 +142,11 @@ def build(recipe: Recipe, settings: Settings, device: str | None = None) -> Any:
     """Load the detector a recipe describes (its ``provenance`` names the version)."""
     from .registry import load_model
 
+    if recipe.fallback and settings.model.runtime != "torch":  # the day-one fallback scores in torch
+        import copy
+
+        settings = copy.deepcopy(settings)
+        settings.override("model", runtime="torch")
     if recipe.registry_name:
         detector = load_model(recipe.registry_name, settings=settings, device=device)
     else:

@@ -18,7 +18,12 @@ watcher, the store, the dashboard, ``eval``, ``bench`` and the CLI see nothing b
   (``inspector retrain``), ``import_official(...)`` (``inspector models import-official``), ``sample_options`` (``--samples``),
   ``bench_plan`` / ``bench_main_case`` / ``bench_report`` (``inspector bench``), ``score_closed_pool`` and
   ``eval_session`` (``inspector eval`` of detectors whose score belongs to a set of images, MuSc), and
-  ``on_reviews`` (reviewer verdicts, for detectors that learn from the line).
+  ``on_reviews`` (reviewer verdicts, for detectors that learn from the line);
+* exported runtimes (``inspector export``, ``[model] runtime``): ``scoring_graphs()`` names the encoder calls
+  of the scoring path (the vision tower with the taps the detector reads, Bayes-PFL's text tower), each a
+  method of the detector; the detector calls them through ``encode_graph(name, *inputs)``, which runs the
+  method in torch, or the exported graph once ``inspector.exported`` has attached one (``exported``). The
+  head and the post-processing always stay in torch.
 
 Adding a detector means its folder, one line in ``inspector.detectors.KINDS`` and its settings section.
 """
@@ -115,6 +120,25 @@ BenchPlan = list[tuple[str, Callable[[], Any]]]
 
 
 @dataclass(frozen=True)
+class ScoringGraph:
+    """One encoder call of a detector's scoring path, as ``inspector export`` traces it.
+
+    fn:      a method of the detector, ``fn(*inputs) -> tuple of tensors`` (in the order of ``outputs``); the
+             same method scores in torch, so the exported graph is the torch arithmetic, traced
+    inputs:  input names, in call order; outputs: output names
+    example: ``() -> inputs`` on the CPU, for tracing (any size along the ``dynamic`` axes)
+    dynamic: {input or output name: {axis: symbolic name}}: the axes that vary at run time (the batch,
+             Bayes-PFL's prompt count and length, WinCLIP's window count and size)
+    """
+
+    fn: Callable[..., Sequence[torch.Tensor]]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    example: Callable[[], tuple[torch.Tensor, ...]]
+    dynamic: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Trainer:
     """How ``inspector retrain`` fits a detector (``Detector.trainer()``), the same for every detector.
 
@@ -145,6 +169,8 @@ class Detector(nn.Module, ABC):
         self.backbone = backbone
         self.precision = check(precision)
         self.provenance = dict(provenance or {})
+        #: the exported graphs that replace ``scoring_graphs()`` (``inspector.exported.attach``), or None: torch
+        self.exported: Any = None
 
     # ---------------------------------------------------------------------------------------------
     # construction
@@ -188,6 +214,18 @@ class Detector(nn.Module, ABC):
         """The plain backbone forward on [N, 3, S, S] (the floor ``inspector bench`` reports ratios to)."""
         with self.autocast():
             return self.backbone.encode_image_floor(pixels.to(self.device))
+
+    def scoring_graphs(self) -> dict[str, ScoringGraph]:
+        """The encoder calls of the scoring path, by name (``inspector export`` writes one graph each).
+        Default: none (such a detector cannot be exported)."""
+        return {}
+
+    def encode_graph(self, name: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the scoring graph ``name`` on ``inputs``: the exported graph when one is attached and no
+        gradient is asked for (training always runs in torch), else the detector's own method."""
+        if self.exported is not None and not torch.is_grad_enabled():
+            return self.exported.run(name, *inputs)
+        return tuple(self.scoring_graphs()[name].fn(*inputs))
 
     def clear_caches(self) -> None:
         """Forget what was derived from weights or settings (text embeddings, anchors, ...)."""
@@ -276,5 +314,7 @@ class Detector(nn.Module, ABC):
         """``inspector eval`` scores inside this (a detector with state restores it afterwards)."""
         yield
 
-    def on_reviews(self, reviews: Sequence[Any]) -> None:
-        """Reviewer verdicts of images this detector scored (for detectors that learn from the line)."""
+    def on_reviews(self, reviews: Sequence[Any], normals: Sequence[Any] = ()) -> None:
+        """Reviewer verdicts from the line (for detectors that learn from it): ``reviews``, the images judged
+        defects, and ``normals``, those accepted as normal, each a (class name, path, content key) tuple
+        (``store.pool_reviews.PoolReview``), each image once by its latest verdict."""

@@ -516,9 +516,7 @@ class AACLIP(Detector):
         """pixels [N, 3, S, S] -> ([F_l [N, L, E] L2-normalised per level], v [N, E] not renormalised).
 
         Taps after the block adapters (level 6 sees the block-6 adapter), CLS dropped, frozen LN_post."""
-        tokens = self.backbone.embed_image(pixels)  # [N, 1 + L, Wv]
-        _, taps = self.backbone.run_vision(tokens, self.levels, after_block=self._vision_hook,
-                                           attention=self._attention())
+        taps = self.encode_graph("vision", pixels)  # 4 x [N, L, Wv]
         ln_post = self.backbone.clip.visual.ln_post
         # in fp32 even under autocast (bf16 scoring, training on CUDA): the maps scale cosines by 100
         with fp32(pixels.device):
@@ -526,6 +524,25 @@ class AACLIP(Detector):
             features = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], taps)]
             det = F.normalize(self.image_adapter["det_proj"](taps[-1]), dim=-1).mean(1)
         return features, det
+
+    def vision_taps(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The "vision" graph: pixels [N, 3, S, S] -> the residual stream after each feature layer, CLS
+        dropped, the vision adapters applied inside the tower: [N, L, Wv] per level (before LN_post)."""
+        tokens = self.backbone.embed_image(pixels)  # [N, 1 + L, Wv]
+        _, taps = self.backbone.run_vision(tokens, self.levels, after_block=self._vision_hook,
+                                           attention=self._attention())
+        return tuple(taps)
+
+    def scoring_graphs(self) -> dict[str, Any]:
+        """The vision tower with its adapters and taps (the projections, anchors and maps stay in torch;
+        the text anchors are computed once per class description, in torch)."""
+        from ..base import ScoringGraph
+
+        size = self.image_size
+        taps = tuple(f"tap_{layer}" for layer in self.levels)
+        return {"vision": ScoringGraph(self.vision_taps, ("pixels",), taps,
+                                       lambda: (torch.randn(2, 3, size, size),),
+                                       {"pixels": {0: "batch"}, **{t: {0: "batch"} for t in taps}})}
 
     def level_maps(self, features: Sequence[torch.Tensor], anchors: torch.Tensor) -> torch.Tensor:
         """F_l [N, L, E] and per-image T [N, E, 2] -> m_l = (Z_a + 1 - Z_n)/2 on the grid: [N, levels, G, G]."""

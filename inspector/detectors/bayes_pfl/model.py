@@ -320,8 +320,7 @@ class BayesPFL(Detector):
         ], dim=-2).reshape(-1, length, e)  # [N·2·R·B, length, E]
         last = torch.tensor([p.last for p in prompts], device=self.device)
         last = last.repeat_interleave(2 * samples * c.bank_size)
-        with self.autocast():
-            t = self.backbone.encode_text(seq, last)  # [N·M, E]
+        (t,) = self.encode_graph("text", seq, last)  # [N·M, E]
         return F.normalize(t.float(), dim=-1).view(n, 2 * samples * c.bank_size, -1)
 
     def set_prototype(self, class_name: str, images: Sequence[ImageInput] | torch.Tensor) -> None:
@@ -331,8 +330,8 @@ class BayesPFL(Detector):
             g = images.to(self.device).float()
         else:
             pixels = self.preprocess(as_list(images)).to(self.device)
-            with torch.inference_mode(), self.autocast():
-                g = self.backbone.encode_image(pixels, layers=())[0].float()
+            with torch.inference_mode():
+                g = self.encode_graph("vision", pixels)[0].float()
         self._prototypes[class_name] = g.mean(0)
         self._class_text = {k: v for k, v in self._class_text.items() if k[0] != class_name}
 
@@ -351,6 +350,48 @@ class BayesPFL(Detector):
                                     [self._class_state_inputs(class_name, samples)])
             self._class_text[key] = t[0]
         return self._class_text[key]
+
+    # ---------------------------------------------------------------------------------------------
+    # the encoder calls (``scoring_graphs``: what ``inspector export`` writes)
+
+    def vision_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The "vision" graph: pixels [N, 3, S, S] -> (g [N, D], F_l [N, G*G, W] for each feature layer)."""
+        with self.autocast():
+            g, taps = self.backbone.encode_image(pixels)
+        return (g, *taps)
+
+    def text_outputs(self, prompts: torch.Tensor, last_index: torch.Tensor) -> tuple[torch.Tensor]:
+        """The "text" graph: sampled prompt embeddings [S, L, E] (positional embedding not added) and each
+        one's EOT index [S] -> text embeddings [S, D], not normalised."""
+        with self.autocast():
+            return (self.backbone.encode_text(prompts, last_index),)
+
+    def scoring_graphs(self) -> dict[str, Any]:
+        """The vision tower with its taps, and the text tower over sampled prompts.
+
+        Nothing random is in either graph. The Monte-Carlo draws (``draw_isd_noise``, ``draw_iad_noise``:
+        seeded from the image content and the class) and the flows that turn them into prompt vectors
+        (``mu + sigma·eps`` through the head) stay in torch, and the sampled prompts are the text graph's input
+        ``prompts`` [S, L, E], S = N·2·B·R sequences of L tokens (both axes dynamic: any R, any class name).
+        So an exported model scores every R and seed the torch one does, with the same draws. In
+        ``text_cache = "class"`` mode the text embeddings of a class are computed once (through the same graph)
+        and cached per class, so only the vision graph runs per image."""
+        from ..base import ScoringGraph
+
+        bb, c = self.backbone, self.config
+        taps = tuple(f"tap_{layer}" for layer in bb.spec.feature_layers)
+        length = min(8, bb.context_length)
+        return {
+            "vision": ScoringGraph(
+                self.vision_outputs, ("pixels",), ("g", *taps),
+                lambda: (torch.randn(2, 3, bb.image_size, bb.image_size),),
+                {"pixels": {0: "batch"}, "g": {0: "batch"}, **{t: {0: "batch"} for t in taps}}),
+            "text": ScoringGraph(
+                self.text_outputs, ("prompts", "last_index"), ("text",),
+                lambda: (torch.randn(3, length, c.text_width), torch.tensor([length - 1, length // 2, 1])),
+                {"prompts": {0: "sequences", 1: "length"}, "last_index": {0: "sequences"},
+                 "text": {0: "sequences"}}),
+        }
 
     # ---------------------------------------------------------------------------------------------
     # scoring
@@ -421,8 +462,7 @@ class BayesPFL(Detector):
         elif self.text_cache == "none":
             eps_isd = self.draw_isd_noise(pixels, samples, seeds)
         pixels = pixels.to(self.device)
-        with self.autocast():
-            g, patch_tokens = self.backbone.encode_image(pixels)
+        g, *patch_tokens = self.encode_graph("vision", pixels)
         g = g.float()
         if noise is not None:
             states = self._state_inputs(noise["iad_normal"], noise["iad_abnormal"])

@@ -249,12 +249,41 @@ class WinCLIP(Detector):
     def encode(self, pixels: torch.Tensor, patches: bool = True
                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """pixels [N, 3, S, S] -> (f^I [N, D], [f^W_s [N, M_s, D] per scale], f^P [N, G*G, W] or None)."""
+        tokens, image, patch = self.encode_graph("vision", pixels)
+        return image, self.window_embeddings(tokens), patch if patches else None
+
+    def vision_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The "vision" graph: pixels [N, 3, S, S] -> (tokens [N, 1 + G*G, W] before ln_pre, the windows'
+        source; f^I [N, D]; f^P = LN_post of the patch tokens [N, G*G, W])."""
         tokens = self.backbone.embed_image(pixels)  # [N, 1 + G*G, W], before ln_pre
         with self.autocast():
             x, _ = self.backbone.run_vision(tokens)
             image = self.backbone.pool(x).float()
-            patch = self.backbone.clip.visual.ln_post(x[:, 1:]).float() if patches else None
-        return image, self.window_embeddings(tokens), patch
+            patch = self.backbone.clip.visual.ln_post(x[:, 1:]).float()
+        return tokens, image, patch
+
+    def window_outputs(self, windows: torch.Tensor) -> tuple[torch.Tensor]:
+        """The "windows" graph: window sequences [B, 1 + s*s, W] (CLS and a window's tokens from
+        ``vision_outputs``) -> their pooled embeddings [B, D]."""
+        with self.autocast():
+            x, _ = self.backbone.run_vision(windows)
+            return (self.backbone.pool(x).float(),)
+
+    def scoring_graphs(self) -> dict[str, Any]:
+        """The vision tower (tokens, f^I, f^P) and the tower over window sequences (any count, any scale);
+        the text embeddings are computed once per class, in torch."""
+        from ..base import ScoringGraph
+
+        size, width = self.image_size, self.backbone.vision_width
+        return {
+            "vision": ScoringGraph(self.vision_outputs, ("pixels",), ("tokens", "image", "patches"),
+                                   lambda: (torch.randn(2, 3, size, size),),
+                                   {"pixels": {0: "batch"}, "tokens": {0: "batch"}, "image": {0: "batch"},
+                                    "patches": {0: "batch"}}),
+            "windows": ScoringGraph(self.window_outputs, ("windows",), ("embeddings",),
+                                    lambda: (torch.randn(3, 5, width),),
+                                    {"windows": {0: "windows", 1: "length"}, "embeddings": {0: "windows"}}),
+        }
 
     def window_embeddings(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """tokens [N, 1 + G*G, W] (before ln_pre) -> [f^W_s: [N, M_s, D] per scale].
@@ -271,9 +300,7 @@ class WinCLIP(Detector):
             for start in range(0, n * count, self.window_batch):
                 index = torch.arange(start, min(start + self.window_batch, n * count), device=tokens.device)
                 chunk = tokens[(index // count)[:, None], sequence[index % count]]  # [B, 1 + s*s, W]
-                with self.autocast():
-                    x, _ = self.backbone.run_vision(chunk)
-                    flat[start:start + len(index)] = self.backbone.pool(x).float()
+                flat[start:start + len(index)] = self.encode_graph("windows", chunk)[0]
             out.append(flat.view(n, count, -1))
         return out
 
