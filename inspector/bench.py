@@ -141,11 +141,13 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int
 def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: int,
               progress: Callable[[str], None] | None = None, references: int = 0,
               compare_precision: bool = True, agreement_images: int = 8,
-              threshold_quantile: float = 0.5) -> dict[str, Any]:
+              threshold_quantile: float = 0.5, parity_device: str | None = None) -> dict[str, Any]:
     """Time ``model`` (any detector); ``samples`` is Bayes-PFL's R; ``references``: WinCLIP's few-shot
     case on that many synthetic normal references (0: zero-shot only). ``compare_precision``: also time the
     floor and the main case in the other of fp32 / bf16 and measure their agreement on
-    ``agreement_images`` images (decisions at the ``threshold_quantile`` quantile of the fp32 scores)."""
+    ``agreement_images`` images (decisions at the ``threshold_quantile`` quantile of the fp32 scores).
+    ``parity_device``: also compare the exact path in fp32 with the same model on that device (``"cpu"`` on a
+    GPU machine: CUDA-vs-CPU parity)."""
     device = model.device
     setting = getattr(model, "precision", None)
     resolved = runtime.resolve(setting, device) if setting is not None else "fp32"
@@ -197,6 +199,12 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
             "agreement": precision_agreement(model, pixels_all, [class_name] * pixels_all.shape[0], low,
                                              quantile=threshold_quantile, **options),
         }
+    parity = None
+    if parity_device is not None:
+        if progress:
+            progress(f"{model.name}: {device} vs {parity_device} parity (fp32) on {agreement_images} images")
+        parity = device_agreement(model, pixels_all[:agreement_images], [class_name] * agreement_images,
+                                  parity_device, quantile=threshold_quantile, **model.sample_options(samples))
     pipeline, latency = pipeline_case(model, max(batch_sizes), count=max(6 * max(batch_sizes), 24))
     exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
     pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
@@ -220,6 +228,7 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "threads": torch.get_num_threads(),
         "cases": [c.__dict__ for c in cases],
         "precision_comparison": comparison,
+        "device_parity": parity,
         "detector_report": model.bench_report(pixels_all[:count], [class_name] * count, samples),
     }
 
@@ -262,18 +271,42 @@ def precision_agreement(model: Detector, pixels: torch.Tensor, names: list[str],
         model.precision = setting
     dtypes = {f: str(getattr(raw[low], f).dtype).removeprefix("torch.")
               for f in ("anomaly_map", "probability_map", "image_score", "text_score", "topk_score")}
-    ref, got = raw["fp32"].cpu(), raw[low].cpu()
+    return {"images": int(pixels.shape[0]), "precision": low,
+            **prediction_agreement(raw["fp32"].cpu(), raw[low].cpu(), quantile, threshold, reference="fp32"),
+            "output_dtypes": dtypes}
+
+
+def device_agreement(model: Detector, pixels: torch.Tensor, names: list[str], other: str | torch.device = "cpu",
+                     quantile: float = 0.5, **options: Any) -> dict[str, Any]:
+    """The exact path in fp32 on the model's device against the same model moved to ``other`` (CUDA vs CPU
+    parity: same weights, same images, same options); the model is back on its device afterwards."""
+    home, setting = model.device, model.precision
+    other = torch.device(other)
+    try:
+        model.precision = "fp32"
+        ref = _fresh_predict(model, pixels.to(home), names, **options).cpu()
+        model.to(other)
+        got = _fresh_predict(model, pixels.to(other), names, **options).cpu()
+    finally:
+        model.to(home)
+        model.precision = setting
+    return {"images": int(pixels.shape[0]), "devices": [str(home), str(other)], "precision": "fp32",
+            **prediction_agreement(ref, got, quantile, reference=str(home))}
+
+
+def prediction_agreement(ref: Prediction, got: Prediction, quantile: float = 0.5, threshold: float | None = None,
+                         reference: str = "fp32") -> dict[str, Any]:
+    """How far ``got`` is from ``ref`` (both on the CPU, the same images): Spearman of the image scores, map
+    and score differences, and the pass/fail decisions that flip at ``threshold`` (a class threshold) or, when
+    none is given, at the ``quantile`` quantile of the reference's image scores."""
     if threshold is None:
         cut = float(torch.quantile(ref.image_score.double(), quantile))
-        source = (f"quantile {quantile:g} of the fp32 image scores (no class threshold in a bench): decisions "
-                  "next to it are the likeliest to flip")
+        source = (f"quantile {quantile:g} of the {reference} image scores (no class threshold in a bench): "
+                  "decisions next to it are the likeliest to flip")
     else:
         cut, source = float(threshold), "given"
-    flips = int(((ref.image_score > cut) != (got.image_score > cut)).sum())
     prob = (ref.probability_map - got.probability_map).abs()
     return {
-        "images": int(pixels.shape[0]),
-        "precision": low,
         "spearman_image_score": spearman(ref.image_score, got.image_score),
         "max_abs_map_diff": float(prob.max()),
         "mean_abs_map_diff": float(prob.mean()),
@@ -281,8 +314,7 @@ def precision_agreement(model: Detector, pixels: torch.Tensor, names: list[str],
         "max_abs_image_score_diff": float((ref.image_score - got.image_score).abs().max()),
         "threshold": cut,
         "threshold_source": source,
-        "decision_flips": flips,
-        "output_dtypes": dtypes,
+        "decision_flips": int(((ref.image_score > cut) != (got.image_score > cut)).sum()),
     }
 
 

@@ -330,17 +330,27 @@ def bench(
                                          f"precision, {DEFAULTS.model.precision})."),
     output: Path | None = typer.Option(None, help=f"JSON report path (default: [bench] output, "
                                        f"{DEFAULTS.bench.output})."),
+    quick: bool = typer.Option(False, "--quick", help="The GPU check: every detector at batch 1, 8 and 32, 3 "
+                               "repeats, and on CUDA the parity of the exact fp32 path with the CPU "
+                               "(scripts/gpu-check.sh runs it with the CUDA tests)."),
 ) -> None:
     """Time each detector against its own backbone floor (and Bayes-PFL's R=1, R=10 and class-cache modes,
-    WinCLIP zero- and few-shot, and `watch --once` end to end); print the tables and save JSON."""
+    WinCLIP zero- and few-shot, MuSc's pools, and `watch --once` end to end); print the tables and save JSON.
+
+    On a GPU machine: `inspector bench --device cuda --quick` (under 10 minutes on one GPU)."""
     import gc
 
     import torch
 
     from .bench import run_bench, side_by_side, write_report
-    from .detectors import detector_class
+    from .detectors import KINDS, detector_class
     from .registry import load_model
 
+    if detectors is None:
+        detectors = ",".join(KINDS) if quick else "bayes-pfl,aa-clip,winclip"
+    if quick:
+        batch_sizes = batch_sizes or "1,8,32"
+        repeats = repeats or 3
     names = [d.strip() for d in detectors.split(",") if d.strip()]
     for name in names:
         detector_class(name)
@@ -356,7 +366,8 @@ def bench(
         console.print(f"bench {name}: {model.backbone.spec.arch} ({model.backbone.spec.pretrained}) at "
                       f"{model.image_size}px on {model.device}", highlight=False)
         report = run_bench(model, s.bench.batch_sizes, s.bench.repeats, r, references=references,
-                           progress=lambda msg: console.print(f"  timing {msg}", highlight=False))
+                           progress=lambda msg: console.print(f"  timing {msg}", highlight=False),
+                           parity_device="cpu" if quick and model.device.type == "cuda" else None)
         report["backbone"] = model.backbone.spec.arch
         reports.append(report)
         del model
@@ -379,6 +390,12 @@ def bench(
             out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "
                       f"max map diff {a['max_abs_map_diff']:.4f}, max image-score diff "
                       f"{a['max_abs_image_score_diff']:.4f}")
+        parity = report.get("device_parity")
+        if parity:
+            out.print(f"{parity['devices'][0]} vs {parity['devices'][1]} (exact path, fp32, {parity['images']} images): "
+                      f"max map diff {parity['max_abs_map_diff']:.2e}, max image-score diff "
+                      f"{parity['max_abs_image_score_diff']:.2e}, Spearman {parity['spearman_image_score']:.4f}, "
+                      f"{parity['decision_flips']} decision flip(s)", highlight=False)
         out.print(f"pipeline overhead over the {report['main_case']} case (watch --once, PNG files, SQLite): "
                   f"{100 * report['pipeline_overhead']:.1f}%")
         lat = report.get("decision_latency") or {}

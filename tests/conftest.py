@@ -128,3 +128,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" not in item.keywords and _starts_processes(item):
             item.add_marker(pytest.mark.slow)
+    # tests marked `cuda` compare a GPU with the CPU: collected where torch sees a GPU (scripts/gpu-check.sh),
+    # deselected (not skipped: nothing of theirs can run) on a machine without one
+    import torch
+
+    if not torch.cuda.is_available():
+        gpu = [item for item in items if "cuda" in item.keywords]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if "cuda" not in item.keywords]
