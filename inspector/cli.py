@@ -414,6 +414,40 @@ def bench(
     out.print(f"report: {path}")
 
 
+@app.command("export")
+@user_errors
+def export(
+    model: str = typer.Argument(..., help="Registered model version (name or version folder), or 'active': the "
+                                "version the [model] settings name, else the one promoted for --class-name (or the "
+                                "site) in the database."),
+    out_dir: Path = typer.Argument(..., help="New folder for the graphs and their manifest "
+                                   "(export.json)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx (onnxruntime or OpenVINO read it) or openvino "
+                            "(OpenVINO IR)."),
+    class_name: str | None = typer.Option(None, "--class-name", "-n", help="With 'active': the class whose "
+                                          "promoted version to export."),
+    database: str | None = DATABASE_OPTION,
+) -> None:
+    """Write a model version's scoring graphs (vision tower with its taps; Bayes-PFL's text tower too) for
+    [model] runtime = "onnxruntime" or "openvino" on edge PCs; the head stays in torch."""
+    from .export import export_model
+
+    s = settings()
+    s.override("database", url=database)
+    folder, recipe = export_model(s, None if model == "active" else model, fmt, out_dir, class_name=class_name,
+                                  progress=lambda msg: console.print(f"  {msg}", highlight=False))
+    from .exported import read_manifest
+
+    manifest = read_manifest(folder)
+    out.print(f"exported {recipe.name} ({recipe.detector}, {manifest['input_size']} px) to {folder}", highlight=False)
+    for name, entry in manifest["graphs"].items():
+        worst = max(manifest["check"][name].values(), default=0.0)
+        out.print(f"  {name}: {entry['file']} (outputs {', '.join(entry['outputs'])}; max |exported - torch| "
+                  f"{worst:.1e})", highlight=False)
+    runtime = "onnxruntime" if fmt == "onnx" else "openvino"
+    out.print(f"score with it: [model] runtime = \"{runtime}\", export = \"{folder}\"", highlight=False)
+
+
 @models_app.command("import-official")
 @user_errors
 def import_official(
