@@ -183,6 +183,10 @@ def test_pool_comes_back_after_a_restart(backbone, tmp_path):
                                                               + ["index.pt"])
     capped = MuSc(backbone, pool_size=3, pool_dir=tmp_path)  # the cap applies to a stored pool too
     assert capped.pool_hashes("metal nut") == new.pool_hashes("metal nut")[-3:]
+    moved = MuSc(backbone, pool_size=5, pool_dir=tmp_path).to("cpu")  # as the CLI loads a model
+    assert moved.pool_hashes("metal nut") == new.pool_hashes("metal nut")  # still read from pool_dir
+    new.to("cpu")
+    assert new.pool_hashes("metal nut") == moved.pool_hashes("metal nut")  # a move keeps the pools
 
 
 def test_stored_pools_are_data_only(backbone, tmp_path, caplog):

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...backbone import BackboneSpec, ClipBackbone, build_openai_clip, read_openai_state_dict
 from ...imaging import ImageInput, as_list
@@ -300,11 +301,14 @@ class MuSc(Detector):
         index = torch.stack([self.patch_subset(h) for h in hashes]).to(z.device)  # [M, L']
         return torch.stack([z[i][:, index[i]] for i in range(z.shape[0])]) if len(hashes) else z[:, :, :0]
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device): pooled features follow the model
+    def _apply(self, fn, *args, **kwargs):
+        """``.to(device)``: the pooled features follow the model. Unlike other detectors' caches the pools are
+        state, not derived values, so ``Detector._apply``'s ``clear_caches`` (``clear_pools`` here, which also
+        stops reading ``pool_dir``) is skipped: the CLI moves every model to its device after loading it."""
         for pools in (self._pools, self._pinned):
             for key, p in pools.items():
                 pools[key] = _Pool(fn(p.features), fn(p.embeddings), p.hashes, p.ages, p.accepted, p.fingerprint)
-        return super()._apply(fn, *args, **kwargs)
+        return nn.Module._apply(self, fn, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
     # features
