@@ -113,16 +113,63 @@ def dicom_record(path: str, window: str | None = None) -> dict | None:
     """The ``dicom_images`` record of a DICOM file (``inspector.dicom``); None when the file is not DICOM
     (a name without a suffix whose content is something else). Raises DicomError, OSError."""
     with open_regular(path) as handle:
-        if not is_dicom(path, handle.read(132)):
-            return None
-        handle.seek(0)
-        return inspect_file(handle, "", window)
+        return _dicom_record(handle, path, window)
+
+
+def _dicom_record(handle, path: str, window: str | None) -> dict | None:
+    if not is_dicom(path, handle.read(132)):
+        return None
+    handle.seek(0)
+    return inspect_file(handle, "", window)
 
 
 def sha256_file(path: str) -> tuple[str, int]:
     """(hex SHA-256, size) of a regular file (never a FIFO or device: ``open_regular``)."""
     with open_regular(path) as handle:
         return stream_sha256(handle)
+
+
+@dataclass
+class Examined:
+    """What is learned about a file before it is registered: its content hash and size, and for a DICOM
+    file its ``dicom_images`` record (``frames`` included: one image row per frame)."""
+
+    sha256: str
+    size: int
+    dicom: dict | None = None
+
+
+def examine(path: str, window: str | None = None, images_too: bool = False) -> Examined | None:
+    """Read a file once for registration, the one reading code of intake and `inspector score`: a name that
+    may be DICOM (``is_dicom_name``, not an image suffix) has its header read within limits
+    (``inspector.dicom``, the source's ``window``), then the whole file is hashed from the same handle.
+    None: a DICOM-style name whose content is not DICOM (intake ignores it; ``images_too``: it is hashed as an
+    image instead, for files named on the command line). Raises DicomError (the file cannot become images,
+    the message says why) and OSError."""
+    with open_regular(path) as handle:
+        record = None
+        if os.path.splitext(path.lower())[1] not in IMAGE_SUFFIXES:
+            record = _dicom_record(handle, path, window)
+            if record is None and not images_too:
+                return None
+            handle.seek(0)
+        sha, size = stream_sha256(handle)
+    return Examined(sha, size, record)
+
+
+def is_candidate(path: str) -> bool:
+    """A file a folder given to `inspector score` contributes: an image suffix, or a DICOM file (``.dcm``,
+    or a suffix-less name with the DICM preamble). Unreadable files count (their error is reported)."""
+    name = os.path.basename(path)
+    if os.path.splitext(name.lower())[1] in IMAGE_SUFFIXES:
+        return True
+    if ignored_name(name):  # temporary names, dot-files, and suffixes neither image nor DICOM
+        return False
+    try:
+        with open_regular(path) as handle:
+            return is_dicom(path, handle.read(132))
+    except OSError:
+        return True
 
 
 class Intake:
@@ -338,14 +385,11 @@ class Intake:
             target = os.path.realpath(path)
             if not target.startswith(str(folder.path) + os.sep):
                 return self._register_error(path, folder, f"symlink points outside the watched folder ({target})")
-        record = None
         try:
-            if os.path.splitext(path.lower())[1] not in IMAGE_SUFFIXES:  # a DICOM name (see ignored_name)
-                record = dicom_record(path, folder.window)
-                if record is None:  # a file without a suffix that is not DICOM: not ours, never hashed
-                    self._known[path] = state
-                    return 0
-            sha, size = sha256_file(path)
+            examined = examine(path, folder.window)
+            if examined is None:  # a file without a suffix that is not DICOM: not ours, never hashed
+                self._known[path] = state
+                return 0
         except DicomError as exc:
             return self._register_error(path, folder, str(exc))
         except FileNotFoundError:
@@ -356,11 +400,11 @@ class Intake:
             return self._register_error(path, folder, "cannot read the file: permission denied")
         except OSError as exc:
             return self._register_error(path, folder, f"cannot read the file: {exc.strerror or exc}")
-        if size != state[0]:  # changed while hashing: look again later
-            self._candidates[path] = (size, state[1], time.monotonic(), folder)
+        if examined.size != state[0]:  # changed while hashing: look again later
+            self._candidates[path] = (examined.size, state[1], time.monotonic(), folder)
             return 0
-        outcome = register_file(self.engine, folder.source_id, folder.class_name, path, sha, size, state[1],
-                                dicom=record)
+        outcome = register_file(self.engine, folder.source_id, folder.class_name, path, examined.sha256,
+                                examined.size, state[1], dicom=examined.dicom)
         self._known[path] = state
         if outcome in self.counts:
             self.counts[outcome] += 1

@@ -11,7 +11,8 @@ Errors are sorted into three kinds:
 
 Never stalled, never lost: only regular files are opened (a FIFO named ``*.png`` is recorded, not read); a
 file gone from its claimed path is read where intake has since seen it (a rename), and ``complete`` promotes
-a copy of it when there is one; a batch that fails is retried one image at a time (``claim`` takes a job
+a copy of it when there is one; the frames of a multi-frame DICOM file in one batch are one read, and its
+hash is checked once per file (``CheckedFiles``), not once per frame; a batch that fails is retried one image at a time (``claim`` takes a job
 claimed before alone); the decode threads hold at most ``[watch] batch_pixel_budget`` pixels decoded at
 once; a heartbeat thread renews the leases of the batches in hand; a database error other than a lost
 connection (a corrupt page) is logged and survived.
@@ -33,6 +34,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -132,35 +134,89 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
+def sha256_of(data: bytes) -> str:
+    """Hex SHA-256 of a file's bytes, as read for scoring (one call per file read and checked)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class CheckedFiles:
+    """Files already checked against their registered hash, by (path, device, inode, size, mtime) -> hash:
+    the frames of one multi-frame DICOM file, claimed over several batches, hash it once. A file rewritten
+    since changes its size or mtime (or inode) and is checked again (intake trusts the same facts to know a
+    file unchanged). Holds the last ``size`` files; shared by a worker's decode threads."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._seen: OrderedDict[tuple, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def checked(self, key: tuple, sha256: str) -> bool:
+        with self._lock:
+            if self._seen.get(key) != sha256:
+                return False
+            self._seen.move_to_end(key)
+            return True
+
+    def add(self, key: tuple, sha256: str) -> None:
+        with self._lock:
+            self._seen[key] = sha256
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+
+
 def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor] | int,
-         budget: PixelBudget | None = None) -> Loaded:
+         budget: PixelBudget | None = None, checked: CheckedFiles | None = None) -> Loaded:
     """Read the file once, check it is still the content that was registered, decode, preprocess with the
     detector's ``to_input`` (an int: the default preprocessing at that size)."""
+    return load_frames([item], to_input, budget, checked)[0]
+
+
+def load_frames(items: list[Claimed], to_input: Callable[[Image.Image], torch.Tensor] | int,
+                budget: PixelBudget | None = None, checked: CheckedFiles | None = None) -> list[Loaded]:
+    """``load`` for the claimed frames of one file (same path and registered content; one item for any image
+    but a multi-frame DICOM file): the file is read, hash-checked (unless ``checked`` already holds it) and
+    its DICOM header parsed once, then each frame is decoded."""
     if isinstance(to_input, int):
         size = to_input
         to_input = lambda image: to_model_input(image, size)
+    first = items[0]
+
+    def every(**failure: Any) -> list[Loaded]:
+        return [Loaded(item, **failure) for item in items]
+
     try:
-        with open_regular(item.path) as handle:
+        with open_regular(first.path) as handle:
+            st = os.fstat(handle.fileno())
             data = handle.read()
     except FileNotFoundError:
-        return Loaded(item, error=VANISHED, vanished=True)
+        return every(error=VANISHED, vanished=True)
     except NotRegularFile as exc:
-        return Loaded(item, error=exc.strerror)
+        return every(error=exc.strerror)
     except PermissionError:
-        return Loaded(item, error="cannot read the file: permission denied")
+        return every(error="cannot read the file: permission denied")
     except IsADirectoryError:
-        return Loaded(item, error="not a file")
+        return every(error="not a file")
     except OSError as exc:
-        return Loaded(item, error=f"read error: {exc.strerror or exc}", permanent=False)
-    if item.sha256 and hashlib.sha256(data).hexdigest() != item.sha256:
-        return Loaded(item, error="the file was replaced after it was discovered; its new content is queued "
-                                  "as a new image")
+        return every(error=f"read error: {exc.strerror or exc}", permanent=False)
+    key = (first.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if first.sha256 and not (checked is not None and checked.checked(key, first.sha256)):
+        if sha256_of(data) != first.sha256:
+            return every(error="the file was replaced after it was discovered; its new content is queued as a "
+                               "new image")
+        if checked is not None:
+            checked.add(key, first.sha256)
     dicom = None
-    if is_dicom(item.path, data[:132]):  # one frame of a DICOM file, in its window (inspector/dicom.py)
+    if is_dicom(first.path, data[:132]):  # frames of a DICOM file, in their window (inspector/dicom.py)
         try:
-            dicom = read_header(io.BytesIO(data), item.path, len(data))
+            dicom = read_header(io.BytesIO(data), first.path, len(data))
         except DicomError as exc:
-            return Loaded(item, error=str(exc))
+            return every(error=str(exc))
+    return [_decode(item, data, dicom, to_input, budget) for item in items]
+
+
+def _decode(item: Claimed, data: bytes, dicom: Any, to_input: Callable[[Image.Image], torch.Tensor],
+            budget: PixelBudget | None) -> Loaded:
     area = dicom.frame_pixels if dicom is not None else _header_pixels(data)
     try:
         with budget.hold(area) if budget is not None else contextlib.nullcontext():
@@ -180,6 +236,15 @@ def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor] | int,
         return Loaded(item, error=str(exc))
     except MemoryError:
         return Loaded(item, error="image too large to decode in memory")
+
+
+def by_file(batch: list[Claimed]) -> list[list[Claimed]]:
+    """A batch grouped by file (path and registered content), in claim order: the frames of one file go
+    together, so that it is read once per batch."""
+    groups: dict[tuple[str, str | None], list[Claimed]] = {}
+    for item in batch:
+        groups.setdefault((item.path, item.sha256 or f"unhashed-{item.id}"), []).append(item)
+    return list(groups.values())
 
 
 class Worker:
@@ -210,6 +275,7 @@ class Worker:
         self._refreshed = 0.0
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self.budget = PixelBudget(pixel_budget)
+        self.checked = CheckedFiles()
         self.stored = 0
         self.failed = 0
         self._held: set[int] = set()  # jobs claimed and not yet stored or released: their leases are renewed
@@ -262,7 +328,10 @@ class Worker:
             return None
         self._hold([c.id for c in batch])
         detector = self.models[batch[0].model_version_id]
-        return batch, [self.pool.submit(load, item, detector.to_input, self.budget) for item in batch], detector
+        groups = by_file(batch)
+        futures = [self.pool.submit(load_frames, group, detector.to_input, self.budget, self.checked)
+                   for group in groups]
+        return [item for group in groups for item in group], futures, detector
 
     def _finish(self, pending: tuple[list[Claimed], list[Future], Any], stop: threading.Event | None,
                 started: float) -> int:
@@ -285,13 +354,14 @@ class Worker:
         for x in loaded:
             moved = now_at.get(x.claimed.image_id) if x.vanished else None
             if moved and moved != x.claimed.path:
-                x = load(dataclasses.replace(x.claimed, path=moved), to_input, self.budget)
+                x = load(dataclasses.replace(x.claimed, path=moved), to_input, self.budget, self.checked)
             out.append(x)
         return out
 
     def _finish_held(self, batch: list[Claimed], futures: list[Future], detector: Any,
                      stop: threading.Event | None, started: float) -> int:
-        loaded = self._relocate([f.result() for f in futures], detector.to_input)
+        done = [f.result() for f in futures]  # a ``load_frames`` list per file (or one ``load``'s Loaded)
+        loaded = self._relocate([x for r in done for x in (r if isinstance(r, list) else [r])], detector.to_input)
         outcomes = self._score(loaded, detector)
         data = list(self.pool.map(self._encode, outcomes))
         for o, encoded in zip(outcomes, data):

@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from ..backoff import nth_delay
 from .db import db_now, is_sqlite, utcnow
 from .decisions import DecisionPolicy, decide
-from .dicom import insert_dicom
+from .dicom import event_fields, insert_dicom
 from .outbox import enqueue
 from .routing import add_jobs, targets
 from .schema import (
@@ -381,7 +381,9 @@ def _vanished(conn: Any, job: Any, mine: Any, now: dt.datetime) -> str | None:
 
 def decision_event(conn: Any, result_id: int, image_id: int, image: Any, version_id: int, score: float,
                    decided: dict[str, Any], at: dt.datetime) -> dict[str, Any]:
-    """What the line receives for one decision; ``id`` (the result's) is the idempotency key."""
+    """What the line receives for one decision; ``id`` (the result's) is the idempotency key. A DICOM image's
+    event also carries its frame and Study / Series / SOP Instance UIDs (``store/dicom.py``), never patient
+    data."""
     version = conn.execute(select(model_versions.c.name, model_versions.c.digest)
                            .where(model_versions.c.id == version_id)).one()
     line = conn.execute(select(sources.c.line).where(sources.c.id == image.source_id)).scalar() \
@@ -394,7 +396,8 @@ def decision_event(conn: Any, result_id: int, image_id: int, image: Any, version
             "model_version": version.name, "model_digest": version.digest, "score": score,
             "decision": decided["decision"], "audit": decided["audit"],
             "threshold": th.value if th else None, "threshold_version": th.version if th else None,
-            "threshold_kind": th.kind if th else None, "time": at.isoformat() + "Z"}
+            "threshold_kind": th.kind if th else None, "time": at.isoformat() + "Z",
+            **event_fields(conn, image_id)}
 
 
 def release(engine: Engine, worker: str, job_ids: Iterable[int] | None = None) -> None:

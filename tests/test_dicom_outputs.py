@@ -1,0 +1,169 @@
+"""DICOM beyond intake (#18): the frame and UIDs in outbound events (a real mosquitto broker and a webhook
+receiver), never patient data; a multi-frame file read and hashed once for all its frames. The DICOM files
+are pydicom's bundled test files (``tests/test_dicom.py`` says which).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+import pydicom
+import pytest
+
+from inspector.store import open_store
+
+from .pipeline_helpers import image_list, run_cli, small_png, wait_for
+from .test_decisions import Broker, _subscriber
+from .test_dicom import PATIENT_ID, PATIENT_NAME, _with_patient, bundled, craft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UIDS = ("study_uid", "series_uid", "sop_uid")
+
+
+def _uids(name: str) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(bundled(name))
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+# -------------------------------------------------------------------------------------------------
+# events
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    got: ClassVar[list] = []
+
+    def do_POST(self):
+        _Hook.got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    _with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
+    _with_patient("CT_small.dcm", folder / "IM000001")
+    small_png(folder / "photo.png", 2)
+    broker = Broker(tmp_path)
+    broker.start()
+    received: list = []
+    client = _subscriber(broker.port, received)
+    _Hook.got = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    try:
+        wait_for(lambda: client.is_connected(), 20, 0.1, "the subscriber")
+        done = run_cli(["watch", str(folder), "--class-name", "scan", "--once"], db, tmp_path, env={
+            "INSPECTOR_OUTPUTS__MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
+            "INSPECTOR_OUTPUTS__WEBHOOK_URL": f"http://127.0.0.1:{server.server_address[1]}/events"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        wait_for(lambda: len(received) >= 4, 20, 0.1, "4 mqtt messages")
+    finally:
+        client.loop_stop()
+        broker.stop()
+        server.shutdown()
+    for events in ([e for _, e in received], _Hook.got):
+        by_name: dict[str, list[dict]] = {}
+        for event in events:
+            by_name.setdefault(Path(event["path"]).name, []).append(event)
+        rgb = sorted(by_name["rgb.dcm"], key=lambda e: e["frame"])
+        assert [(e["frame"], e["frames"]) for e in rgb] == [(0, 2), (1, 2)]
+        assert {tuple(e[k] for k in UIDS) for e in rgb} == {_uids("SC_rgb_rle_2frame.dcm")}
+        (ct,) = by_name["IM000001"]
+        assert (ct["frame"], ct["frames"], *(ct[k] for k in UIDS)) == (0, 1, *_uids("CT_small.dcm"))
+        (photo,) = by_name["photo.png"]
+        assert not {"frame", "frames", *UIDS} & set(photo) and photo["decision"] in ("pass", "fail", "review")
+        text = json.dumps(events)
+        assert PATIENT_NAME not in text and "Zyxwvut" not in text and PATIENT_ID not in text
+
+
+# -------------------------------------------------------------------------------------------------
+# a multi-frame file is read and hashed once
+
+
+def test_a_multi_frame_file_is_hashed_once_and_read_once_per_batch(tmp_path, monkeypatch):
+    import warnings
+
+    from inspector import intake, load_model, worker
+    from inspector.pipeline import register_model_version
+    from inspector.store.routing import route_unrouted
+
+    from .conftest import tiny_settings
+
+    folder = tmp_path / "line"
+    folder.mkdir()
+    shutil.copy(bundled("rtdose.dcm"), folder / "dose.dcm")  # 15 frames
+    opened: list[str] = []
+    hashed: list[int] = []
+    real_open, real_stream, real_sha = intake.open_regular, intake.stream_sha256, worker.sha256_of
+
+    def counting_open(path):
+        opened.append(path)
+        return real_open(path)
+
+    def counting_stream(handle, *args):
+        hashed.append(1)
+        return real_stream(handle, *args)
+
+    monkeypatch.setattr(intake, "open_regular", counting_open)
+    monkeypatch.setattr(intake, "stream_sha256", counting_stream)
+    engine = open_store(f"sqlite:///{tmp_path / 'inspector.sqlite'}", auto_upgrade=True)
+    reader = intake.Intake(engine, [intake.WatchedFolder(folder.resolve(), "dose")], stable_seconds=0,
+                           rescan_seconds=0)
+    reader.scan()
+    assert reader.tick() == 1
+    assert (len(opened), len(hashed)) == (1, 1)  # intake: one open, header and hash from the same handle
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = load_model(settings=tiny_settings(image_size=224, samples=1))
+    version = register_model_version(engine, detector, [reader.folders[0].source_id])
+    route_unrouted(engine)
+    reads: list[str] = []
+    checks: list[bytes] = []
+
+    def counting_read(path):
+        reads.append(path)
+        return real_open(path)
+
+    def counting_sha(data):
+        checks.append(data)
+        return real_sha(data)
+
+    monkeypatch.setattr(worker, "open_regular", counting_read)
+    monkeypatch.setattr(worker, "sha256_of", counting_sha)
+    scorer = worker.Worker(engine, {version: detector}, batch_size=4)
+    batches = 0
+    while scorer.step():
+        batches += 1
+    scorer.close()
+    assert batches == 4 and scorer.stored == 15  # 4 + 4 + 4 + 3 frames
+    assert len(checks) == 1  # hashed once for its 15 frames
+    assert len(reads) == batches  # one read per batch, not one per frame
+    # a file rewritten between batches is checked again, and its remaining frames are not scored
+    craft("rtdose.dcm", folder / "dose2.dcm", SOPInstanceUID="1.2.826.0.1.3680043.8.498.2")  # other content
+    reader.scan()
+    assert reader.tick() == 1
+    route_unrouted(engine)
+    scorer = worker.Worker(engine, {version: detector}, batch_size=4)
+    assert scorer.step() == 4
+    data = bytearray((folder / "dose2.dcm").read_bytes())
+    data[-1] ^= 0xFF  # same size, other content, a later mtime
+    (folder / "dose2.dcm").write_bytes(bytes(data))
+    while scorer.step():
+        pass
+    scorer.close()
+    rows = [r for r in image_list(f"sqlite:///{tmp_path / 'inspector.sqlite'}") if r["path"].endswith("dose2.dcm")]
+    assert [r["status"] for r in sorted(rows, key=lambda r: r["frame"])] == ["done"] * 4 + ["failed"] * 11
+    assert all("replaced after it was discovered" in r["error"] for r in rows if r["status"] == "failed")
+    engine.dispose()
