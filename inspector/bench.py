@@ -10,6 +10,10 @@ batch sizes, on the current device:
                    ``bench_plan(pixels, class_names)`` method times its own cases instead (MuSc: the batch
                    against pools of N - 1 earlier images, ``musc`` at its configured pool and ``musc N=..``),
                    and its ``bench_report()`` goes into the report as ``detector_report``
+* ``backbone (R)``, ``<main case> (R)``  with ``runtimes`` (``--runtimes onnxruntime,openvino``): the vision
+                   graph alone and the main case with the encoder calls in the exported runtime R (the model
+                   exported to a temporary folder first, fp32; the head in torch), with their ratio to the torch
+                   fp32 floor, and ``runtime_comparison``: their agreement with torch fp32 on the same images
 * ``pipeline``     `watch --once` end to end on PNG files (640 px) at the largest batch size: intake, hashing,
                    decoding, scoring, map encoding and SQLite writes, with the same loaded model; its ratio
                    to the detector case at that batch size is the pipeline's overhead
@@ -42,7 +46,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -141,13 +145,26 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int
 def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: int,
               progress: Callable[[str], None] | None = None, references: int = 0,
               compare_precision: bool = True, agreement_images: int = 8,
-              threshold_quantile: float = 0.5, parity_device: str | None = None) -> dict[str, Any]:
+              threshold_quantile: float = 0.5, parity_device: str | None = None,
+              runtimes: Sequence[str] = ()) -> dict[str, Any]:
     """Time ``model`` (any detector); ``samples`` is Bayes-PFL's R; ``references``: WinCLIP's few-shot
     case on that many synthetic normal references (0: zero-shot only). ``compare_precision``: also time the
     floor and the main case in the other of fp32 / bf16 and measure their agreement on
     ``agreement_images`` images (decisions at the ``threshold_quantile`` quantile of the fp32 scores).
     ``parity_device``: also compare the exact path in fp32 with the same model on that device (``"cpu"`` on a
-    GPU machine: CUDA-vs-CPU parity)."""
+    GPU machine: CUDA-vs-CPU parity). ``runtimes``: also time the floor and the main case with the encoder
+    calls in these exported runtimes ("onnxruntime", "openvino"; the model exported to a temporary folder
+    first) and compare them with torch fp32 (``runtime_comparison``)."""
+    with contextlib.ExitStack() as stack:
+        graphs = _exported_graphs(model, runtimes, stack, progress)
+        return _run_bench(model, batch_sizes, repeats, samples, progress, references, compare_precision,
+                          agreement_images, threshold_quantile, parity_device, graphs)
+
+
+def _run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: int,
+               progress: Callable[[str], None] | None, references: int, compare_precision: bool,
+               agreement_images: int, threshold_quantile: float, parity_device: str | None,
+               graphs: dict[str, Any]) -> dict[str, Any]:
     device = model.device
     setting = getattr(model, "precision", None)
     resolved = runtime.resolve(setting, device) if setting is not None else "fp32"
@@ -180,6 +197,11 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
                     time_case(f"{label} ({other})", fn, n, precision=other)
                 finally:
                     model.precision = setting
+        main = dict(plan)[main_case]
+        for name, exported in graphs.items():  # the same calls with the encoders in an exported runtime
+            with _using(model, exported):
+                time_case(f"backbone ({name})", partial(model.encode_graph, "vision", pixels), n, precision="fp32")
+                time_case(f"{main_case} ({name})", main, n, precision="fp32")
     floors = {c.batch_size: c.ms_per_image for c in cases if c.name == "floor"}
     fp32_floors = {c.batch_size: c.ms_per_image for c in cases
                    if c.name.startswith("floor") and c.precision == "fp32"}
@@ -199,6 +221,28 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
             "agreement": precision_agreement(model, pixels_all, [class_name] * pixels_all.shape[0], low,
                                              quantile=threshold_quantile, **options),
         }
+    runtime_comparison = {}
+    if graphs:
+        options = model.sample_options(samples)
+        names = [class_name] * pixels_all.shape[0]
+        setting_now = model.precision
+        try:
+            model.precision = "fp32"
+            reference = _fresh_predict(model, pixels_all, names, **options).cpu()
+        finally:
+            model.precision = setting_now
+        for name, exported in graphs.items():
+            if progress:
+                progress(f"{model.name}: {name} vs torch fp32 agreement on {pixels_all.shape[0]} images")
+            with _using(model, exported):
+                got = _fresh_predict(model, pixels_all, names, **options).cpu()
+            runtime_comparison[name] = {
+                "images": int(pixels_all.shape[0]), "export_format": exported.manifest["export_format"],
+                "versions": exported.manifest["runtime_versions"],
+                "speed": [{"case": c.name, "batch_size": c.batch_size, "ms_per_image": c.ms_per_image,
+                           "ratio_to_fp32_floor": c.ratio_to_fp32_floor}
+                          for c in cases if c.name.endswith(f"({name})")],
+                "agreement": prediction_agreement(reference, got, threshold_quantile, reference="torch fp32")}
     parity = None
     if parity_device is not None:
         if progress:
@@ -229,8 +273,47 @@ def run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: in
         "cases": [c.__dict__ for c in cases],
         "precision_comparison": comparison,
         "device_parity": parity,
+        "runtime_comparison": runtime_comparison or None,
         "detector_report": model.bench_report(pixels_all[:count], [class_name] * count, samples),
     }
+
+
+def _exported_graphs(model: Detector, runtimes: Sequence[str], stack: contextlib.ExitStack,
+                     progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """runtime -> the model's graphs exported to a temporary folder (one export per format) and opened in it."""
+    if not runtimes:
+        return {}
+    import tempfile
+
+    from .export import export_detector
+    from .exported import RUNTIMES, ExportError, attach, detach
+
+    unknown = [r for r in runtimes if r not in RUNTIMES[1:]]
+    if unknown:
+        raise ExportError(f"--runtimes: unknown {', '.join(unknown)} (known: {', '.join(RUNTIMES[1:])})")
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inspector-bench-export-")))
+    graphs, setting = {}, model.precision
+    for name in runtimes:
+        fmt = "onnx" if name == "onnxruntime" else "openvino"
+        if not (folder / fmt).exists():
+            if progress:
+                progress(f"{model.name}: exporting the scoring graphs ({fmt})")
+            export_detector(model, folder / fmt, fmt)
+        graphs[name] = attach(model, folder / fmt, name).exported
+        detach(model)
+        model.precision = setting
+    return graphs
+
+
+@contextlib.contextmanager
+def _using(model: Detector, exported: Any):
+    """``model`` with its encoder calls in ``exported`` (and fp32 beside them), as it was afterwards."""
+    saved = (model.exported, model.precision)
+    model.exported, model.precision = exported, "fp32"
+    try:
+        yield model
+    finally:
+        model.exported, model.precision = saved
 
 
 def _speedups(cases: list[Case], low: str) -> list[dict[str, Any]]:

@@ -330,6 +330,9 @@ def bench(
                                          f"precision, {DEFAULTS.model.precision})."),
     output: Path | None = typer.Option(None, help=f"JSON report path (default: [bench] output, "
                                        f"{DEFAULTS.bench.output})."),
+    runtimes: str = typer.Option("", "--runtimes", help="Also time the exported graphs in these runtimes, e.g. "
+                                 "onnxruntime,openvino (ms/image and ratio to the torch fp32 floor, agreement "
+                                 "with torch fp32); default none."),
     quick: bool = typer.Option(False, "--quick", help="The GPU check: every detector at batch 1, 8 and 32, 3 "
                                "repeats, and on CUDA the parity of the exact fp32 path with the CPU "
                                "(scripts/gpu-check.sh runs it with the CUDA tests)."),
@@ -367,7 +370,8 @@ def bench(
                       f"{model.image_size}px on {model.device}", highlight=False)
         report = run_bench(model, s.bench.batch_sizes, s.bench.repeats, r, references=references,
                            progress=lambda msg: console.print(f"  timing {msg}", highlight=False),
-                           parity_device="cpu" if quick and model.device.type == "cuda" else None)
+                           parity_device="cpu" if quick and model.device.type == "cuda" else None,
+                           runtimes=[r.strip() for r in runtimes.split(",") if r.strip()])
         report["backbone"] = model.backbone.spec.arch
         reports.append(report)
         del model
@@ -390,6 +394,14 @@ def bench(
             out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "
                       f"max map diff {a['max_abs_map_diff']:.4f}, max image-score diff "
                       f"{a['max_abs_image_score_diff']:.4f}")
+        for name, c in (report.get("runtime_comparison") or {}).items():
+            a = c["agreement"]
+            speed = ", ".join(f"{x['case']} batch {x['batch_size']} {x['ms_per_image']:.1f} ms/image "
+                              f"({x['ratio_to_fp32_floor']:.2f}x the torch fp32 floor)" for x in c["speed"]
+                              if x["ratio_to_fp32_floor"] is not None)
+            out.print(f"{name} ({c['export_format']} export) vs torch fp32 on {c['images']} images: max map diff "
+                      f"{a['max_abs_map_diff']:.1e}, max image-score diff {a['max_abs_image_score_diff']:.1e}, "
+                      f"{a['decision_flips']} decision flip(s); {speed}", highlight=False)
         parity = report.get("device_parity")
         if parity:
             out.print(f"{parity['devices'][0]} vs {parity['devices'][1]} (exact path, fp32, {parity['images']} images): "

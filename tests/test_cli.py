@@ -17,7 +17,7 @@ from .pipeline_helpers import ROOT, run, write_images
 @pytest.mark.parametrize("verb", [[], ["score"], ["bench"], ["demo"], ["models"], ["models", "import-official"],
                                   ["models", "list"], ["models", "show"], ["config"], ["config", "show"],
                                   ["references"], ["references", "add"], ["references", "list"],
-                                  ["references", "remove"], ["retrain"], ["eval"], ["watch"]])
+                                  ["references", "remove"], ["retrain"], ["eval"], ["watch"], ["export"]])
 def test_every_verb_has_help(verb, tmp_path):
     result = run(*verb, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -180,7 +180,7 @@ ALL_VERBS = [[], ["score"], ["bench"], ["watch"], ["worker"], ["status"], ["demo
              ["demo-data"], ["dashboard"], ["models"], ["models", "import-official"], ["models", "promote"],
              ["models", "shadow"], ["models", "history"], ["models", "list"], ["models", "show"], ["config"],
              ["config", "show"], ["db"], ["db", "upgrade"], ["references"], ["references", "add"],
-             ["references", "list"], ["references", "remove"]]
+             ["references", "list"], ["references", "remove"], ["export"]]
 
 
 def test_help_shows_settings_in_brackets_and_no_type_noise(tmp_path):

@@ -251,3 +251,30 @@ def _registry_settings(tmp_path):
     s = tiny_detector_settings("bayes-pfl")
     s.registry.path = str(tmp_path / "models")
     return s
+
+
+def test_bench_times_each_runtime_against_the_torch_fp32_floor(tmp_path, monkeypatch):
+    from inspector.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("INSPECTOR_CONFIG", raising=False)
+    monkeypatch.setenv("INSPECTOR_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("INSPECTOR_MODEL__PRECISION", "fp32")
+    done = CliRunner().invoke(app, ["bench", "--detectors", "bayes-pfl", "--backbone", "test-tiny", "--image-size",
+                                    "224", "--batch-sizes", "1", "--repeats", "1", "--samples", "2",
+                                    "--runtimes", "onnxruntime,openvino", "--output", str(tmp_path / "b.json")])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "b.json").read_text())["detectors"][0]
+    cases = {c["name"]: c for c in report["cases"]}
+    for runtime, fmt in RUNTIMES.items():
+        for name in (f"exact R=2 ({runtime})", f"backbone ({runtime})"):
+            assert cases[name]["ms_per_image"] > 0 and cases[name]["ratio_to_fp32_floor"] > 0
+            assert cases[name]["ratio_to_fp32_floor"] == pytest.approx(
+                cases[name]["ms_per_image"] / cases["floor"]["ms_per_image"])
+        compared = report["runtime_comparison"][runtime]
+        assert compared["export_format"] == fmt and compared["images"] == 8
+        assert compared["agreement"]["max_abs_map_diff"] <= 1e-4
+        assert compared["agreement"]["max_abs_image_score_diff"] <= 1e-5
+        assert f"{runtime} ({fmt} export) vs torch fp32 on 8 images" in done.output
+    plain = [c["name"] for c in report["cases"] if "(" not in c["name"] or c["name"].endswith("(bf16)")]
+    assert "floor" in plain and "exact R=2" in plain
