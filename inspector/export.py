@@ -185,10 +185,11 @@ def export_model(settings: Any, name_or_path: str | None, fmt: str, out: str | o
         recipe = recipe_from_registry(torch_settings, name_or_path)
     else:
         engine = None
-        if settings.database.url:
+        url = settings.database.url
+        if url and not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()):
             from .store.db import open_store
 
-            engine = open_store(settings.database.url)
+            engine = open_store(url)
         try:
             recipe = resolve_recipe(torch_settings, engine, class_name)
         finally:
