@@ -64,6 +64,15 @@ def step_for(lo: float, hi: float) -> tuple[float, int]:
     return 10.0 ** exponent, max(3, -exponent)
 
 
+def slider_span(scores: np.ndarray, include: Sequence[float] = ()) -> tuple[float, float, float, int]:
+    """(low, high, step, decimals) of a threshold slider over ``score_range``: the ends on the step's grid, so
+    every position the slider's keys reach is a round number (what is shown is what is saved)."""
+    lo, hi = score_range(scores, include)
+    step, decimals = step_for(lo, hi)
+    return (round(np.floor(lo / step + 1e-9) * step, decimals), round(np.ceil(hi / step - 1e-9) * step, decimals),
+            step, decimals)
+
+
 def histogram(every: np.ndarray, scores: np.ndarray, labels: np.ndarray, lo: float, hi: float,
               threshold: float, bins: int = 40) -> alt.LayerChart:
     """Stacked counts of the class's scores in ``bins`` bins over [lo, hi] (scores outside fall into the edge

@@ -22,6 +22,7 @@ STYLE = """<style>
 [data-testid="stMainBlockContainer"] { padding: 3.9rem 1.5rem 1rem 1.5rem; }
 [data-testid="stMainBlockContainer"] h2 { padding: 0 0 0.25rem 0; }
 [data-testid="stExpander"] details summary { padding-top: 0.35rem; padding-bottom: 0.35rem; }
+[data-testid="stAppDeployButton"] { display: none; }
 </style>"""
 
 

@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 import streamlit as st
-from inspector._dashboard import common, heatmap, panels
+from inspector._dashboard import common, dicom_view, heatmap, panels
 
 from inspector.store import decode_map
 from inspector.store import review as rv
@@ -30,20 +30,28 @@ SIDE_BY_SIDE_BOX = (470, 610)
 STACKED_BOX = (960, 290)
 WIDE = 1.6
 SIDE_PANEL = 370
+#: Pictures side by side narrower than this (tall images) leave the context to the side panel.
+NARROW = 600
+#: The page's content width at 1400 px (the style's 1.5 rem margins): the columns' weights are pixels of it.
+CONTENT_WIDTH = 1352
 STATES = {"unreviewed": {"reviewed": False}, "reviewed": {"reviewed": True}, "all": {"reviewed": None},
           "audit sample": {"reviewed": False, "audit": True}}
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def views(url: str, image_id: int, result_id: int, path: str, stamp: tuple[int, int, int], box: tuple[int, int],
-          threshold: float | None, floor: float, opacity: float) -> heatmap.Views:
+def views(url: str, image_id: int, result_id: int, path: str, stamp: tuple[int, int, int], dicom: bool,
+          box: tuple[int, int], threshold: float | None, floor: float, opacity: float) -> heatmap.Views:
     """The pictures of one result, cached by (image, result, the file's mtime / size / inode, display
-    settings). The file is read through the store's guard (a watched folder, the file actually opened)."""
+    settings). The file is read through the store's guard (a watched folder, the file actually opened); a
+    DICOM frame is the windowed frame it was scored in (``dicom_view.frame_image``)."""
     from inspector.imaging import open_image
 
     engine = common._engine(url)
-    data = rv.read_allowed_image(engine, path)
-    image = open_image(io.BytesIO(data), name=path)
+    framed = dicom_view.frame_image(engine, image_id) if dicom else None
+    if framed is not None:
+        image = framed[0]
+    else:
+        image = open_image(io.BytesIO(rv.read_allowed_image(engine, path)), name=path)
     return heatmap.render(image, decode_map(rv.anomaly_map(engine, image_id, result_id)), box, threshold, floor,
                           opacity)
 
@@ -53,11 +61,13 @@ def is_wide(row: dict[str, Any]) -> bool:
 
 
 def views_for(row: dict[str, Any], display: dict[str, float]) -> heatmap.Views:
-    """``views`` of a queue row; raises FileNotFoundError, ``rv.ImageNotAllowed``, OSError or ValueError."""
+    """``views`` of a queue row; raises FileNotFoundError, ``rv.ImageNotAllowed``, OSError or ValueError (a
+    ``dicom.DicomError`` is one)."""
     stat = os.stat(row["path"])
     return views(common.settings().database.url, row["id"], row["result_id"], row["path"],
-                 (stat.st_mtime_ns, stat.st_size, stat.st_ino), STACKED_BOX if is_wide(row) else SIDE_BY_SIDE_BOX,
-                 row["threshold"], display["floor"], display["opacity"])
+                 (stat.st_mtime_ns, stat.st_size, stat.st_ino), bool(row.get("dicom")),
+                 STACKED_BOX if is_wide(row) else SIDE_BY_SIDE_BOX, row["threshold"], display["floor"],
+                 display["opacity"])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -245,15 +255,32 @@ def pictures(row: dict[str, Any], display: dict[str, float]) -> tuple[heatmap.Vi
 
 
 def layout(row: dict[str, Any], shown: heatmap.Views | None):
-    """(the original's column, the overlay's column, the side panel): one above the other in a wide column for
-    wide images, else side by side in columns as wide as the fitted pictures, the panel next to them."""
+    """(the original's place, the overlay's place, what goes under them, the side panel): one above the other
+    for wide images, else side by side in columns as wide as the fitted pictures; the side panel right of
+    them, the rest of the screen's width left empty."""
     if is_wide(row):
-        left, side = st.columns([2.6, 1], gap="medium")
-        return left, left, side
+        width = shown.shown[0] if shown is not None else STACKED_BOX[0]
+        left, side, _ = st.columns([width + 16, SIDE_PANEL, max(1, CONTENT_WIDTH - width - 16 - SIDE_PANEL)],
+                                   gap="small")
+        return left, left, left, side
     width = shown.shown[0] if shown is not None else SIDE_BY_SIDE_BOX[0]
-    first, second, side, _ = st.columns([width + 8, width + 8, SIDE_PANEL, max(1, 2 * SIDE_BY_SIDE_BOX[0] - 2 * width)],
-                                        gap="small")
-    return first, second, side
+    area = 2 * width + 16
+    left, side, _ = st.columns([area, SIDE_PANEL, max(1, CONTENT_WIDTH - area - SIDE_PANEL)], gap="small")
+    with left:
+        first, second = st.columns(2, gap="small")
+    return first, second, left if area >= NARROW else side, side
+
+
+def note() -> None:
+    """The last action's confirmation (a caption: the same height whatever it says) or its problem."""
+    message = st.session_state.get("review_note")
+    if not message:
+        return
+    kind, text = message
+    if kind in ("success", "info"):
+        st.caption(f":material/check_circle: {text}" if kind == "success" else f":material/info: {text}")
+    else:
+        getattr(st, kind)(text)
 
 
 @st.fragment
@@ -282,33 +309,40 @@ def review_fragment(query: dict[str, Any], display: dict[str, float]) -> None:
                 ss.pop("pin")
     ss["position"] = position
     if not rows and pinned is None:
+        note()
         st.info("Nothing to review with these filters.")
         if offset:
             st.button("Back to the first page", on_click=on_page, args=(-(offset // size),), key="first_page")
+        tools = st.container(horizontal=True, gap="small")
+        tools.button("Undo", shortcut="u", key="undo", icon=":material/undo:", disabled=not ss.get("undo_stack"),
+                     help="Undo the last verdict (u)", on_click=on_undo)
         return
     row = pinned or rows[position]
     page = offset // size + 1
     where = (f"Image **#{row['id']}**, opened by link or undo, not in this queue" if pinned else
              f"**{position + 1}** of {len(rows)} on page {page}")
-    st.markdown(f"{where} · class **{row['class_name']}** · `{row['path']}`")
+    frame = f" · frame {row['frame'] + 1}" if row.get("dicom") else ""
+    st.markdown(f"{where} · class **{row['class_name']}** · `{row['path']}`{frame}")
     shown, problem = pictures(row, display)
-    first, second, side = layout(row, shown)
+    first, second, below, side = layout(row, shown)
     if problem is not None:
         getattr(first, problem[0])(problem[1])
     else:
         w, h = shown.native
         width = shown.shown[0]  # the fitted size (a fixed width: a long caption does not stretch the picture)
         first.image(shown.original, caption=f"original · {w} × {h} px", alt=f"image #{row['id']}", width=width)
-        second.image(shown.overlay, caption=f"anomaly map above {display['floor']:.2f} · peak "
-                     f"{shown.peak_value:.2f} · cyan box: the zoom", alt=f"overlay of image #{row['id']}", width=width)
+        second.image(shown.overlay, caption=f"map above {display['floor']:.2f} · peak {shown.peak_value:.2f} · "
+                     "cyan: zoom", alt=f"overlay of image #{row['id']}", width=width)
     advance = pinned is None and query["reviewed"] is not False
     with side:
-        st.metric("Image score", f"{row['image_score']:.4f}")
-        decision_badge(row)
-        stored = row["stored_decision"]
-        if stored or row["audit"]:
-            st.caption((f"decided **{stored}** when stored" if stored else "")
-                       + (" · **audit sample**: a random pass, review it" if row["audit"] else ""))
+        head = st.container(horizontal=True, gap="small", vertical_alignment="center")
+        head.metric("Image score", f"{row['image_score']:.4f}", width="content")
+        with head.container(gap=None):
+            decision_badge(row)
+            stored = row["stored_decision"]
+            if stored or row["audit"]:
+                st.caption((f"stored as **{stored}**" if stored else "")
+                           + (" · **audit sample**: review it" if row["audit"] else ""))
         buttons = st.container(horizontal=True, gap="small")
         buttons.button("Accept", shortcut="a", key="accept", disabled=not reviewer, width="stretch",
                        help="Accept as normal (a)", on_click=on_verdict, args=("normal", row, advance))
@@ -339,20 +373,21 @@ def review_fragment(query: dict[str, Any], display: dict[str, float]) -> None:
                       args=(pairs,), disabled=not reviewer)
         if pinned is not None:
             st.button("Back to the queue", key="unpin", on_click=_unpin)
-        note = ss.get("review_note")
-        if note:
-            getattr(st, note[0])(note[1])
+        note()
         if shown is not None:
             x, y = shown.peak
             left, top, right, bottom = shown.zoom_box
-            st.image(shown.zoom, caption=f"zoom ×{shown.zoom_scale}: {right - left} × {bottom - top} px around the "
-                     f"peak ({x}, {y}) at full resolution", alt=f"zoom of image #{row['id']}",
-                     width=(right - left) * shown.zoom_scale)
+            st.image(shown.zoom, caption=f"zoom ×{shown.zoom_scale}: {right - left} × {bottom - top} px at full "
+                     f"resolution around the peak ({x}, {y})", alt=f"zoom of image #{row['id']}",
+                     width=min((right - left) * shown.zoom_scale, SIDE_PANEL))
+        if row.get("dicom"):
+            dicom_view.show(engine, row["id"], st.expander("DICOM: UIDs, window / level"))
+    with below:
         sources = {s["id"]: s for s in rv.source_list(engine)}
         panels.show(row, sources.get(row["source_id"]))
         history = rv.review_history(engine, row["id"])
         if history:
-            with st.expander(f"History ({len(history)})"):
+            with st.expander(f"Review history ({len(history)})"):
                 st.markdown("  \n".join(f"{h['created_at']:%Y-%m-%d %H:%M} · **{h['verdict']}** by {h['reviewer']}"
                                         + (f" · {h['reason']}" if h["reason"] else "") for h in history))
         pages = st.container(horizontal=True, gap="small")

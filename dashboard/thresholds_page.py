@@ -112,10 +112,11 @@ def editor(class_name: str, chosen: dict[str, Any], current: dict[str, Any] | No
     key = (class_name, chosen["id"])
     if ss.get("t_for") != key or "t_value" not in ss:
         start = float(current["value"]) if current else (float(np.median(every)) if every.size else 0.5)
+        if current is None:  # a proposal, not a saved value: on the slider's grid, so its keys step evenly
+            start = round(start, charts.slider_span(every, include=[start])[3])
         _set_value(start)
         ss["t_for"] = key
-    lo, hi = charts.score_range(every, include=[ss["t_value"], current["value"] if current else None])
-    step, decimals = charts.step_for(lo, hi)
+    lo, hi, step, decimals = charts.slider_span(every, include=[ss["t_value"], current["value"] if current else None])
     left, right = st.columns([3, 2], gap="large")
     with left:
         st.slider("Threshold", lo, hi, step=step, key="t_value", format=f"%.{decimals}f", on_change=on_slider,
@@ -162,10 +163,12 @@ def plots(every: np.ndarray, scores: np.ndarray, labels: np.ndarray, value: floa
     effect = rv.threshold_effect(scores, labels, scores, value)
     c1, c2 = st.columns(2)
     c1.altair_chart(charts.curve(roc["fpr"], roc["tpr"], (effect["fpr"], effect["recall"]), "false positive rate",
-                                 "true positive rate", f"ROC · AUROC {auroc(labels, scores):.3f}"), width="stretch")
+                                 "true positive rate", f"ROC · AUROC {auroc(labels, scores):.3f} · ● threshold {value:.4g}"),
+                  width="stretch")
     point = None if effect["precision"] is None else (effect["recall"], effect["precision"])
     c2.altair_chart(charts.curve(pr["recall"], pr["precision"], point, "recall", "precision",
-                                 f"Precision-recall · AP {average_precision(labels, scores):.3f}"), width="stretch")
+                                 f"Precision-recall · AP {average_precision(labels, scores):.3f} · ● threshold "
+                                 f"{value:.4g}"), width="stretch")
 
 
 def history_section(class_name: str, version_id: int, current: dict[str, Any] | None, reviewer: str) -> None:

@@ -29,6 +29,7 @@ from .schema import (
     DONE,
     FAILED,
     PENDING,
+    dicom_images,
     images,
     jobs,
     model_versions,
@@ -118,6 +119,7 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
     threshold (``stored_decision`` is the pass/fail/review made when the result was stored). reviewed:
     True/False/None (an image whose last review was undone counts as not reviewed, its ``verdict`` None).
     audit: True = only the audit sample of passes. image_ids: only these images (a link to one image).
+    ``dicom`` is True for a frame of a DICOM file (``frame`` its 0-based frame; see ``store.dicom``).
     """
     th = _latest_thresholds()
     flagged = case((th.c.value.is_(None), None), (results.c.image_score >= th.c.value, "defect"), else_="normal")
@@ -134,10 +136,12 @@ def review_queue(engine: Engine, class_name: str | None = None, source_id: int |
                     model_versions.c.name.label("model_version"), th.c.value.label("threshold"),
                     th.c.version.label("threshold_version"), th.c.review_band, flagged.label("decision"),
                     verdict.label("verdict"), last_review(reviews.c.reviewer).label("reviewer"),
-                    last_review(reviews.c.created_at).label("reviewed_at"))
+                    last_review(reviews.c.created_at).label("reviewed_at"), images.c.frame,
+                    dicom_images.c.image_id.is_not(None).label("dicom"))
              .join(results, results.c.image_id == images.c.id)
              .join(model_versions, model_versions.c.id == results.c.model_version_id)
-             .join(th, _threshold_join(th), isouter=True))
+             .join(th, _threshold_join(th), isouter=True)
+             .join(dicom_images, dicom_images.c.image_id == images.c.id, isouter=True))
     if class_name:
         query = query.where(images.c.class_name == class_name)
     if source_id is not None:
