@@ -249,7 +249,8 @@ def _run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: i
             progress(f"{model.name}: {device} vs {parity_device} parity (fp32) on {agreement_images} images")
         parity = device_agreement(model, pixels_all[:agreement_images], [class_name] * agreement_images,
                                   parity_device, quantile=threshold_quantile, **model.sample_options(samples))
-    pipeline, latency = pipeline_case(model, max(batch_sizes), count=max(6 * max(batch_sizes), 24))
+    with model.eval_session():  # a detector with state (MuSc's stored pools) keeps the bench's images to itself
+        pipeline, latency = pipeline_case(model, max(batch_sizes), count=max(6 * max(batch_sizes), 24))
     exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
     pipeline.ratio_to_floor = pipeline.ms_per_image / floors[pipeline.batch_size]
     pipeline.precision = resolved

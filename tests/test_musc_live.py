@@ -10,6 +10,10 @@ worker does (``to_model_input`` of the decoded file). Also ``eval --score live``
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,7 @@ from inspector.detectors.musc import content_hash
 from inspector.imaging import open_image, to_model_input
 from inspector.store import images, results
 
-from .pipeline_helpers import kill9, run_cli, start_cli, wait_for
+from .pipeline_helpers import ROOT, kill9, run_cli, start_cli, wait_for
 
 SIZE = 224
 POOL = 4
@@ -151,3 +155,57 @@ def test_live_pool_through_watch(db_url, tmp_path):
     assert len(pool["hashes"]) == POOL and digest[rejected] not in pool["hashes"]
     assert pool["accepted"] == [digest[accepted]] and digest[accepted] in pool["hashes"]
     assert pool["files"] == sorted(pool["hashes"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# eval --score live and bench, through the CLI
+
+
+def _tiny_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "INSPECTOR_MODEL__DEVICE": "cpu",
+                "INSPECTOR_MODEL__PRECISION": "fp32", "INSPECTOR_MUSC__POOL_DIR": str(tmp_path / "pools"),
+                "INSPECTOR_MUSC__REFERENCES": ""})
+    return env
+
+
+def test_cli_eval_live_mode(tmp_path):
+    from inspector.data.synthetic import make_synthetic
+
+    make_synthetic(tmp_path / "synthetic", classes=2, train_good=0, test_good=3, test_bad=3, size=64)
+    env = {**_tiny_env(tmp_path), "INSPECTOR_MODEL__BACKBONE": "test-tiny", "INSPECTOR_MODEL__PRETRAINED": "random",
+           "INSPECTOR_MODEL__IMAGE_SIZE": "112"}
+    done = subprocess.run([sys.executable, "-m", "inspector.cli", "eval", "--data", "synthetic", "--detector", "musc",
+                           "--score", "live", "--json", "live.json", "--allow-random-weights"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "live.json").read_text())
+    assert report["detector"] == "musc" and report["image_score"] == "live"
+    assert set(report["per_class"]) == {"synth_0", "synth_1"} and 0 <= report["mean"]["image_auroc"] <= 1
+    assert "live image score" in done.stdout
+    assert not (tmp_path / "pools").exists()  # the live mode of eval starts from empty pools in memory
+
+
+def test_cli_bench_musc_pools_and_cost_model(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "inspector.cli", "bench", "--detectors", "musc", "--backbone",
+                           "test-tiny", "--batch-sizes", "1", "--repeats", "1", "--references", "0", "--output",
+                           str(tmp_path / "bench.json")], cwd=tmp_path, env=_tiny_env(tmp_path), capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    (report,) = json.loads((tmp_path / "bench.json").read_text())["detectors"]
+    cases = {c["name"]: c for c in report["cases"]}
+    for n in (10, 50, 100, 200):  # the pool sizes, each a row of the table with its ratio to the floor
+        case = cases[f"musc N={n}"]
+        assert case["ratio_to_floor"] > 0 and f"musc N={n}" in out
+        assert f"{case['ratio_to_floor']:.2f}" in out
+    assert cases["musc N=200"]["ms_per_image"] > cases["musc N=10"]["ms_per_image"]  # MSM grows with N
+    facts = report["detector_report"]
+    per_image = 12 * 256 * 64 * 4 + 64 * 4  # 12 LNAMD maps of 16 x 16 patches x width 64, fp32, + the embedding
+    assert facts["bytes_per_pooled_image"] == per_image and facts["pool_size"] == 50
+    assert f"{per_image / 1e6:.2f} MB per pooled image here (float32), at most pool_size = 50" in out
+    full = facts["full_size"]
+    assert round(full["msm_gflop_per_image"]["200"] / 199) == 46 and full["bytes_per_pooled_image_fp16"] == 33644544
+    assert "N = 10: 0.42 TFLOP/image, 0.4x the backbone" in out and "N = 200: 9.18 TFLOP/image, 9.1x" in out
+    assert "33.6 MB fp16 / 67.3 MB fp32 per pooled image" in out
+    assert not (tmp_path / "pools").exists()  # the bench's pools are its own, in memory

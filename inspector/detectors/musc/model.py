@@ -945,17 +945,36 @@ class MuSc(Detector):
 
     def bench_report(self, pixels: torch.Tensor | None = None, class_names: Sequence[str] = (),
                      samples: int = 0) -> dict[str, Any]:
-        """Memory per pooled image here and the full-size cost model (ViT-L/14 at 518: L = 1369, C = 1024)."""
+        """Memory per pooled image here, the full-size cost model (ViT-L/14 at 518: L = 1369, C = 1024, spec
+        §12) and, under ``summary``, the lines ``inspector bench`` prints under its table."""
         length, width = self.backbone.grid ** 2, self.backbone.vision_width
         combos = len(self.r_list) * len(self.layers)
         full = {n: 2 * 12 * (n - 1) * 1369 ** 2 * (1024 + 2) / 1e9 for n in (10, 50, 100, 200)}
-        return {"bytes_per_pooled_image": self.bytes_per_pooled_image(), "approx": self.approx,
-                "approx_agreement": self._bench_agreement,
-                "msm_gflop_per_image_per_other_image": 2 * combos * length ** 2 * (width + 2) / 1e9,
-                "full_size": {"bytes_per_pooled_image_fp16": 12 * 1369 * 1024 * 2,
-                              "backbone_tflop_per_image": 2 * 24 * (12 * 1369 * 1024 ** 2 + 2 * 1369 ** 2 * 1024)
-                              / 1e12,
-                              "msm_gflop_per_image": full,
-                              "subsample_patch_budget": self.patch_budget,
-                              "msm_gflop_per_image_subsample": {n: v * min(self.patch_budget, 1369) / 1369
-                                                                for n, v in full.items()}}}
+        backbone_tflop = 2 * 24 * (12 * 1369 * 1024 ** 2 + 2 * 1369 ** 2 * 1024) / 1e12
+        per_image = self.bytes_per_pooled_image()
+        full_fp16, full_fp32 = 12 * 1369 * 1024 * 2, 12 * 1369 * 1024 * 4
+        report = {"bytes_per_pooled_image": per_image, "approx": self.approx,
+                  "approx_agreement": self._bench_agreement, "pool_size": self.pool_size,
+                  "pool_bytes_per_class": per_image * self.pool_size, "pool_dtype": self.pool_dtype,
+                  "msm_gflop_per_image_per_other_image": 2 * combos * length ** 2 * (width + 2) / 1e9,
+                  "full_size": {"bytes_per_pooled_image_fp16": full_fp16, "bytes_per_pooled_image_fp32": full_fp32,
+                                "backbone_tflop_per_image": backbone_tflop,
+                                "msm_gflop_per_image": full,
+                                "msm_to_backbone": {n: v / 1e3 / backbone_tflop for n, v in full.items()},
+                                "subsample_patch_budget": self.patch_budget,
+                                "msm_gflop_per_image_subsample": {n: v * min(self.patch_budget, 1369) / 1369
+                                                                  for n, v in full.items()}}}
+        f = report["full_size"]
+        pool = (f"MuSc pool: {per_image / 1e6:.2f} MB per pooled image here ({self.pool_dtype}), at most "
+                f"pool_size = {self.pool_size} per class ({per_image * self.pool_size / 1e6:.1f} MB)")
+        sizes = f"MuSc full size (ViT-L/14 @ 518): {full_fp16 / 1e6:.1f} MB fp16 / {full_fp32 / 1e6:.1f} MB fp32 per pooled image"
+        lines = [pool, sizes,
+                 f"MuSc full size: backbone {backbone_tflop:.2f} TFLOP/image; mutual scoring 46 GFLOP x (N - 1):"]
+        lines += [f"  N = {n}: {v / 1e3:.2f} TFLOP/image, {f['msm_to_backbone'][n]:.1f}x the backbone"
+                  for n, v in full.items()]
+        a = self._bench_agreement
+        if a:
+            lines.append(f"MuSc subsample ({a['patch_budget']}/{a['patches']} patches) vs exact, {a['images']} "
+                         f"images: Spearman {a['spearman_image_score']:.3f}, max map diff {a['max_abs_map_diff']:.4f}")
+        report["summary"] = lines
+        return report
