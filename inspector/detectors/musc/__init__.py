@@ -40,11 +40,13 @@ other detectors, 0.005 away on a tiny map).
   map, below m = 4); an image with no reference at all (the first one of a class) gets the map 2 (the
   largest distance) and image score 1, so it is flagged for review, and ``provenance["unscored"]`` counts
   it. Duplicates (the same preprocessed pixels) are never each other's references and join the pool once
-  (the official code keeps them, which halves a twin's score). ``pool_remove`` takes reviewer-rejected
-  images out by content, ``pool_add`` adds known-good ones without scoring.
-* Restart: with a ``pool_dir`` (``[musc] pool_dir``, one folder per model version) the rolling pools are
-  written after each batch and read back on a class's first use (``persist.py``), so a restarted worker
-  rescores nothing. Drift: ``_drift_update`` pauses joining while a class's recent images mostly score
+  (the official code keeps them, which halves a twin's score). Reviews (``on_reviews``, from
+  ``store.pool_reviews``): a rejected image leaves the pool; an accepted one is preferred (a full pool
+  replaces its oldest *unaccepted* image first) and admitted again if it had left. ``pool_remove`` /
+  ``pool_add`` take images out / add known-good ones by hand, without scoring.
+* Restart: with a ``pool_dir`` (``[musc] pool_dir``, one folder per model version) the rolling pools (and
+  the verdicts taken into account) are written after each batch and read back on a class's first use
+  (``persist.py``), so a restarted worker rescores and re-reads nothing; ``.to(device)`` moves the pools. Drift: ``_drift_update`` pauses joining while a class's recent images mostly score
   above its early baseline (a run of one defect is not learned as normal); ``provenance["pool_drift"]``.
 * ``score_closed_pool`` / ``eval_session``: ``inspector eval``'s batch mode (each class's test split one
   pool, RsCIN with the k list the official code picks) and its live mode from empty in-memory pools.
