@@ -225,6 +225,12 @@ def test_export_verb_and_runtime_route_watch_once(tmp_path, monkeypatch):
     assert read_manifest(tmp_path / "models" / "pfl-v1")["name"] == "pfl-v1"
     again = runner.invoke(app, ["export", "pfl-v1", "--format", "onnx", str(tmp_path / "edge")])
     assert again.exit_code != 0 and "never written over another" in again.output
+    monkeypatch.setenv("INSPECTOR_MODEL__NAME", "pfl-v1")  # 'active': the version the settings name
+    active = runner.invoke(app, ["export", "active", "-f", "openvino", str(tmp_path / "edge-ov")])
+    assert active.exit_code == 0, active.output
+    manifest = json.loads((tmp_path / "edge-ov" / "export.json").read_text())
+    assert manifest["model"]["name"] == "pfl-v1" and manifest["export_format"] == "openvino"
+    monkeypatch.delenv("INSPECTOR_MODEL__NAME")
 
     calls = []
     run = ExportedGraphs.run
