@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inspector.store import reviews, thresholds
+from inspector.store import results, reviews, thresholds
 
-from .pipeline_helpers import image_list, scored_database, table_rows
+from .pipeline_helpers import image_list, run_cli, scored_database, small_png, table_rows
 
 APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
 
@@ -132,6 +132,73 @@ def test_accept_low_scores_of_the_page(tmp_path, monkeypatch):
     assert [r["verdict"] for r in table_rows(db, reviews)][3:] == ["unreviewed"] * 3
 
 
+def test_accept_low_scores_leaves_the_audit_sample_to_the_reviewer(tmp_path, monkeypatch):
+    """Issue #10's audit sample (a random share of passes, drawn when stored) is reviewed one by one: the
+    page's bulk accept skips it, and the "audit sample" filter lists what is left of it."""
+    from inspector.store import open_store
+    from inspector.store.review import active_version_id, save_threshold
+
+    db = scored_database(tmp_path, count=4, seed=300)
+    engine = open_store(db)
+    threshold = float(np.median(_class_scores(db)))
+    save_threshold(engine, "screw", threshold, "ana", model_version_id=active_version_id(engine, "screw"))
+    engine.dispose()
+    for i in range(10):  # a second batch, stored with pass/fail decisions and half the passes audited
+        small_png(tmp_path / "line1" / f"more_{i}.png", 640 + i, size=64)
+    done = run_cli(["watch", str(tmp_path / "line1"), "--class-name", "screw", "--once"], db, tmp_path,
+                   env={"INSPECTOR_DECISIONS__AUDIT_SHARE": "0.5"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = table_rows(db, results)
+    audited = {r["image_id"] for r in rows if r["audit"]}
+    low = {r["image_id"] for r in rows if r["image_score"] < threshold and not r["audit"]}
+    assert audited and low, "the seeded draw audits some passes and leaves others"
+    assert all(r["image_score"] < threshold for r in rows if r["audit"])  # only passes are audited
+    at = open_app(db, monkeypatch)
+    at.text_input(key="reviewer").input("ana").run()
+    assert f"Accept low scores ({len(low)})" in [p.proto.popover.label for p in at.get("popover")]
+    assert any(f"The {len(audited)} audited passes" in m.value for m in at.markdown)
+    at.button(key="accept_low").click().run()
+    assert not at.exception
+    saved = table_rows(db, reviews)
+    assert {r["image_id"] for r in saved} == low and {r["verdict"] for r in saved} == {"normal"}
+    assert any(f"Accepted {len(low)} low-score images" in c.value for c in at.caption)
+    at.selectbox(key="f_reviewed").set_value("audit sample").run()
+    assert not at.exception
+    assert current_image(at) in audited and "**audit sample**" in " ".join(c.value for c in at.caption)
+
+
+def test_review_page_shows_a_dicom_frame_with_its_panel(tmp_path, monkeypatch):
+    """A DICOM file is no picture Pillow opens: the page shows its frame in the window it was scored in, and
+    the DICOM panel (UIDs, modality, window presets) beside it."""
+    import shutil
+
+    import pydicom  # the dicom extra, part of dev
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    source = get_testdata_file("CT_small.dcm", download=False)
+    shutil.copy(source, folder / "IM000001")
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    done = run_cli(["watch", str(folder), "--class-name", "head CT", "--once"], db, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = image_list(db)
+    at = open_app(db, monkeypatch)
+    assert images_shown(at)[:3] == [f"image #{row['id']}", f"overlay of image #{row['id']}",
+                                    f"zoom of image #{row['id']}"]
+    assert not at.warning or not any("cannot be shown" in w.value for w in at.warning)
+    ds = pydicom.dcmread(source)
+    panel = markdown(at)
+    assert ds.StudyInstanceUID in panel and ds.SOPInstanceUID in panel and "CT" in panel
+    assert "frame 1" in panel  # the header names the frame
+    captions = [img.caption for element in at.get("image") for img in element.proto.imgs]
+    assert any(f"original · {ds.Columns} × {ds.Rows} px" in c for c in captions)
+    at.text_input(key="reviewer").input("ana").run()
+    at.button(key="reject").click().run()
+    assert not at.exception and [(r["image_id"], r["verdict"]) for r in table_rows(db, reviews)] == [
+        (row["id"], "defect")]
+
+
 def _class_scores(db: str) -> list[float]:
     from sqlalchemy import create_engine, select
 
@@ -205,6 +272,9 @@ def test_thresholds_page_shows_auroc_ap_and_curves_once_both_verdicts_exist(tmp_
 def test_overview_and_export(app):
     app.switch_page("overview_page.py").run()
     assert not app.exception
+    # nothing of the review page is left on the overview (its buttons, pictures, filters)
+    assert not [b for b in app.button if b.key in ("accept", "reject", "skip", "undo")]
+    assert not images_shown(app) and not app.get("popover")
     labels = {m.label: m.value for m in app.metric}
     assert labels["Queue depth"] == "0" and labels["Scored"] == "6" and labels["Flagged (24 h)"] == "no threshold"
     assert any("RANDOM" in e.value for e in app.error)
@@ -215,6 +285,23 @@ def test_overview_and_export(app):
     assert not app.exception
     exported = list(csv.DictReader(io.StringIO(app.session_state["export_csv"])))
     assert len({r["image_id"] for r in exported}) == 6  # every result, with its review history
+
+
+def test_many_classes_get_distinct_colours_and_a_whole_legend():
+    import json
+
+    from inspector._dashboard import charts
+
+    for n in (3, 12, 31):
+        colours = charts.palette(n)
+        assert len(colours) == n == len(set(colours))
+    classes = [f"class-with-a-long-name-{i:02d}" for i in range(14)]
+    rows = [{"hour": "2026-01-01 10:00", "class_name": c, "images": 3, "flagged": 1, "with_threshold": 1}
+            for c in classes]
+    spec = json.dumps(charts.per_hour(rows, classes).to_dict())
+    legend = charts.per_hour(rows, classes).to_dict()["encoding"]["color"]["legend"]
+    assert legend["labelLimit"] == 0 and legend["orient"] == "bottom" and legend["columns"] >= 2
+    assert all(c in spec for c in charts.palette(len(classes)))
 
 
 def test_password_gate(scored_db, monkeypatch):
