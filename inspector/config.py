@@ -194,6 +194,9 @@ class SourceSettings:
     #: AA-CLIP domain of this folder's model version, "industrial" or "medical" (empty = [aa_clip] domain);
     #: pins the folder to that version.
     domain: str = ""
+    #: The words the detector's text prompts use for the class, e.g. "brain CT slice" for class "head CT"
+    #: (empty = the class name). Part of the model version's identity: pins the folder to that version.
+    class_description: str = ""
 
 
 @dataclass
@@ -494,6 +497,7 @@ def _source(entry: Any, where: str) -> SourceSettings:
         raise ConfigError(f"{where}: path and class_name are required")
     source.class_name = check_name(source.class_name, f"{where} class_name")
     source.line = check_name(source.line, f"{where} line", required=False)
+    source.class_description = check_name(source.class_description, f"{where} class_description", required=False)
     if source.model and source.detector:
         raise ConfigError(f"{where}: give model or detector, not both")
     if source.window:

@@ -59,6 +59,8 @@ class WatchedFolder:
     window: str | None = None
     #: AA-CLIP domain of its version ("industrial" / "medical"; None: ``[aa_clip] domain``)
     domain: str | None = None
+    #: the words its version's text prompts use for the class (None: the class name)
+    class_description: str | None = None
 
 
 def ignored_name(name: str) -> bool:

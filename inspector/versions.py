@@ -3,7 +3,8 @@
 A *version* is everything that changes the numbers a detector writes: the detector, the backbone (its
 open_clip tag, or the SHA-256 of its weights file), the head file's SHA-256, the input size, the feature
 layers, the detector's scoring options (Bayes-PFL's R, text cache and seed; WinCLIP's scales and reference
-set...), the runtime when it is not torch (``[model] runtime``: exported graphs) and its role (a day-one
+set...), the site's class descriptions its text prompts use (``with_class_descriptions``), the runtime when
+it is not torch (``[model] runtime``: exported graphs) and its role (a day-one
 fallback is not the same version as the detector configured on purpose).
 ``digest`` is the SHA-256 of that identity, and the store keys versions by it: two boxes with the same
 model and settings write into the same version, a box whose settings differ gets a version of its own.
@@ -18,9 +19,11 @@ settings (and a registry name) into a ``Recipe`` and a recipe into a loaded dete
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +141,23 @@ def recipe_from_registry(settings: Settings, name_or_path: str) -> Recipe:
                   random_weights=spec.is_random or (cls.trainable and head_sha is None))
 
 
+def with_class_descriptions(recipe: Recipe, descriptions: Mapping[str, str | None] | None) -> Recipe:
+    """``recipe`` with classes described in the site's words in its detector's text prompts ({class name:
+    description}, a ``[[sources]]`` ``class_description``). The descriptions are part of the identity: other
+    words are another function of the image, so another version, with thresholds of its own. Unchanged when
+    there is nothing to describe or the detector has no text prompts (``Detector.describes_classes``)."""
+    from .detectors import detector_class
+
+    wanted = {str(k): str(v).strip() for k, v in (descriptions or {}).items() if v and str(v).strip() != k}
+    if not wanted or not detector_class(recipe.detector).describes_classes:
+        return recipe
+    merged = {**recipe.identity.get("class_descriptions", {}), **wanted}
+    identity = {**recipe.identity, "class_descriptions": dict(sorted(merged.items()))}
+    digest = digest_of(identity)
+    name = recipe.name if recipe.registry_name else f"{recipe.detector}@{digest[:12]}"
+    return dataclasses.replace(recipe, name=name, identity=identity, digest=digest)
+
+
 def build(recipe: Recipe, settings: Settings, device: str | None = None) -> Any:
     """Load the detector a recipe describes (its ``provenance`` names the version)."""
     from .registry import load_model
@@ -153,6 +173,9 @@ def build(recipe: Recipe, settings: Settings, device: str | None = None) -> Any:
         detector = load_model(None, settings=settings, device=device, detector=recipe.detector)
     detector.provenance["version"] = recipe.name
     detector.provenance["digest"] = recipe.digest
+    if recipe.identity.get("class_descriptions"):
+        detector.set_class_descriptions(recipe.identity["class_descriptions"])
+        detector.provenance["class_descriptions"] = dict(recipe.identity["class_descriptions"])
     if recipe.fallback:
         detector.provenance["fallback"] = recipe.fallback
         detector.provenance["configured_detector"] = settings.model.detector

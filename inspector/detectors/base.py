@@ -19,6 +19,10 @@ watcher, the store, the dashboard, ``eval``, ``bench`` and the CLI see nothing b
   ``bench_plan`` / ``bench_main_case`` / ``bench_report`` (``inspector bench``), ``score_closed_pool`` and
   ``eval_session`` (``inspector eval`` of detectors whose score belongs to a set of images, MuSc), and
   ``on_reviews`` (reviewer verdicts, for detectors that learn from the line);
+* class descriptions: a detector whose text prompts name the class (``describes_classes``) takes a site's
+  own words for a class (``set_class_descriptions({"head CT": "brain CT slice"})``, from a ``[[sources]]``
+  ``class_description``) in place of the name; they are part of the model version's identity
+  (``versions.with_class_descriptions``), so every result knows what it was scored with;
 * exported runtimes (``inspector export``, ``[model] runtime``): ``scoring_graphs()`` names the encoder calls
   of the scoring path (the vision tower with the taps the detector reads, Bayes-PFL's text tower), each a
   method of the detector; the detector calls them through ``encode_graph(name, *inputs)``, which runs the
@@ -162,6 +166,8 @@ class Detector(nn.Module, ABC):
     #: the settings section whose dataclass are this detector's options (None: it has none)
     section: ClassVar[str | None] = None
     eval_protocol: EvalProtocol = EvalProtocol()
+    #: whether its text prompts name the class (then ``class_descriptions`` change its numbers)
+    describes_classes: ClassVar[bool] = False
 
     def __init__(self, backbone: ClipBackbone, precision: str = "fp32",
                  provenance: Mapping[str, Any] | None = None):
@@ -169,6 +175,8 @@ class Detector(nn.Module, ABC):
         self.backbone = backbone
         self.precision = check(precision)
         self.provenance = dict(provenance or {})
+        #: class name -> the words its text prompts use instead of the name (``set_class_descriptions``)
+        self.class_descriptions: dict[str, str] = {}
         #: the exported graphs that replace ``scoring_graphs()`` (``inspector.exported.attach``), or None: torch
         self.exported: Any = None
 
@@ -229,6 +237,13 @@ class Detector(nn.Module, ABC):
 
     def clear_caches(self) -> None:
         """Forget what was derived from weights or settings (text embeddings, anchors, ...)."""
+
+    def set_class_descriptions(self, descriptions: Mapping[str, str]) -> None:
+        """Describe classes in the site's words in the text prompts ({class name: description}); the text
+        derived from the previous ones is forgotten. A detector without text prompts (``describes_classes``
+        False) keeps them and scores as before."""
+        self.class_descriptions = {str(k): str(v) for k, v in descriptions.items()}
+        self.clear_caches()
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) / .half() must not keep stale cached tensors
         self.clear_caches()

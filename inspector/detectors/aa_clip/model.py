@@ -220,6 +220,7 @@ class AACLIP(Detector):
                                     feature_layers=(6, 12, 18, 24))
     trainable = True
     section = "aa_clip"
+    describes_classes = True
 
     def __init__(self, backbone: ClipBackbone, *, text_adapter_weight: float = 0.1, image_adapter_weight: float = 0.1,
                  text_adapt_until: int = 3, image_adapt_until: int = 6, use_text_adapter: bool = True,
@@ -442,9 +443,10 @@ class AACLIP(Detector):
     # text
 
     def class_description(self, class_name: str) -> str:
-        """The official description of an MVTec/VisA/MPDD/BTAD/medical folder name; "object" and any
-        other name are used as they are (a free-text product description)."""
-        return CLASS_DESCRIPTIONS.get(class_name, class_name)
+        """The site's description of the class (``set_class_descriptions``), else the official description of
+        an MVTec/VisA/MPDD/BTAD/medical folder name; "object" and any other name are used as they are (a
+        free-text product description)."""
+        return self.class_descriptions.get(class_name) or CLASS_DESCRIPTIONS.get(class_name, class_name)
 
     def _tokenize(self, sentences: Sequence[str]) -> torch.Tensor:
         """[M, 77] token ids; refuses sentences longer than the context, as the official tokenizer."""

@@ -115,6 +115,7 @@ class BayesPFL(Detector):
     trainable = True
     section = "bayes_pfl"
     eval_protocol = OFFICIAL_PROTOCOL
+    describes_classes = True
 
     def __init__(self, backbone: ClipBackbone, head: BayesPFLHead, *, samples: int = 10, seed: int = 333,
                  topk: int = 0, text_cache: str = "none", precision: str = "fp32", prototype_images: int = 8,
@@ -238,7 +239,8 @@ class BayesPFL(Detector):
         if cached is None:
             c = self.config
             inserted = c.context_len + c.state_len
-            tokens = tokenize(["X " + prompt_name(class_name)])[0]  # [77]
+            words = self.class_descriptions.get(class_name) or prompt_name(class_name)  # the site's, else the name
+            tokens = tokenize(["X " + words])[0]  # [77]
             eot = int((tokens == EOT_TOKEN).nonzero()[0])
             last = eot + inserted - 1
             if last >= self.backbone.context_length:

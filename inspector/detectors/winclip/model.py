@@ -152,6 +152,7 @@ class WinCLIP(Detector):
                                     feature_layers=())
     trainable = False
     section = "winclip"
+    describes_classes = True
 
     def __init__(self, backbone: ClipBackbone, *, scales: Sequence[int] = (2, 3), k_shot: int = 0,
                  references: ReferenceStore | None = None, window_batch: int = 1024, topk: int = 0,
@@ -230,10 +231,11 @@ class WinCLIP(Detector):
     # text
 
     def text_embeddings(self, class_name: str) -> torch.Tensor:
-        """t = [t_n, t_a]: [2, D], the mean raw text embedding of each prompt group (cached per class)."""
+        """t = [t_n, t_a]: [2, D], the mean raw text embedding of each prompt group (cached per class), the
+        class named by its description when the site gave one (``set_class_descriptions``)."""
         cached = self._text.get(class_name)
         if cached is None:
-            normal, anomalous = prompt_ensemble(class_name)
+            normal, anomalous = prompt_ensemble(self.class_descriptions.get(class_name) or class_name)
             tokens = tokenize(normal + anomalous).to(self.device)  # [P, 77]
             last = tokens.argmax(dim=-1)  # the first EOT (the largest token id), where CLIP reads the text
             # cut after the longest EOT: positions after a sequence's EOT cannot reach it under the causal mask
