@@ -353,3 +353,17 @@ def test_accepted_normals_join_while_the_class_drifts(backbone, tmp_path):
     model.on_reviews([], normals=[("d", str(paths[0]), "k0")])
     assert model.pool_count("d") == count + 1
     assert model.pool_accepted("d") == [content_hash(model.preprocess(paths[:1])[0])]
+
+
+def test_an_index_of_the_first_layout_is_read(backbone, tmp_path):
+    """Pools written before join ages existed (a ring ``start``, no accepted or reviewed lists) still load."""
+    model = MuSc(backbone, pool_size=3, pool_dir=tmp_path)
+    model.predict_tensors(_stream(4, 41)[:3], ["e"] * 3)
+    model.predict_tensors(_stream(4, 41)[3:], ["e"])  # wraps: the newest image is in slot 0
+    index_path = model.files.class_dir("e") / "index.pt"
+    index = torch.load(index_path, weights_only=True)
+    start = index["ages"].index(min(index["ages"]))
+    old = {k: v for k, v in index.items() if k not in ("ages", "accepted", "reviewed")}
+    torch.save({**old, "start": start}, index_path)
+    again = MuSc(backbone, pool_size=3, pool_dir=tmp_path)
+    assert again.pool_hashes("e") == model.pool_hashes("e") and again.pool_accepted("e") == []
