@@ -53,24 +53,6 @@ new MutationObserver(check).observe(document.body, {subtree: true, childList: tr
 window.currentImage = current;
 """
 
-#: Records the time of the last key press and of each message to the app that carries the threshold slider's
-#: value: Streamlit sends widget values in rerun requests over the page's WebSocket, the slider's debounced
-#: after a key (while Selenium may still be dispatching the next ones).
-RECORD_SLIDER_COMMITS = """
-window.sliderCommits = [];
-window.lastKey = Infinity;
-document.addEventListener("keydown", () => { window.lastKey = performance.now(); }, true);
-const send = WebSocket.prototype.send;
-WebSocket.prototype.send = function (data) {
-    const bytes = typeof data === "string" ? new TextEncoder().encode(data)
-        : data instanceof ArrayBuffer ? new Uint8Array(data)
-        : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-    if (new TextDecoder("latin1").decode(bytes).includes("t_value")) window.sliderCommits.push(performance.now());
-    return send.call(this, data);
-};
-"""
-
-
 def part(size: tuple[int, int], seed: int) -> Image.Image:
     """A machined part on a grey table: a shaded plate with holes and a scratch (smooth, so screenshots
     compress well)."""
@@ -261,21 +243,22 @@ def test_twenty_verdicts_with_the_keyboard_then_thresholds(dashboard, browser, s
     thumb = "input[type='range'][aria-label='Threshold']"  # the slider's (visually hidden) range input
     slider = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, thumb))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stVegaLiteChart']")) == 3)
-    before = float(slider.get_attribute("value"))
-    browser.execute_script(RECORD_SLIDER_COMMITS)
+    before, step = float(slider.get_attribute("value")), float(slider.get_attribute("step"))
+    value = min(float(slider.get_attribute("max")), before + 25 * step)
     browser.execute_script("arguments[0].focus()", slider)
     ActionChains(browser).send_keys(Keys.ARROW_RIGHT * 25).perform()
-    wait.until(lambda d: float(d.find_element(By.CSS_SELECTOR, thumb).get_attribute("value")) != before)
-    # the slider sends its value to the app a moment (debounced) after the last key; a click before that
-    # would save the old value: wait for that message instead of sleeping
-    wait.until(lambda d: d.execute_script("return window.sliderCommits.some(t => t > window.lastKey)"))
-    value = float(browser.find_element(By.CSS_SELECTOR, thumb).get_attribute("value"))
+    wait.until(lambda d: abs(float(d.find_element(By.CSS_SELECTOR, thumb).get_attribute("value")) - value) < step / 2)
+    # the slider sends its value to the app a moment (debounced) after the last key, and the app copies it
+    # into the typed value: once that shows the slider's value, the app has it (a click before would save
+    # an older one). Wait for that instead of sleeping.
+    typed = "input[aria-label='Threshold value']"
+    wait.until(lambda d: abs(float(d.find_element(By.CSS_SELECTOR, typed).get_attribute("value")) - value) < step / 2)
     wait.until(ec.element_to_be_clickable((By.XPATH, "//button[.//p[text()='Save threshold']]"))).click()
     wait_for(lambda: table_rows(db, thresholds), 60, what="a threshold version")
     wait.until(lambda d: "as v1" in d.page_source)  # the page confirms the saved version
     (row,) = table_rows(db, thresholds)
     assert row["class_name"] == "screw" and row["version"] == 1 and row["created_by"] == "carol"
-    assert abs(row["value"] - value) < 1e-6 and row["value"] != before
+    assert abs(row["value"] - value) < step / 2 and row["value"] != before
     in_force = wait.until(lambda d: d.find_element(
         By.XPATH, "//*[@data-testid='stMetric'][.//p[text()='Threshold in force']]//*[@data-testid='stMetricValue']"))
     assert float(in_force.text) == pytest.approx(row["value"], abs=1e-5)
