@@ -332,6 +332,8 @@ def test_accepted_normals_are_evicted_last_and_readmitted(backbone, tmp_path):
     assert again.pool_hashes("c") == [h[1]]
     # a pool of accepted images only: the newest image still gets in, in place of the oldest accepted one
     full = MuSc(backbone, pool_size=2)
+    assert full.on_reviews([review(3)], normals=[review(0)]) == 0 and full.pool_count("c") == 0  # no pool yet
+    full.predict_tensors(pixels[3:4], ["c"])
     full.on_reviews([], normals=[review(0), review(1), review(2)])  # the newest pool_size are admitted
     assert full.pool_hashes("c") == [h[1], h[2]] and full.pool_accepted("c") == [h[1], h[2]]
     full.predict_tensors(pixels[6:7], ["c"])

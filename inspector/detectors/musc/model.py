@@ -567,6 +567,9 @@ class MuSc(Detector):
           scored by another model version) is admitted again, without scoring; only the newest
           ``pool_size`` accepted images of a class per call are considered.
 
+        Only classes with a rolling pool (in memory or in ``pool_dir``) are concerned: the verdicts of other
+        lines' classes are ignored.
+
         A verdict taken into account is remembered by its key (the file's SHA-256 from the store) and
         stored with the pool, so a restarted worker, which is sent every review again, neither re-reads
         those images nor changes its pool. Returns how many pool entries were removed; an image that is
@@ -576,19 +579,20 @@ class MuSc(Detector):
             class_name, path = entry[0], entry[1]
             key = entry[2] if len(entry) > 2 else path
             pool = self._rolling(class_name)
-            if self._reviewed.get(class_name, {}).get(key) == "defect":
+            if pool is None or self._reviewed.get(class_name, {}).get(key) == "defect":
+                continue  # a class this model has no pool of (another line's), or a verdict already applied
+            try:
+                removed += self.pool_remove(class_name, [path])
+            except (OSError, ValueError) as exc:
+                log.warning("MuSc: cannot take rejected %s out of the %s pool: %s", path, class_name, exc)
                 continue
-            if pool is not None and pool.count:
-                try:
-                    removed += self.pool_remove(class_name, [path])
-                except (OSError, ValueError) as exc:
-                    log.warning("MuSc: cannot take rejected %s out of the %s pool: %s", path, class_name, exc)
-                    continue
             self._remember(class_name, key, "defect")
             touched.add(class_name)
         for class_name in touched:
             self._save(class_name)
         for class_name in dict.fromkeys(e[0] for e in normals):
+            if self._rolling(class_name) is None:
+                continue  # a class this model has no pool of: nothing is admitted before it scores one
             wanted = [e for e in normals if e[0] == class_name][-self.pool_size:] if self.pool_size else []
             seen = self._reviewed.setdefault(class_name, {})
             fresh = [e for e in wanted if seen.get(e[2] if len(e) > 2 else e[1]) != "normal"]
