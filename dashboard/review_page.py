@@ -30,7 +30,7 @@ SIDE_BY_SIDE_BOX = (470, 610)
 STACKED_BOX = (960, 290)
 WIDE = 1.6
 SIDE_PANEL = 370
-#: Pictures side by side narrower than this (tall images) leave the context to the side panel.
+#: Pictures side by side narrower than this (tall images) leave the context to the free column on the right.
 NARROW = 600
 #: The page's content width at 1400 px (the style's 1.5 rem margins): the columns' weights are pixels of it.
 CONTENT_WIDTH = 1352
@@ -255,9 +255,9 @@ def pictures(row: dict[str, Any], display: dict[str, float]) -> tuple[heatmap.Vi
 
 
 def layout(row: dict[str, Any], shown: heatmap.Views | None):
-    """(the original's place, the overlay's place, what goes under them, the side panel): one above the other
+    """(the original's place, the overlay's place, the context's place, the side panel): one above the other
     for wide images, else side by side in columns as wide as the fitted pictures; the side panel right of
-    them, the rest of the screen's width left empty."""
+    them; the context under the pictures, or right of the side panel when tall pictures leave room there."""
     if is_wide(row):
         width = shown.shown[0] if shown is not None else STACKED_BOX[0]
         left, side, _ = st.columns([width + 16, SIDE_PANEL, max(1, CONTENT_WIDTH - width - 16 - SIDE_PANEL)],
@@ -265,10 +265,10 @@ def layout(row: dict[str, Any], shown: heatmap.Views | None):
         return left, left, left, side
     width = shown.shown[0] if shown is not None else SIDE_BY_SIDE_BOX[0]
     area = 2 * width + 16
-    left, side, _ = st.columns([area, SIDE_PANEL, max(1, CONTENT_WIDTH - area - SIDE_PANEL)], gap="small")
+    left, side, rest = st.columns([area, SIDE_PANEL, max(1, CONTENT_WIDTH - area - SIDE_PANEL)], gap="small")
     with left:
         first, second = st.columns(2, gap="small")
-    return first, second, left if area >= NARROW else side, side
+    return first, second, left if area >= NARROW else rest, side
 
 
 def note() -> None:
