@@ -266,7 +266,15 @@ def test_thresholds_page_shows_auroc_ap_and_curves_once_both_verdicts_exist(tmp_
     charts = at.get("vega_lite_chart")
     assert len(charts) == 3, "the histogram, ROC and precision-recall"
     specs = "".join(c.proto.spec for c in charts)
-    assert "AUROC" in specs and "AP " in specs
+    assert "AUROC" in specs and "AP " in specs and "threshold" in specs
+    # the histogram spans the class's scores (their quantiles), not 0-1 in fixed 0.05 bins
+    import json
+
+    histogram = json.loads(charts[0].proto.spec)
+    bars = next(layer for layer in histogram["layer"] if layer["mark"]["type"] == "bar")
+    lo, hi = bars["encoding"]["x"]["scale"]["domain"]
+    scores = _class_scores(db)
+    assert lo <= min(scores) and hi >= max(scores) and hi - lo < 0.5
 
 
 def test_overview_and_export(app):
@@ -285,6 +293,22 @@ def test_overview_and_export(app):
     assert not app.exception
     exported = list(csv.DictReader(io.StringIO(app.session_state["export_csv"])))
     assert len({r["image_id"] for r in exported}) == 6  # every result, with its review history
+
+
+def test_threshold_controls_scale_to_a_narrow_score_range():
+    """Issue #13: scores within 0.514-0.535 made the 0-1 slider and the fixed 0.05 bins useless."""
+    from inspector._dashboard import charts
+
+    scores = np.random.default_rng(3).uniform(0.514, 0.535, 300)
+    lo, hi, step, decimals = charts.slider_span(scores, include=[0.52])
+    assert 0.50 < lo <= scores.min() and scores.max() <= hi < 0.55
+    assert (hi - lo) / step >= 500 and step == pytest.approx(1e-5) and decimals == 5
+    assert round(lo / step) * step == pytest.approx(lo, abs=1e-12)  # the ends sit on the step grid
+    spec = charts.histogram(scores, scores[:0], np.zeros(0, dtype=int), lo, hi, 0.52).to_dict()
+    bins = next(iter(spec["datasets"].values()))
+    widths = {round(b["to"] - b["from"], 12) for b in bins}
+    assert len(widths) == 1 and widths.pop() == pytest.approx((hi - lo) / 40)
+    assert sum(b["images"] for b in bins) == 300
 
 
 def test_many_classes_get_distinct_colours_and_a_whole_legend():
