@@ -209,7 +209,7 @@ def load_frames(items: list[Claimed], to_input: Callable[[Image.Image], torch.Te
     dicom = None
     if is_dicom(first.path, data[:132]):  # frames of a DICOM file, in their window (inspector/dicom.py)
         try:
-            dicom = read_header(io.BytesIO(data), first.path, len(data))
+            dicom = read_header(io.BytesIO(data), "", len(data))  # the reason without the path (README: paths)
         except DicomError as exc:
             return every(error=str(exc))
     return [_decode(item, data, dicom, to_input, budget) for item in items]
@@ -221,7 +221,7 @@ def _decode(item: Claimed, data: bytes, dicom: Any, to_input: Callable[[Image.Im
     try:
         with budget.hold(area) if budget is not None else contextlib.nullcontext():
             try:
-                image = decode_frame(data, dicom, item.frame, item.window, item.path).image \
+                image = decode_frame(data, dicom, item.frame, item.window).image \
                     if dicom is not None else open_image(io.BytesIO(data), name=item.path)
                 pixels = to_input(image)
                 width, height = image.width, image.height
