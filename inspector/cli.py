@@ -389,6 +389,8 @@ def bench(
             table.add_row(c["name"], str(c["batch_size"]), f"{c['ms_per_image']:.1f}", f"{c['images_per_s']:.2f}",
                           f"{c['peak_memory_mb']:.0f}", f"{c['ratio_to_floor']:.2f}")
         out.print(table)
+        for line in (report.get("detector_report") or {}).get("summary") or ():  # a detector's own facts
+            out.print(line, highlight=False, soft_wrap=True)
         a = (report.get("detector_report") or {}).get("class_cache_agreement")
         if a:
             out.print(f"class-cache vs exact on {a['images']} images: Spearman {a['spearman_image_score']:.3f}, "

@@ -171,19 +171,24 @@ class Models:
 
     def sync_reviews(self, detectors: Any) -> int:
         """Tell detectors that learn from the line (``on_reviews``, e.g. MuSc's rolling pool, which drops images
-        a reviewer rejected) about defect verdicts written since the last call. Returns how many were passed."""
-        from .store.review import defect_reviews_since
+        a reviewer rejected and prefers those accepted) about the verdicts written since the last call: each
+        image once, by its latest review (``store.pool_reviews``). Returns how many defect verdicts were passed
+        (the accepted normals go along)."""
+        from .store.pool_reviews import pool_reviews_since
 
         learners = [d for d in detectors if hasattr(d, "on_reviews")]
         if not learners:
             return 0
-        rows, self._last_review = defect_reviews_since(self.engine, self._last_review)
+        defects, normals, self._last_review = pool_reviews_since(self.engine, self._last_review)
+        if not defects and not normals:
+            return 0
         for detector in learners:
             try:
-                detector.on_reviews(rows)
+                detector.on_reviews(defects, normals=normals)
             except Exception:  # a detector's bookkeeping must never stop scoring
-                log.exception("%s could not take %d reviews into account", detector.name, len(rows))
-        return len(rows)
+                log.exception("%s could not take %d reviews into account", detector.name,
+                              len(defects) + len(normals))
+        return len(defects)
 
 
 def load_detector(settings: Settings, class_name: str | None = None, engine: Engine | None = None) -> Any:
