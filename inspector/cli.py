@@ -174,8 +174,9 @@ def _random_banner(provenance: dict[str, Any]) -> None:
 @app.command()
 @user_errors
 def score(
-    paths: list[Path] = typer.Argument(..., help="Image files or folders (folders: their images; sub-folders "
-                                       "too with --recursive)."),
+    paths: list[Path] = typer.Argument(..., help="Image or DICOM files, or folders (folders: their images and "
+                                       "DICOM files, .dcm or suffix-less with the DICM preamble; sub-folders too "
+                                       "with --recursive). A multi-frame DICOM file gives one result per frame."),
     class_name: str = typer.Option(..., "--class-name", "-n", help='Product class, e.g. "metal nut".'),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout (latency_ms: the "
                                  "image's share of its batch's time, i.e. batch time / images in the batch; "
@@ -184,6 +185,11 @@ def score(
                                      "by the image's path under the common folder (good/000.png -> "
                                      "good_000_map.png)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also score images in sub-folders."),
+    window: str | None = typer.Option(None, "--window", help="DICOM window: a preset (brain, subdural, stroke, "
+                                      "bone, lung, ...) or \"center/width\" (default: the file's own)."),
+    class_description: str | None = typer.Option(None, "--class-description", help="The words the detector's "
+                                                 "text prompts use for the class, e.g. \"brain CT slice\" "
+                                                 "(default: the class name; a model version of its own)."),
     model: str | None = MODEL_OPTION,
     backbone: str | None = BACKBONE_OPTION,
     pretrained: str | None = PRETRAINED_OPTION,
@@ -202,18 +208,23 @@ def score(
     """Score images now (a progress bar), store the results like `watch` does, and print them."""
     from rich.progress import Progress
 
-    from .imaging import IMAGE_SUFFIXES
+    from .dicom import parse_window
+    from .intake import is_candidate
     from .pipeline import score_files
 
     s = _model_flags(settings(), model=model, backbone=backbone, pretrained=pretrained, head=head,
                      samples=samples, device=device, batch_size=batch_size,
                      allow_random_weights=allow_random_weights, detector=detector)
     s.override("database", url=database)
+    try:
+        parse_window(window)
+    except ValueError as exc:
+        raise UsageError(f"--window: {exc}") from None
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
             found = path.rglob("*") if recursive else path.iterdir()
-            files.extend(sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            files.extend(sorted(p for p in found if p.is_file() and is_candidate(str(p))))
         elif path.exists() or path.is_symlink():
             files.append(path)
         else:
@@ -222,20 +233,23 @@ def score(
         raise UsageError("no images found in the given paths" + ("" if recursive else " (sub-folders: --recursive)"))
     with Progress(console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("scoring", total=len(files))
-        rows, detector = score_files(s, files, check_name(class_name, "--class-name"),
-                                     progress=lambda done: bar.update(task, completed=done))
+        rows, detector = score_files(s, files, check_name(class_name, "--class-name"), window=window,
+                                     class_description=check_name(class_description or "", "--class-description",
+                                                                  required=False) or None,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     random_weights = bool(detector.provenance.get("random_weights"))
     fallback = detector.provenance.get("fallback") or None  # the day-one detector scored, not the one asked for
     _random_banner(detector.provenance)
     if fallback:
         console.print(f"[bold yellow]DAY ONE:[/] {escape(fallback)}")
     common = _common_folder([r["path"] for r in rows])
-    names = _map_names([r["path"] for r in rows], common) if maps is not None else {}
+    keys = [_frame_key(r) for r in rows]
+    names = _map_names(keys, common) if maps is not None else {}
     replaced = 0
-    for row in rows:
+    for row, key in zip(rows, keys):
         png = row.pop("anomaly_map_png")
         if maps is not None and png is not None:
-            target = maps / names[row["path"]]
+            target = maps / names[key]
             try:
                 maps.mkdir(parents=True, exist_ok=True)
                 replaced += target.exists()
@@ -259,7 +273,8 @@ def score(
         table = Table("image", "status", "score", "text", "top-k", "ms/image", "error", title=title)
         table.columns[0].overflow = "fold"  # a path is never cut (no terminal: 80 columns)
         for r in rows:
-            table.add_row(escape(_relative(r["path"], common)), r["status"], fmt(r["image_score"]),
+            frame = f" [frame {r['frame'] + 1} of {r['frames']}]" if r.get("frames", 1) > 1 else ""
+            table.add_row(escape(_relative(r["path"], common) + frame), r["status"], fmt(r["image_score"]),
                           fmt(r["text_score"]), fmt(r["topk_score"]),
                           f"{r['latency_ms']:.0f}" if r["latency_ms"] else "", escape(r["error"] or ""))
         out.print(table)
@@ -283,14 +298,24 @@ def _relative(path: str, folder: Path) -> str:
         return path
 
 
+def _frame_key(row: dict[str, Any]) -> str:
+    """The image a row is: its path, and for a frame of a multi-frame DICOM file "path NUL frame"."""
+    return f"{row['path']}\0{row['frame']}" if row.get("frames", 1) > 1 else row["path"]
+
+
 def _map_names(paths: list[str], common: Path) -> dict[str, str]:
     """A distinct PNG name per image path: its path under ``common``, separators as "_" and the suffix dropped
-    (good/000.png -> good_000_map.png); where two images would still share a name (a.png and a.jpg), each gets
-    a short hash of its full path (a-1f3c9a2b_map.png), as does a name cut to the file system's 255 bytes."""
+    (good/000.png -> good_000_map.png; frame 3 of a multi-frame file, ``_frame_key``: ct_frame3_map.png); where two
+    images would still share a name (a.png and a.jpg), each gets a short hash of its full path
+    (a-1f3c9a2b_map.png), as does a name cut to the file system's 255 bytes."""
     import hashlib
     import os
 
-    stems = {p: "_".join(Path(_relative(p, common)).with_suffix("").parts) for p in paths}
+    def stem_of(key: str) -> str:
+        path, _, frame = key.partition("\0")
+        return "_".join(Path(_relative(path, common)).with_suffix("").parts) + (f"_frame{frame}" if frame else "")
+
+    stems = {p: stem_of(p) for p in paths}
     counts: dict[str, int] = {}
     for stem in stems.values():
         counts[stem.lower()] = counts.get(stem.lower(), 0) + 1  # case-insensitive file systems too
@@ -309,8 +334,9 @@ def _map_names(paths: list[str], common: Path) -> dict[str, str]:
 @app.command()
 @user_errors
 def bench(
-    detectors: str = typer.Option("bayes-pfl,aa-clip,winclip", "--detectors",
-                                  help="Comma-separated detectors timed side by side on the same images."),
+    detectors: str | None = typer.Option(None, "--detectors",
+                                         help="Comma-separated detectors timed side by side on the same images "
+                                              "(default: bayes-pfl,aa-clip,winclip; with --quick every detector)."),
     backbone: str | None = typer.Option(None, help="open_clip architecture for every detector; default each "
                                            "detector's own (ViT-L-14-336, ViT-B-16-plus-240). 'test-tiny' for a "
                                            "quick run."),
@@ -675,7 +701,8 @@ def watch(
             watched.append(WatchedFolder(_folder(Path(entry.path).expanduser()), entry.class_name.strip(),
                                          entry.recursive, entry.line or None, model=entry.model or None,
                                          detector=entry.detector or None, polling=entry.polling,
-                                         window=entry.window or None, domain=entry.domain or None))
+                                         window=entry.window or None, domain=entry.domain or None,
+                                         class_description=entry.class_description or None))
     stop = threading.Event()
     install_signal_handlers(stop)
     if not once:

@@ -21,7 +21,7 @@ from .store.db import open_store
 from .store.decisions import DecisionPolicy
 from .store.queue import pending_count
 from .store.versions import ensure_model_version, promoted_version, record_promotion, version_row
-from .versions import Recipe, build, recipe_from_registry, recipe_from_settings
+from .versions import Recipe, build, recipe_from_registry, recipe_from_settings, with_class_descriptions
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,11 @@ class Models:
         except RegistryError as exc:
             log.warning("cannot serve model version %s: %s", row["name"], exc)
             return None
+        try:  # the class descriptions it was recorded with (a [[sources]] class_description on another box)
+            described = json.loads(row["manifest"] or "{}").get("identity", {}).get("class_descriptions")
+        except (ValueError, AttributeError):
+            described = None
+        recipe = with_class_descriptions(recipe, described)
         if recipe.digest != row["digest"]:
             log.warning("cannot serve model version %s: this box's settings give it another identity (digest "
                         "%s, recorded %s): align [model] / detector options with the box that recorded it",
@@ -389,10 +394,12 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
                     polling=w.polling)
     for folder in folders:
         own = folder_settings(settings, folder)
-        recipe = default_recipe(own)
+        plain = default_recipe(own)
+        recipe = with_class_descriptions(plain, {folder.class_name: folder.class_description})
         check_weights_allowed(own, recipe)
         version = models.add(recipe, own)
-        pinned = bool(folder.model or folder.detector or folder.domain or settings.model.name or settings.model.head)
+        pinned = bool(folder.model or folder.detector or folder.domain or settings.model.name or settings.model.head
+                      or recipe.digest != plain.digest)  # described in the site's words: that version
         set_source_versions(engine, folder.source_id, version if pinned else None, version)
     source_ids = [f.source_id for f in folders]
     routed = route_unrouted(engine, source_ids)
@@ -468,89 +475,109 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, metrics_
 
 
 def score_files(settings: Settings, files: list[Path], class_name: str,
-                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], Any]:
+                progress: Callable[[int, int], None] | None = None, window: str | None = None,
+                class_description: str | None = None) -> tuple[list[dict[str, Any]], Any]:
     """`inspector score`: the same queue, worker and store as `watch`, for a given list of files.
 
     The version is the configured one (``--model``, ``[model] name`` / head), else the one promoted for
     ``class_name``, else the default. Each file gets a job for that version; a file already scored *by that
     version* (same content) is not scored again and its stored result is returned; a file scored only by
-    another version is scored now. Returns one row per file (path, status, error, scores, model version,
-    the map PNG) and the detector.
+    another version is scored now. Files are read for registration as intake reads them (``intake.examine``):
+    a DICOM file (``.dcm``, or the DICM preamble) becomes one image per frame, in ``window`` (a preset or
+    "center/width"; None: the file's), and one that cannot become images is recorded as failed with its
+    reason. Returns one row per image, i.e. per file and per frame of a multi-frame DICOM file (path,
+    status, error, scores, model version, the map PNG; a DICOM row also its frame and UIDs), and the
+    detector. ``class_description``: the words the text prompts use for the class (a version of its own,
+    ``versions.with_class_descriptions``). ``progress(done, total)`` is called after each batch.
     """
     import os
 
     from sqlalchemy import select
 
-    from .intake import sha256_file
+    from .dicom import DicomError
+    from .intake import examine
+    from .store.dicom import event_fields
     from .store.queue import register_file
     from .store.schema import CLAIMED, DUPLICATE, MANUAL, PENDING, images, jobs, results
 
     engine = open_store(settings.database.url, auto_upgrade=True)
     import_legacy_registry(engine, settings)
     models = Models(engine, settings)
-    recipe = resolve_recipe(settings, engine, class_name)
+    recipe = with_class_descriptions(resolve_recipe(settings, engine, class_name), {class_name: class_description})
     version = models.add(recipe)
     detector = models.get(version)
     wanted = [(version, MANUAL)]
     paths = [str(f.resolve()) for f in files]
     for path in paths:
         try:
-            sha, size = sha256_file(path)
-            register_file(engine, None, class_name, path, sha, size, os.stat(path).st_mtime_ns, wanted=wanted)
+            found = examine(path, window, images_too=True)
+            register_file(engine, None, class_name, path, found.sha256, found.size, os.stat(path).st_mtime_ns,
+                          wanted=wanted, dicom=found.dicom)
+        except DicomError as exc:
+            register_file(engine, None, class_name, path, None, None, None, error=str(exc))
         except OSError as exc:
             register_file(engine, None, class_name, path, None, None, None,
                           error=f"cannot read the file: {exc.strerror or exc}")
 
-    def rows_for() -> dict[str, Any]:
-        """path -> (the newest image row of the path, its job for this version)."""
+    def rows_for() -> list[dict[str, Any]]:
+        """The image rows of the paths' newest content (one per frame), each with its job for this version."""
         with engine.connect() as conn:
             found = conn.execute(select(images).where(images.c.path.in_(paths)).order_by(images.c.id)).mappings().all()
-            by_path = {r["path"]: dict(r) for r in found}
-            ids = [r["duplicate_of"] if r["status"] == DUPLICATE else r["id"] for r in by_path.values()]
+            newest = {r["path"]: r for r in found}  # the last row registered for the path: its content
+            chosen = [dict(r) for r in found if r["id"] == newest[r["path"]]["id"] or (
+                r["sha256"] is not None and r["sha256"] == newest[r["path"]]["sha256"])]
+            ids = [r["duplicate_of"] if r["status"] == DUPLICATE else r["id"] for r in chosen]
             job_of = {j.image_id: j for j in conn.execute(select(jobs).where(
                 jobs.c.image_id.in_(ids), jobs.c.model_version_id == version))}
-        for row in by_path.values():
+        for row in chosen:
             owner = row["duplicate_of"] if row["status"] == DUPLICATE else row["id"]
             row["job"] = job_of.get(owner)
             row["owner"] = owner
-        return by_path
+        return chosen
 
-    def remaining() -> int:
-        return sum(1 for r in rows_for().values() if r["job"] is not None and r["job"].status in (PENDING, CLAIMED))
+    def remaining(rows: list[dict[str, Any]]) -> int:
+        return sum(1 for r in rows if r["job"] is not None and r["job"].status in (PENDING, CLAIMED))
 
-    total = len(paths)
-    worker = make_worker(engine, {version: detector}, settings,
-                         on_batch=(lambda claimed, stored, s: progress(total - remaining())) if progress else None)
+    def report(claimed: int, stored: int, seconds: float) -> None:
+        rows = rows_for()
+        progress(len(rows) - remaining(rows), len(rows))
+
+    worker = make_worker(engine, {version: detector}, settings, on_batch=report if progress else None)
     sending = threading.Event()
     delivery = start_delivery(engine, settings, [None], sending)
-    worker.run(threading.Event(), until_empty=lambda: remaining() == 0, idle_seconds=settings.watch.idle_seconds)
+    worker.run(threading.Event(), until_empty=lambda: remaining(rows_for()) == 0,
+               idle_seconds=settings.watch.idle_seconds)
     finish_delivery(engine, delivery, sending, [None])
-    by_path = rows_for()
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for row in rows_for():
+        by_path.setdefault(row["path"], []).append(row)
     out = []
     with engine.connect() as conn:
         for path in paths:
-            row = by_path.get(path)
-            job = row["job"] if row is not None else None
-            result = None
-            if job is not None:
-                result = conn.execute(select(results).where(results.c.image_id == job.image_id,
-                                                            results.c.model_version_id == version)).mappings().first()
-            if row is None:
-                state, error = "missing", "not registered"
-            elif job is None:
-                state, error = row["status"], row["error"]
-            else:
-                state = DUPLICATE if row["status"] == DUPLICATE and job.status == "done" else job.status
-                error = job.error
-            out.append({"path": path, "class_name": class_name, "model_version": recipe.name,
-                        "model_digest": recipe.digest, "status": state, "error": error,
-                        "image_score": result["image_score"] if result else None,
-                        "text_score": result["text_score"] if result else None,
-                        "topk_score": result["topk_score"] if result else None,
-                        "latency_ms": result["latency_ms"] if result else None,
-                        "decision": result["decision"] if result else None,
-                        "threshold_id": result["threshold_id"] if result else None,
-                        "audit": bool(result["audit"]) if result else None,
-                        "anomaly_map_png": result["anomaly_map"] if result else None})
+            for row in sorted(by_path.get(path) or [None], key=lambda r: r["frame"] if r else 0):
+                job = row["job"] if row is not None else None
+                result = None
+                if job is not None:
+                    result = conn.execute(select(results).where(results.c.image_id == job.image_id,
+                                                                results.c.model_version_id == version)
+                                          ).mappings().first()
+                if row is None:
+                    state, error = "missing", "not registered"
+                elif job is None:
+                    state, error = row["status"], row["error"]
+                else:
+                    state = DUPLICATE if row["status"] == DUPLICATE and job.status == "done" else job.status
+                    error = job.error
+                dicom = event_fields(conn, row["owner"]) if row is not None and row["sha256"] else {}
+                out.append({"path": path, **dicom, "class_name": class_name, "model_version": recipe.name,
+                            "model_digest": recipe.digest, "status": state, "error": error,
+                            "image_score": result["image_score"] if result else None,
+                            "text_score": result["text_score"] if result else None,
+                            "topk_score": result["topk_score"] if result else None,
+                            "latency_ms": result["latency_ms"] if result else None,
+                            "decision": result["decision"] if result else None,
+                            "threshold_id": result["threshold_id"] if result else None,
+                            "audit": bool(result["audit"]) if result else None,
+                            "anomaly_map_png": result["anomaly_map"] if result else None})
     engine.dispose()
     return out, detector
