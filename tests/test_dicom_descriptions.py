@@ -131,3 +131,31 @@ def test_watch_scores_a_described_source_under_a_version_that_records_its_words(
     (other,) = by_folder[str(plain)]
     assert own[1] == json.dumps({CLASS: WORDS}) and other[1] == "null" and own[0] != other[0]
     assert {r.pinned_version_id for r in rows if r.path == str(described)} == {own[0]}  # pinned to its words
+
+
+def test_another_box_serves_a_described_registered_version(tmp_path):
+    """A worker that did not record the version (no [[sources]] of its own) builds it from the registry and
+    the descriptions its manifest recorded: the same digest, the same words in the prompts."""
+    from inspector.pipeline import Models, record_version
+    from inspector.registry import register_model
+    from inspector.store import open_store
+    from inspector.versions import recipe_from_registry
+
+    settings = tiny_detector_settings("winclip")
+    settings.override("registry", path=str(tmp_path / "models"))
+    _, detector = _build("winclip")
+    register_model(tmp_path / "models", "wc-v1", detector, {"kind": "test"})
+    engine = open_store(f"sqlite:///{tmp_path / 'inspector.sqlite'}", auto_upgrade=True)
+    plain = recipe_from_registry(settings, "wc-v1")
+    recipe = with_class_descriptions(plain, {CLASS: WORDS})
+    version = record_version(engine, recipe)
+    assert version != record_version(engine, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        served = Models(engine, settings).get(version)  # a fresh process: only the database and the registry
+    assert served is not None and served.class_descriptions == {CLASS: WORDS}
+    assert served.provenance["digest"] == recipe.digest
+    with torch.inference_mode():
+        _, plain_detector = _build("winclip")
+        assert _same(served.predict(_image(), CLASS), plain_detector.predict(_image(), WORDS))
+    engine.dispose()
