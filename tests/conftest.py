@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
@@ -28,6 +29,32 @@ def tiny_detector_settings(detector: str, samples: int = 1, **model: object) -> 
                                           **model})
     s.override("musc", pool_dir="")  # tests write nothing to the home cache
     return s
+
+
+#: MuSc's tests run the backbone at this side (a multiple of test-tiny's patch 14)
+MUSC_SIZE = 112
+
+
+def tiny_clip(image_size: int = 70):
+    """A test-tiny open_clip model with seeded random weights, fp32, in eval mode."""
+    import open_clip
+
+    from inspector.backbone import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_clip.create_model("test-tiny", pretrained=None, force_image_size=image_size).float().eval()
+
+
+def musc_backbone(clip, antialias: bool = False):
+    """A copy of ``clip`` as MuSc's backbone at ``MUSC_SIZE`` (position embedding resized without antialias,
+    as the official code does, unless ``antialias``)."""
+    from inspector.backbone import BackboneSpec, ClipBackbone
+
+    return ClipBackbone(copy.deepcopy(clip), BackboneSpec(arch="test-tiny", pretrained="random",
+                                                          image_size=MUSC_SIZE, pos_embed_antialias=antialias))
 
 
 def randomize_head(head: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:

@@ -9,7 +9,6 @@ embedding is *upsampled*, as the official 24 -> 37 at 518 px. Random weights: th
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -17,32 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from inspector.backbone import BackboneSpec, ClipBackbone, register_model_configs
+from inspector.backbone import BackboneSpec, ClipBackbone
 from inspector.config import Settings
 from inspector.detectors import detector_class
 from inspector.detectors.musc import K_LIST_VISA, MuSc, official_k_list
 from inspector.references import ReferenceStore
 
 from . import reference_musc as ref
+from .conftest import MUSC_SIZE as SIZE
+from .conftest import musc_backbone as _backbone
+from .conftest import tiny_clip as _clip
 
-SIZE = 112
 TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _clip(image_size: int = 70):
-    import open_clip
-
-    register_model_configs()
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return open_clip.create_model("test-tiny", pretrained=None, force_image_size=image_size).float().eval()
-
-
-def _backbone(clip, antialias: bool = False) -> ClipBackbone:
-    return ClipBackbone(copy.deepcopy(clip), BackboneSpec(arch="test-tiny", pretrained="random", image_size=SIZE,
-                                                          pos_embed_antialias=antialias))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ from inspector.config import Settings
 from inspector.detectors.musc import K_LIST_VISA, MuSc, dataset_k_list
 from inspector.detectors.musc.ops import rscin
 
-from .test_musc import SIZE, _backbone, _clip
+from .conftest import MUSC_SIZE as SIZE
+from .conftest import musc_backbone as _backbone
+from .conftest import tiny_clip as _clip
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
