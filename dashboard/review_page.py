@@ -109,12 +109,12 @@ def on_undo() -> None:
     stack = ss.get("undo_stack") or []
     if not stack:
         return
-    ids = stack.pop()
     try:
-        done, kept = rv.undo_reviews(common.engine(), ids, common.reviewer())
-    except rv.ReviewError as exc:
+        done, kept = rv.undo_reviews(common.engine(), stack[-1], common.reviewer())
+    except rv.ReviewError as exc:  # kept on the stack: the next try can still undo it
         _note("error", str(exc))
         return
+    stack.pop()
     if len(done) == 1:
         ss["pin"] = done[0]["image_id"]  # show the image whose verdict was undone
         restored = "not reviewed" if done[0]["verdict"] == rv.UNDONE else done[0]["verdict"]
