@@ -82,8 +82,18 @@ def test_review_needs_a_name_then_records_verdicts(app, scored_db):
     assert len(rows) == 3, "history is kept: nothing was deleted"
 
 
-def test_review_page_shows_where_the_image_comes_from(app, scored_db):
+def test_review_page_shows_where_the_image_comes_from(scored_db, monkeypatch):
+    from sqlalchemy import create_engine, update
+
+    from inspector.store import sources
+
+    engine = create_engine(scored_db)
+    with engine.begin() as conn:  # the source's production line, as `[[sources]] line` sets it
+        conn.execute(update(sources).values(line="press 3"))
+    engine.dispose()
+    app = open_app(scored_db, monkeypatch)
     text = markdown(app)
+    assert "line **press 3**" in text
     image = current_image(app)
     (row,) = [r for r in image_list(scored_db) if r["id"] == image]
     assert row["path"] in text and str(Path(row["path"]).parent) in text  # the full path and its source folder
@@ -326,6 +336,15 @@ def test_many_classes_get_distinct_colours_and_a_whole_legend():
     legend = charts.per_hour(rows, classes).to_dict()["encoding"]["color"]["legend"]
     assert legend["labelLimit"] == 0 and legend["orient"] == "bottom" and legend["columns"] >= 2
     assert all(c in spec for c in charts.palette(len(classes)))
+
+
+def test_the_folder_says_defect_free_or_defect_when_it_can():
+    from inspector._dashboard.panels import folder_hint
+
+    assert folder_hint("/data/mvtec/screw/test/good/000.png") == "defect-free folder 'good'"
+    assert folder_hint("/data/mvtec/screw/test/thread_side/003.png") == "defect folder 'thread_side'"
+    assert folder_hint("/line/NG/17.png") == "defect folder 'NG'"
+    assert folder_hint("/line/camera2/2026-01-01/17.png") is None  # nothing known: nothing claimed
 
 
 def test_password_gate(scored_db, monkeypatch):
