@@ -702,7 +702,8 @@ def watch(
                                          entry.recursive, entry.line or None, model=entry.model or None,
                                          detector=entry.detector or None, polling=entry.polling,
                                          window=entry.window or None, domain=entry.domain or None,
-                                         class_description=entry.class_description or None))
+                                         class_description=entry.class_description or None,
+                                         hide_paths=entry.hide_paths))
     stop = threading.Event()
     install_signal_handlers(stop)
     if not once:

@@ -197,6 +197,10 @@ class SourceSettings:
     #: The words the detector's text prompts use for the class, e.g. "brain CT slice" for class "head CT"
     #: (empty = the class name). Part of the model version's identity: pins the folder to that version.
     class_description: str = ""
+    #: Keep this folder's paths (which may name the patient) out of the events sent to the line: MQTT and
+    #: webhook events carry no path (the content hash and, for DICOM, the UIDs identify the image), and the
+    #: folder sink names its copies by result id. The database keeps the path (workers read the file by it).
+    hide_paths: bool = False
 
 
 @dataclass
@@ -491,7 +495,7 @@ def _source(entry: Any, where: str) -> SourceSettings:
         if key not in types:
             known = ", ".join(f.name for f in dataclasses.fields(SourceSettings))
             raise ConfigError(f"{where}: unknown key '{key}'; known: {known}")
-        typ = bool if key == "polling" else types[key]
+        typ = bool if key in ("polling", "hide_paths") else types[key]
         setattr(source, key, _coerce(value, typ, f"{where} {key}"))
     if not source.path or not source.class_name.strip():
         raise ConfigError(f"{where}: path and class_name are required")

@@ -13,6 +13,11 @@ receiver drop a repeat.
   with [outputs] webhook_secret>`` and ``X-Inspector-Event-Id``; any 2xx is accepted.
 * **folder**: the image is copied (or hard-linked, or moved) to ``<root>/<OK|NG|REVIEW>/<line>/``, written
   under a temporary name and renamed, so a reader never sees half a file.
+
+A source with ``hide_paths`` (a ``[[sources]]`` key: PACS exports whose folders name the patient) has its
+events sent without the path (``path`` is null, ``path_hidden`` true; the content ``sha256`` and, for DICOM,
+the UIDs identify the image), and its folder-sink copies named ``<result id><suffix>``. The outbox row keeps
+the event as written (the database holds the path anyway).
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ class DeliveryError(InspectorError, RuntimeError):
 def enabled_sinks(outputs: OutputSettings) -> tuple[str, ...]:
     return tuple(name for name, on in (("mqtt", outputs.mqtt_url), ("webhook", outputs.webhook_url),
                                        ("folder", outputs.folder_root)) if on)
+
+
+def _known_suffix(path: Path) -> str:
+    """An image or DICOM suffix of ``path`` ("" for anything else: "DOE.JOHN" has none)."""
+    from .dicom import DICOM_SUFFIXES
+    from .imaging import IMAGE_SUFFIXES
+
+    suffix = path.suffix.lower()
+    return suffix if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES else ""
 
 
 def _slug(value: Any) -> str:
@@ -131,10 +145,10 @@ class FolderSink:
             raise UsageError(f"[outputs] folder_mode must be copy, hardlink or move, not {outputs.folder_mode}")
         self.root, self.mode = Path(outputs.folder_root), outputs.folder_mode
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: dict[str, Any], hide_path: bool = False) -> None:
         source = Path(event["path"])
         target_dir = self.root / FOLDERS[event["decision"]] / _slug(event.get("line"))
-        target = target_dir / f"{event['id']}_{source.name}"
+        target = target_dir / (f"{event['id']}{_known_suffix(source)}" if hide_path else f"{event['id']}_{source.name}")
         if target.exists():
             return  # delivered before a crash: the same event again
         temporary = target_dir / f".{target.name}.partial"
@@ -163,14 +177,20 @@ class FolderSink:
 SINKS = {"mqtt": MQTTSink, "webhook": WebhookSink, "folder": FolderSink}
 
 
+def without_path(event: dict[str, Any]) -> dict[str, Any]:
+    """The event of a ``hide_paths`` source as it is sent: no path (it may name the patient)."""
+    return {**event, "path": None, "path_hidden": True}
+
+
 class Dispatcher:
     """Sends the pending events of ``source_ids`` (None in the list: events without a source, i.e. from
     `inspector score`) to every enabled sink, in order per sink; runs as a thread of the daemon."""
 
     def __init__(self, engine: Engine, outputs: OutputSettings, source_ids: list[int | None],
-                 interval: float = 0.2):
+                 interval: float = 0.2, hide_paths: set[int] | None = None):
         self.engine = engine
         self.source_ids = source_ids
+        self.hide_paths = set(hide_paths or ())
         self.interval = interval
         self.retry_max = outputs.retry_max_seconds
         self.sinks = {name: SINKS[name](outputs) for name in enabled_sinks(outputs)}
@@ -189,7 +209,14 @@ class Dispatcher:
                 continue
             for row in due(self.engine, name, self.source_ids):
                 try:
-                    sink.send(json.loads(row["payload"]))
+                    event = json.loads(row["payload"])
+                    if row["source_id"] is not None and row["source_id"] in self.hide_paths:
+                        if name == "folder":
+                            sink.send(event, hide_path=True)
+                        else:
+                            sink.send(without_path(event))
+                    else:
+                        sink.send(event)
                 except DeliveryError as exc:
                     delay = self._backoff[name].next()
                     self._not_before[name] = now + delay

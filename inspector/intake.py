@@ -61,6 +61,8 @@ class WatchedFolder:
     domain: str | None = None
     #: the words its version's text prompts use for the class (None: the class name)
     class_description: str | None = None
+    #: its events leave the path out (``[[sources]] hide_paths``, ``delivery.Dispatcher``)
+    hide_paths: bool = False
 
 
 def ignored_name(name: str) -> bool:

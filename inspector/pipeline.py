@@ -250,13 +250,14 @@ def make_worker(engine: Engine, models: dict[int, Any], settings: Settings, on_b
 
 
 def start_delivery(engine: Engine, settings: Settings, source_ids: list[int | None],
-                   stop: threading.Event) -> tuple[Any, threading.Thread] | None:
-    """A ``Dispatcher`` thread for these sources' events, if any ``[outputs]`` sink is configured."""
+                   stop: threading.Event, hide_paths: set[int] | None = None) -> tuple[Any, threading.Thread] | None:
+    """A ``Dispatcher`` thread for these sources' events, if any ``[outputs]`` sink is configured (the
+    events of ``hide_paths`` sources without their path)."""
     from .delivery import Dispatcher, enabled_sinks
 
     if not enabled_sinks(settings.outputs):
         return None
-    dispatcher = Dispatcher(engine, settings.outputs, source_ids)
+    dispatcher = Dispatcher(engine, settings.outputs, source_ids, hide_paths=hide_paths)
     thread = threading.Thread(target=dispatcher.run, args=(stop,), name="delivery", daemon=True)
     thread.start()
     return dispatcher, thread
@@ -415,7 +416,8 @@ def watch(settings: Settings, folders: list[WatchedFolder], once: bool = False, 
     worker = make_worker(engine, {}, settings, on_batch=metrics.on_batch if metrics else None, refresh=refresh)
     refresh(worker)
     sending = threading.Event()
-    delivery = start_delivery(engine, settings, list(source_ids), sending)
+    delivery = start_delivery(engine, settings, list(source_ids), sending,
+                              hide_paths={f.source_id for f in folders if f.hide_paths})
     started = time.perf_counter()
     if once:
         intake.scan()

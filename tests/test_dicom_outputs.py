@@ -167,3 +167,60 @@ def test_a_multi_frame_file_is_hashed_once_and_read_once_per_batch(tmp_path, mon
     assert [r["status"] for r in sorted(rows, key=lambda r: r["frame"])] == ["done"] * 4 + ["failed"] * 11
     assert all("replaced after it was discovered" in r["error"] for r in rows if r["status"] == "failed")
     engine.dispose()
+
+
+def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, monkeypatch):
+    """A PACS export named after the patient, with hide_paths = true: its MQTT and webhook events carry no
+    path (the hash and the UIDs identify the image) and its folder-sink copies are named by result id; a
+    folder without the option sends its paths as before."""
+    from .test_dicom import _write_config
+
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    patient = "DOE^JOHN_19230517"
+    hidden, plain = tmp_path / patient / "CT_HEAD", tmp_path / "line"
+    hidden.mkdir(parents=True)
+    plain.mkdir()
+    _with_patient("CT_small.dcm", hidden / "IM0001")
+    shutil.copy(bundled("MR_small.dcm"), hidden / "DOE_JOHN.dcm")  # a file named after the patient
+    small_png(plain / "part.png", 3)
+    _write_config(tmp_path, [{"path": str(hidden), "class_name": "head CT", "hide_paths": True},
+                             {"path": str(plain), "class_name": "part"}])
+    broker = Broker(tmp_path)
+    broker.start()
+    received: list = []
+    client = _subscriber(broker.port, received)
+    _Hook.got = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    try:
+        wait_for(lambda: client.is_connected(), 20, 0.1, "the subscriber")
+        done = run_cli(["watch", "--once"], db, tmp_path, env={
+            "INSPECTOR_OUTPUTS__MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
+            "INSPECTOR_OUTPUTS__WEBHOOK_URL": f"http://127.0.0.1:{server.server_address[1]}/events",
+            "INSPECTOR_OUTPUTS__FOLDER_ROOT": str(tmp_path / "out")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        wait_for(lambda: len(received) >= 3, 20, 0.1, "3 mqtt messages")
+    finally:
+        client.loop_stop()
+        broker.stop()
+        server.shutdown()
+    for events in ([e for _, e in received], _Hook.got):
+        assert len(events) == 3
+        secret = [e for e in events if e["class_name"] == "head CT"]
+        (shown,) = [e for e in events if e["class_name"] == "part"]
+        assert shown["path"] == str((plain / "part.png").resolve()) and "path_hidden" not in shown
+        assert len(secret) == 2 and all(e["path"] is None and e["path_hidden"] is True for e in secret)
+        assert {e["sop_uid"] for e in secret} == {_uids("CT_small.dcm")[2], _uids("MR_small.dcm")[2]}
+        assert all(len(e["sha256"]) == 64 for e in secret)
+        text = json.dumps(secret)
+        assert "DOE" not in text and "JOHN" not in text and "19230517" not in text and PATIENT_NAME not in text
+    copies = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert len(copies) == 3 and sum(c.endswith("_part.png") for c in copies) == 1, copies
+    assert not any("DOE" in c or "JOHN" in c or "IM0001" in c for c in copies), copies
+    assert sum(c.endswith(".dcm") for c in copies) == 1  # named <result id>.dcm: the suffix is kept
+    from inspector.delivery import _known_suffix
+
+    assert _known_suffix(Path("DOE.JOHN")) == "" and _known_suffix(Path("a/IM1.DCM")) == ".dcm"
+    stored = {r["path"] for r in image_list(db)}
+    assert str((hidden / "IM0001").resolve()) in stored  # the database keeps the path: workers read by it
