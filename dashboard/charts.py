@@ -113,28 +113,34 @@ def curve(x: np.ndarray, y: np.ndarray, point: tuple[float, float] | None, x_tit
     return alt.layer(*layers).properties(title=title, height=240)
 
 
+def _legend(classes: Sequence[str]) -> tuple[alt.Legend, int]:
+    """A legend right of the chart that lists every class with its whole name (one column, two beyond 12
+    classes), and the chart height that holds it (Streamlit fits the whole chart into its height)."""
+    columns = 1 if len(classes) <= 12 else 2
+    rows = -(-len(classes) // columns)
+    return alt.Legend(orient="right", columns=columns, labelLimit=0, symbolLimit=0, title=None), max(220, 19 * rows)
+
+
 def per_hour(rows: Sequence[dict], classes: Sequence[str]) -> alt.Chart:
-    """Images per hour stacked by class, one distinct colour per class, the whole legend under the chart."""
+    """Images per hour stacked by class, one distinct colour per class, the whole legend beside the chart."""
     frame = pd.DataFrame([{"hour": r["hour"], "class": r["class_name"], "images": r["images"]} for r in rows])
-    columns = min(len(classes), 6)
+    legend, height = _legend(classes)
     return alt.Chart(frame).mark_bar().encode(
         x=alt.X("hour:O", title="hour (UTC)", axis=HOUR_AXIS),
         y=alt.Y("sum(images):Q", title="images"),
         color=alt.Color("class:N", scale=alt.Scale(domain=list(classes), range=palette(len(classes))),
-                        legend=alt.Legend(orient="bottom", columns=columns, labelLimit=0, symbolLimit=0,
-                                          title=None)),
-        tooltip=["hour:O", "class:N", "images:Q"]).properties(height=260)
+                        legend=legend),
+        tooltip=["hour:O", "class:N", "images:Q"]).properties(height=height)
 
 
 def flagged_rate(rows: Sequence[dict], classes: Sequence[str]) -> alt.Chart:
     """The flagged share per class and hour, in percent (classes with a threshold only)."""
     frame = pd.DataFrame([{"hour": r["hour"], "class": r["class_name"],
                            "flagged %": 100.0 * (r["flagged"] or 0) / r["images"]} for r in rows])
-    columns = min(len(classes), 6)
+    legend, height = _legend(classes)
     return alt.Chart(frame).mark_line(point=True).encode(
         x=alt.X("hour:O", title="hour (UTC)", axis=HOUR_AXIS),
         y=alt.Y("flagged %:Q", title="flagged (%)"),
         color=alt.Color("class:N", scale=alt.Scale(domain=list(classes), range=palette(len(classes))),
-                        legend=alt.Legend(orient="bottom", columns=columns, labelLimit=0, symbolLimit=0,
-                                          title=None)),
-        tooltip=["hour:O", "class:N", alt.Tooltip("flagged %:Q", format=".1f")]).properties(height=220)
+                        legend=legend),
+        tooltip=["hour:O", "class:N", alt.Tooltip("flagged %:Q", format=".1f")]).properties(height=height)
