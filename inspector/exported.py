@@ -164,6 +164,8 @@ def check_manifest(manifest: dict[str, Any], folder: Path, model: Any, runtime: 
             raise ExportError(f"{folder}: graph '{name}' has inputs {[i['name'] for i in entry.get('inputs', ())]} "
                               f"and outputs {entry.get('outputs')}, the model needs {list(graph.inputs)} and "
                               f"{list(graph.outputs)}")
+        if entry.get("file") not in entry.get("files", {}):
+            raise ExportError(f"{where}: graph '{name}' names a file ({entry.get('file')}) it has no SHA-256 for")
         for file, digest in entry.get("files", {}).items():
             path = folder / file
             if Path(file).name != file or not path.is_file():

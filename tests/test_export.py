@@ -165,6 +165,10 @@ def test_mismatched_or_tampered_exports_are_refused(exports, tmp_path, monkeypat
     (tmp_path / "future" / "export.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(ExportError, match="format version 99"):
         attach(copy.deepcopy(model), tmp_path / "future", "onnxruntime", recipe.identity)
+    manifest["graphs"]["vision"]["file"] = "elsewhere.onnx"  # a graph file outside the hashed ones
+    (tmp_path / "future" / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="names a file .elsewhere.onnx. it has no SHA-256 for"):
+        attach(copy.deepcopy(model), tmp_path / "future", "onnxruntime", recipe.identity)
     with pytest.raises(ExportError, match="no export for this model version"):
         attach(copy.deepcopy(model), tmp_path / "nothing-here", "onnxruntime", recipe.identity)
     # a folder of exports: the one written for this version is found
