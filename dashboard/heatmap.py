@@ -17,8 +17,10 @@ from PIL import Image, ImageDraw, ImageFilter
 #: at 1. The stored maps are abnormal probabilities, so 0.5 means "as likely abnormal as not".
 FLOOR = 0.5
 OPACITY = 0.65
-#: A small image is enlarged at most this much on screen (never blown up to the column width).
+#: A small image is enlarged at most this much on screen (never blown up to the column width)...
 MAX_UPSCALE = 2.0
+#: ... unless that leaves it shorter than this on its long side (a thumbnail): then by a whole factor.
+MIN_SIDE = 256
 #: Side of the zoom crop, in pixels of the original image.
 ZOOM = 256
 #: Yellow -> orange -> red, from just above the floor to the map's maximum.
@@ -41,10 +43,16 @@ class Views:
     zoom_scale: int
 
 
-def fit(size: tuple[int, int], box: tuple[int, int], max_upscale: float = MAX_UPSCALE) -> tuple[int, int]:
-    """(width, height) of an image of ``size`` scaled to fit ``box``, enlarged at most ``max_upscale`` times."""
+def fit(size: tuple[int, int], box: tuple[int, int], max_upscale: float = MAX_UPSCALE,
+        min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` scaled to fit ``box``: enlarged at most ``max_upscale`` times,
+    except a thumbnail whose long side is under ``min_side``, which is enlarged by the whole factor that
+    brings it there (its pixels stay square and sharp), never beyond the box."""
     width, height = size
-    scale = min(box[0] / width, box[1] / height, max_upscale)
+    upscale = max_upscale
+    if max(width, height) * max_upscale < min_side:
+        upscale = float(-(-min_side // max(width, height)))
+    scale = min(box[0] / width, box[1] / height, upscale)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -88,7 +96,7 @@ def _encode(image: Image.Image, lossless: bool) -> bytes:
 
 def render(image: Image.Image, anomaly_map: np.ndarray, box: tuple[int, int], threshold: float | None = None,
            floor: float = FLOOR, opacity: float = OPACITY, zoom_side: int = ZOOM,
-           zoom_width: int = 320) -> Views:
+           zoom_width: int = ZOOM) -> Views:
     """The views of one result.
 
     image: the decoded RGB original; anomaly_map: [h, w] in [0, 1] (the stored map, any size: it covers the

@@ -30,6 +30,8 @@ SIDE_BY_SIDE_BOX = (470, 610)
 STACKED_BOX = (960, 290)
 WIDE = 1.6
 SIDE_PANEL = 370
+#: The narrowest column a picture gets (room for its caption).
+MIN_COLUMN = 180
 #: Pictures side by side narrower than this (tall images) leave the context to the free column on the right.
 NARROW = 600
 #: The page's content width at 1400 px (the style's 1.5 rem margins): the columns' weights are pixels of it.
@@ -263,7 +265,7 @@ def layout(row: dict[str, Any], shown: heatmap.Views | None):
         left, side, _ = st.columns([width + 16, SIDE_PANEL, max(1, CONTENT_WIDTH - width - 16 - SIDE_PANEL)],
                                    gap="small")
         return left, left, left, side
-    width = shown.shown[0] if shown is not None else SIDE_BY_SIDE_BOX[0]
+    width = max(shown.shown[0], MIN_COLUMN) if shown is not None else SIDE_BY_SIDE_BOX[0]
     area = 2 * width + 16
     left, side, rest = st.columns([area, SIDE_PANEL, max(1, CONTENT_WIDTH - area - SIDE_PANEL)], gap="small")
     with left:

@@ -395,7 +395,9 @@ def test_heat_is_transparent_up_to_the_floor_and_rises_above_it():
 def test_pictures_fit_the_screen_and_a_small_image_is_not_blown_up():
     from inspector._dashboard import heatmap
 
-    assert heatmap.fit((64, 64), (470, 610)) == (128, 128)  # at most twice its size
+    assert heatmap.fit((200, 150), (470, 610)) == (400, 300)  # at most twice its size
+    assert heatmap.fit((64, 64), (470, 610)) == (256, 256)  # a thumbnail: by a whole factor, to be seen
+    assert heatmap.fit((30, 120), (470, 610)) == (90, 360)
     assert heatmap.fit((4000, 1000), (960, 290)) == (960, 240)
     assert heatmap.fit((400, 1200), (470, 610)) == (203, 610)
 
