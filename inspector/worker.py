@@ -11,8 +11,9 @@ Errors are sorted into three kinds:
 
 Never stalled, never lost: only regular files are opened (a FIFO named ``*.png`` is recorded, not read); a
 file gone from its claimed path is read where intake has since seen it (a rename), and ``complete`` promotes
-a copy of it when there is one; the frames of a multi-frame DICOM file in one batch are one read, and its
-hash is checked once per file (``CheckedFiles``), not once per frame; a batch that fails is retried one image at a time (``claim`` takes a job
+a copy of it when there is one; the frames of a multi-frame DICOM file in one batch share one read
+(``BatchFiles``) and are decoded in parallel, and its hash is checked once per file (``CheckedFiles``), not
+once per frame; a batch that fails is retried one image at a time (``claim`` takes a job
 claimed before alone); the decode threads hold at most ``[watch] batch_pixel_budget`` pixels decoded at
 once; a heartbeat thread renews the leases of the batches in hand; a database error other than a lost
 connection (a corrupt page) is logged and survived.
@@ -165,54 +166,82 @@ class CheckedFiles:
                 self._seen.popitem(last=False)
 
 
-def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor] | int,
-         budget: PixelBudget | None = None, checked: CheckedFiles | None = None) -> Loaded:
-    """Read the file once, check it is still the content that was registered, decode, preprocess with the
-    detector's ``to_input`` (an int: the default preprocessing at that size)."""
-    return load_frames([item], to_input, budget, checked)[0]
+class BatchFiles:
+    """The files of one batch, each read (and checked against its registered hash) once however many of its
+    frames the batch holds: the decode threads of a multi-frame DICOM file's frames share one read and still
+    decode in parallel. A file's bytes are let go once every claimed frame of it has taken them."""
+
+    def __init__(self, batch: list[Claimed] | None = None, checked: CheckedFiles | None = None):
+        self.checked = checked
+        self._lock = threading.Lock()
+        self._files: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._users: dict[tuple[str, str | None], int] = {}
+        for item in batch or ():
+            key = (item.path, item.sha256)
+            self._users[key] = self._users.get(key, 0) + 1
+
+    def read(self, path: str, sha256: str | None) -> tuple[bytes | None, dict[str, Any] | None]:
+        """(the file's bytes, None), or (None, the ``Loaded`` fields of why it cannot be scored)."""
+        key = (path, sha256)
+        with self._lock:
+            entry = self._files.setdefault(key, {"lock": threading.Lock()})
+        with entry["lock"]:
+            if "outcome" not in entry:
+                entry["outcome"] = _read_checked(path, sha256, self.checked)
+            outcome = entry["outcome"]
+        with self._lock:
+            self._users[key] = self._users.get(key, 1) - 1
+            if self._users[key] <= 0:  # the last of its frames: nothing here keeps the bytes any more
+                self._files.pop(key, None)
+                self._users.pop(key, None)
+        return outcome
 
 
-def load_frames(items: list[Claimed], to_input: Callable[[Image.Image], torch.Tensor] | int,
-                budget: PixelBudget | None = None, checked: CheckedFiles | None = None) -> list[Loaded]:
-    """``load`` for the claimed frames of one file (same path and registered content; one item for any image
-    but a multi-frame DICOM file): the file is read, hash-checked (unless ``checked`` already holds it) and
-    its DICOM header parsed once, then each frame is decoded."""
-    if isinstance(to_input, int):
-        size = to_input
-        to_input = lambda image: to_model_input(image, size)
-    first = items[0]
-
-    def every(**failure: Any) -> list[Loaded]:
-        return [Loaded(item, **failure) for item in items]
-
+def _read_checked(path: str, sha256: str | None, checked: CheckedFiles | None
+                  ) -> tuple[bytes | None, dict[str, Any] | None]:
+    """Read a regular file and check it is the content registered (``checked``: hashes known good)."""
     try:
-        with open_regular(first.path) as handle:
+        with open_regular(path) as handle:
             st = os.fstat(handle.fileno())
             data = handle.read()
     except FileNotFoundError:
-        return every(error=VANISHED, vanished=True)
+        return None, {"error": VANISHED, "vanished": True}
     except NotRegularFile as exc:
-        return every(error=exc.strerror)
+        return None, {"error": exc.strerror}
     except PermissionError:
-        return every(error="cannot read the file: permission denied")
+        return None, {"error": "cannot read the file: permission denied"}
     except IsADirectoryError:
-        return every(error="not a file")
+        return None, {"error": "not a file"}
     except OSError as exc:
-        return every(error=f"read error: {exc.strerror or exc}", permanent=False)
-    key = (first.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if first.sha256 and not (checked is not None and checked.checked(key, first.sha256)):
-        if sha256_of(data) != first.sha256:
-            return every(error="the file was replaced after it was discovered; its new content is queued as a "
-                               "new image")
+        return None, {"error": f"read error: {exc.strerror or exc}", "permanent": False}
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if sha256 and not (checked is not None and checked.checked(key, sha256)):
+        if sha256_of(data) != sha256:
+            return None, {"error": "the file was replaced after it was discovered; its new content is queued as "
+                                   "a new image"}
         if checked is not None:
-            checked.add(key, first.sha256)
+            checked.add(key, sha256)
+    return data, None
+
+
+def load(item: Claimed, to_input: Callable[[Image.Image], torch.Tensor] | int,
+         budget: PixelBudget | None = None, files: BatchFiles | None = None) -> Loaded:
+    """Read the file (once per batch with ``files``), check it is still the content that was registered,
+    decode (a DICOM file: the claimed frame), preprocess with the detector's ``to_input`` (an int: the default
+    preprocessing at that size)."""
+    if isinstance(to_input, int):
+        size = to_input
+        to_input = lambda image: to_model_input(image, size)
+    data, failure = (files or BatchFiles()).read(item.path, item.sha256)
+    if failure is not None:
+        return Loaded(item, **failure)
     dicom = None
-    if is_dicom(first.path, data[:132]):  # frames of a DICOM file, in their window (inspector/dicom.py)
+    if is_dicom(item.path, data[:132]):  # one frame of a DICOM file, in its window (inspector/dicom.py)
         try:
             dicom = read_header(io.BytesIO(data), "", len(data))  # the reason without the path (README: paths)
         except DicomError as exc:
-            return every(error=str(exc))
-    return [_decode(item, data, dicom, to_input, budget) for item in items]
+            return Loaded(item, error=str(exc))
+    return _decode(item, data, dicom, to_input, budget)
 
 
 def _decode(item: Claimed, data: bytes, dicom: Any, to_input: Callable[[Image.Image], torch.Tensor],
@@ -236,15 +265,6 @@ def _decode(item: Claimed, data: bytes, dicom: Any, to_input: Callable[[Image.Im
         return Loaded(item, error=str(exc))
     except MemoryError:
         return Loaded(item, error="image too large to decode in memory")
-
-
-def by_file(batch: list[Claimed]) -> list[list[Claimed]]:
-    """A batch grouped by file (path and registered content), in claim order: the frames of one file go
-    together, so that it is read once per batch."""
-    groups: dict[tuple[str, str | None], list[Claimed]] = {}
-    for item in batch:
-        groups.setdefault((item.path, item.sha256 or f"unhashed-{item.id}"), []).append(item)
-    return list(groups.values())
 
 
 class Worker:
@@ -328,10 +348,8 @@ class Worker:
             return None
         self._hold([c.id for c in batch])
         detector = self.models[batch[0].model_version_id]
-        groups = by_file(batch)
-        futures = [self.pool.submit(load_frames, group, detector.to_input, self.budget, self.checked)
-                   for group in groups]
-        return [item for group in groups for item in group], futures, detector
+        files = BatchFiles(batch, self.checked)  # a file is read once per batch, however many frames it holds
+        return batch, [self.pool.submit(load, item, detector.to_input, self.budget, files) for item in batch], detector
 
     def _finish(self, pending: tuple[list[Claimed], list[Future], Any], stop: threading.Event | None,
                 started: float) -> int:
@@ -354,14 +372,14 @@ class Worker:
         for x in loaded:
             moved = now_at.get(x.claimed.image_id) if x.vanished else None
             if moved and moved != x.claimed.path:
-                x = load(dataclasses.replace(x.claimed, path=moved), to_input, self.budget, self.checked)
+                x = load(dataclasses.replace(x.claimed, path=moved), to_input, self.budget,
+                         BatchFiles(checked=self.checked))
             out.append(x)
         return out
 
     def _finish_held(self, batch: list[Claimed], futures: list[Future], detector: Any,
                      stop: threading.Event | None, started: float) -> int:
-        done = [f.result() for f in futures]  # a ``load_frames`` list per file (or one ``load``'s Loaded)
-        loaded = self._relocate([x for r in done for x in (r if isinstance(r, list) else [r])], detector.to_input)
+        loaded = self._relocate([f.result() for f in futures], detector.to_input)
         outcomes = self._score(loaded, detector)
         data = list(self.pool.map(self._encode, outcomes))
         for o, encoded in zip(outcomes, data):

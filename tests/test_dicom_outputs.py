@@ -5,6 +5,7 @@ are pydicom's bundled test files (``tests/test_dicom.py`` says which).
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import shutil
@@ -224,3 +225,20 @@ def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, mon
     assert _known_suffix(Path("DOE.JOHN")) == "" and _known_suffix(Path("a/IM1.DCM")) == ".dcm"
     stored = {r["path"] for r in image_list(db)}
     assert str((hidden / "IM0001").resolve()) in stored  # the database keeps the path: workers read by it
+
+
+def test_a_batch_lets_go_of_a_files_bytes_once_its_frames_have_them(tmp_path):
+    from inspector.store.queue import Claimed
+    from inspector.worker import BatchFiles, CheckedFiles
+
+    path = tmp_path / "dose.dcm"
+    shutil.copy(bundled("rtdose.dcm"), path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    frames = [Claimed(i, str(path), "dose", sha, 1, frame=i) for i in range(3)]
+    files = BatchFiles(frames, CheckedFiles())
+    first, _ = files.read(str(path), sha)
+    assert first == path.read_bytes() and files._files  # kept for the two frames still to come
+    assert files.read(str(path), sha)[0] is first and files.read(str(path), sha)[0] is first  # one read
+    assert not files._files
+    data, failure = BatchFiles([Claimed(9, str(path), "dose", "0" * 64, 1)]).read(str(path), "0" * 64)
+    assert data is None and "replaced after it was discovered" in failure["error"]
