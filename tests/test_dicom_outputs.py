@@ -48,7 +48,7 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, monkeypatch):
+def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, monkeypatch):
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     folder = tmp_path / "pacs"
     folder.mkdir()
@@ -62,7 +62,7 @@ def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, monkeypatch):
     _Hook.got = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    db = db_url  # the events are written with the result: on SQLite and on Postgres
     try:
         wait_for(lambda: client.is_connected(), 20, 0.1, "the subscriber")
         done = run_cli(["watch", str(folder), "--class-name", "scan", "--once"], db, tmp_path, env={

@@ -124,14 +124,14 @@ def test_score_names_a_bad_window_and_takes_a_suffixless_dicom_file_named_on_the
 # the CSV export
 
 
-def test_csv_export_carries_frame_and_uids_of_dicom_rows_only(tmp_path, monkeypatch):
+def test_csv_export_carries_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, monkeypatch):
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     folder = tmp_path / "pacs"
     folder.mkdir()
     _with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
     _with_patient("CT_small.dcm", folder / "IM000001")
     small_png(folder / "photo.png", 2)
-    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+    db = db_url  # the export's query on SQLite and on Postgres
     done = run_cli(["score", str(folder), "-n", "scan", "--json"], db, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # the export the dashboard offers
