@@ -379,14 +379,17 @@ def review_fragment(query: dict[str, Any], display: dict[str, float]) -> None:
         if shown is not None:
             x, y = shown.peak
             left, top, right, bottom = shown.zoom_box
-            st.image(shown.zoom, caption=f"zoom ×{shown.zoom_scale}: {right - left} × {bottom - top} px at full "
-                     f"resolution around the peak ({x}, {y})", alt=f"zoom of image #{row['id']}",
-                     width=min((right - left) * shown.zoom_scale, SIDE_PANEL))
-        if row.get("dicom"):
-            dicom_view.show(engine, row["id"], st.expander("DICOM: UIDs, window / level"))
+            if (left, top, right, bottom) == (0, 0, *shown.native) and shown.shown[0] >= shown.native[0]:
+                st.caption("No zoom: the whole image is shown at full resolution or more.")
+            else:
+                st.image(shown.zoom, caption=f"zoom ×{shown.zoom_scale}: {right - left} × {bottom - top} px at "
+                         f"full resolution around the peak ({x}, {y})", alt=f"zoom of image #{row['id']}",
+                         width=min((right - left) * shown.zoom_scale, SIDE_PANEL))
     with below:
         sources = {s["id"]: s for s in rv.source_list(engine)}
         panels.show(row, sources.get(row["source_id"]))
+        if row.get("dicom"):
+            dicom_view.show(engine, row["id"], st.expander("DICOM: UIDs, window / level"))
         history = rv.review_history(engine, row["id"])
         if history:
             with st.expander(f"Review history ({len(history)})"):

@@ -177,6 +177,7 @@ def _above_the_fold(browser, image_id: int) -> dict[str, dict]:
 
 
 def test_review_screens_for_wide_and_tall_images_fit_1400_by_900(dashboard, browser, shots):
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, db = dashboard
@@ -195,6 +196,8 @@ def test_review_screens_for_wide_and_tall_images_fit_1400_by_900(dashboard, brow
             assert overlay["left"] >= image["right"] and abs(overlay["top"] - image["top"]) < 2
         if name == "000.png":
             assert image["width"] <= 2 * 384
+        # a zoom crop at full resolution (these parts are larger than the 256 px crop)
+        assert browser.find_elements(By.CSS_SELECTOR, f"img[alt='zoom of image #{row['id']}']")
         # the source is named in full (not just 000.png)
         assert row["path"] in browser.page_source
         assert Image.open(shots / shot).size == (WIDTH, HEIGHT)
