@@ -241,7 +241,7 @@ def decision_badge(row: dict[str, Any]) -> None:
         st.badge("no threshold for this version", color="gray")
         return
     colour = "red" if row["decision"] == "defect" else "green"
-    st.badge(f"{row['decision']} at {row['threshold']:.4f} (v{row['threshold_version']})", color=colour)
+    st.badge(f"{row['decision']} at {row['threshold']:.6g} (v{row['threshold_version']})", color=colour)
 
 
 def pictures(row: dict[str, Any], display: dict[str, float]) -> tuple[heatmap.Views | None, tuple[str, str] | None]:
@@ -338,7 +338,7 @@ def review_fragment(query: dict[str, Any], display: dict[str, float]) -> None:
     advance = pinned is None and query["reviewed"] is not False
     with side:
         head = st.container(horizontal=True, gap="small", vertical_alignment="center")
-        head.metric("Image score", f"{row['image_score']:.4f}", width="content")
+        head.metric("Image score", f"{row['image_score']:.5f}", width="content")
         with head.container(gap=None):
             decision_badge(row)
             stored = row["stored_decision"]
