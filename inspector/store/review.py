@@ -275,17 +275,6 @@ def accept_low_scores(engine: Engine, shown: Sequence[tuple[int, int]], who: str
     return ids
 
 
-def defect_reviews_since(engine: Engine, after_id: int = 0) -> tuple[list[tuple[str, str]], int]:
-    """(class name, image path) of images whose review after ``after_id`` says defect, and the newest
-    review id seen (the next call's ``after_id``)."""
-    with engine.connect() as conn:
-        rows = conn.execute(select(reviews.c.id, reviews.c.verdict, images.c.class_name, images.c.path)
-                            .join(images, images.c.id == reviews.c.image_id)
-                            .where(reviews.c.id > after_id).order_by(reviews.c.id)).all()
-    newest = rows[-1].id if rows else after_id
-    return [(r.class_name, r.path) for r in rows if r.verdict == "defect"], newest
-
-
 def review_history(engine: Engine, image_id: int) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(reviews).where(reviews.c.image_id == image_id)

@@ -188,7 +188,7 @@ reviews = Table(
     "reviews", metadata,
     Column("id", Integer, primary_key=True),
     Column("image_id", Integer, ForeignKey("images.id"), nullable=False),
-    Column("verdict", String(16), nullable=False),  # normal | defect | skip
+    Column("verdict", String(16), nullable=False),  # normal | defect | skip | unreviewed (an undo)
     Column("reason", Text, nullable=True),
     Column("reviewer", String(200), nullable=False),
     Column("created_at", DateTime(), nullable=False),
