@@ -113,24 +113,13 @@ def open_regular(path: str):
         raise
 
 
-def dicom_record(path: str, window: str | None = None) -> dict | None:
-    """The ``dicom_images`` record of a DICOM file (``inspector.dicom``); None when the file is not DICOM
-    (a name without a suffix whose content is something else). Raises DicomError, OSError."""
-    with open_regular(path) as handle:
-        return _dicom_record(handle, path, window)
-
-
 def _dicom_record(handle, path: str, window: str | None) -> dict | None:
+    """The ``dicom_images`` record of the open file (``inspector.dicom``); None when it is not DICOM (a name
+    without a suffix whose content is something else). Raises DicomError, OSError."""
     if not is_dicom(path, handle.read(132)):
         return None
     handle.seek(0)
     return inspect_file(handle, "", window)
-
-
-def sha256_file(path: str) -> tuple[str, int]:
-    """(hex SHA-256, size) of a regular file (never a FIFO or device: ``open_regular``)."""
-    with open_regular(path) as handle:
-        return stream_sha256(handle)
 
 
 @dataclass

@@ -510,11 +510,13 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
     detector = models.get(version)
     wanted = [(version, MANUAL)]
     paths = [str(f.resolve()) for f in files]
+    content: dict[str, str] = {}  # path -> the content read now (a path seen before with other content)
     for path in paths:
         try:
             found = examine(path, window, images_too=True)
             register_file(engine, None, class_name, path, found.sha256, found.size, os.stat(path).st_mtime_ns,
                           wanted=wanted, dicom=found.dicom)
+            content[path] = found.sha256
         except DicomError as exc:
             register_file(engine, None, class_name, path, None, None, None, error=str(exc))
         except OSError as exc:
@@ -522,12 +524,13 @@ def score_files(settings: Settings, files: list[Path], class_name: str,
                           error=f"cannot read the file: {exc.strerror or exc}")
 
     def rows_for() -> list[dict[str, Any]]:
-        """The image rows of the paths' newest content (one per frame), each with its job for this version."""
+        """The image rows of the content each path holds now (one per frame; a file that could not be read:
+        its newest failed row), each with its job for this version."""
         with engine.connect() as conn:
             found = conn.execute(select(images).where(images.c.path.in_(paths)).order_by(images.c.id)).mappings().all()
-            newest = {r["path"]: r for r in found}  # the last row registered for the path: its content
-            chosen = [dict(r) for r in found if r["id"] == newest[r["path"]]["id"] or (
-                r["sha256"] is not None and r["sha256"] == newest[r["path"]]["sha256"])]
+            failed = {r["path"]: r["id"] for r in found if r["sha256"] is None}
+            chosen = [dict(r) for r in found if (r["sha256"] == content[r["path"]] if r["path"] in content
+                                                 else r["id"] == failed.get(r["path"]))]
             ids = [r["duplicate_of"] if r["status"] == DUPLICATE else r["id"] for r in chosen]
             job_of = {j.image_id: j for j in conn.execute(select(jobs).where(
                 jobs.c.image_id.in_(ids), jobs.c.model_version_id == version))}

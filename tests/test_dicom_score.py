@@ -148,3 +148,25 @@ def test_csv_export_carries_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, 
     assert tuple(by_name["IM000001"][0][k] for k in ("frame", *UIDS)) == ("0", *_uids("CT_small.dcm"))
     assert all(by_name["photo.png"][0][k] == "" for k in ("frame", "frames", *UIDS))
     assert PATIENT_NAME not in json.dumps(exported) and PATIENT_ID not in json.dumps(exported)
+
+
+def test_score_reports_the_content_a_path_holds_now(tmp_path):
+    """A path scored with content A, then B, then A again: the third run reports A's stored result, not the
+    newest row of the path (B's)."""
+    path = tmp_path / "part.png"
+    db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
+
+    def score() -> dict:
+        done = run_cli(["score", str(path), "-n", "part", "--json", "-d", "winclip"], db, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+        return row
+
+    small_png(path, 1)
+    first = score()
+    small_png(path, 2)
+    second = score()
+    small_png(path, 1)
+    third = score()
+    assert first["image_score"] != second["image_score"] and third["image_score"] == first["image_score"]
+    assert len(image_list(db)) == 2  # A and B, each once
