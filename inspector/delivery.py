@@ -12,7 +12,8 @@ receiver drop a repeat.
 * **webhook**: ``POST`` of the JSON body with ``X-Inspector-Signature: sha256=<HMAC-SHA256 of the body
   with [outputs] webhook_secret>`` and ``X-Inspector-Event-Id``; any 2xx is accepted.
 * **folder**: the image is copied (or hard-linked, or moved) to ``<root>/<OK|NG|REVIEW>/<line>/``, written
-  under a temporary name and renamed, so a reader never sees half a file.
+  under a temporary name and renamed, so a reader never sees half a file. A frame of a multi-frame DICOM
+  file is linked (else copied), never moved: the file's other frames may still be waiting to be scored.
 
 A source with ``hide_paths`` (a ``[[sources]]`` key: PACS exports whose folders name the patient) has its
 events sent without the path (``path`` is null, ``path_hidden`` true; the content ``sha256`` and, for DICOM,
@@ -152,13 +153,23 @@ class FolderSink:
         if target.exists():
             return  # delivered before a crash: the same event again
         temporary = target_dir / f".{target.name}.partial"
+        # a frame of a multi-frame file is never moved: its other frames may not be scored yet, and each
+        # frame's event puts the file under its own decision (linked where the file system allows it)
+        mode = "link or copy" if self.mode == "move" and int(event.get("frames") or 1) > 1 else self.mode
         try:
             target_dir.mkdir(parents=True, exist_ok=True)
-            if self.mode == "hardlink":
-                if temporary.exists():
-                    temporary.unlink()
+            if temporary.exists() and mode != "move":
+                temporary.unlink()
+            if mode == "hardlink":
                 os.link(source, temporary)
-            elif self.mode == "move":
+            elif mode == "link or copy":
+                try:
+                    os.link(source, temporary)
+                except OSError as exc:
+                    if isinstance(exc, FileNotFoundError):
+                        raise
+                    shutil.copyfile(source, temporary)  # another file system, or links not allowed
+            elif mode == "move":
                 shutil.move(str(source), temporary)
             else:
                 shutil.copyfile(source, temporary)

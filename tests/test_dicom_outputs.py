@@ -242,3 +242,20 @@ def test_a_batch_lets_go_of_a_files_bytes_once_its_frames_have_them(tmp_path):
     assert not files._files
     data, failure = BatchFiles([Claimed(9, str(path), "dose", "0" * 64, 1)]).read(str(path), "0" * 64)
     assert data is None and "replaced after it was discovered" in failure["error"]
+
+
+def test_folder_sink_in_move_mode_never_moves_a_frame_of_a_multi_frame_file(tmp_path):
+    from inspector.config import OutputSettings
+    from inspector.delivery import FolderSink
+
+    sink = FolderSink(OutputSettings(folder_root=str(tmp_path / "out"), folder_mode="move"))
+    dose, single = tmp_path / "dose.dcm", tmp_path / "ct.dcm"
+    shutil.copy(bundled("rtdose.dcm"), dose)
+    shutil.copy(bundled("CT_small.dcm"), single)
+    for i, decision in enumerate(["pass", "fail"]):  # two frames, two decisions
+        sink.send({"id": 10 + i, "path": str(dose), "decision": decision, "line": "ct", "frame": i, "frames": 15})
+    sink.send({"id": 20, "path": str(single), "decision": "pass", "line": "ct", "frame": 0, "frames": 1})
+    assert dose.read_bytes() == Path(bundled("rtdose.dcm")).read_bytes()  # still there for its other frames
+    assert (tmp_path / "out" / "OK" / "ct" / "10_dose.dcm").read_bytes() == dose.read_bytes()
+    assert (tmp_path / "out" / "NG" / "ct" / "11_dose.dcm").is_file()
+    assert not single.exists() and (tmp_path / "out" / "OK" / "ct" / "20_ct.dcm").is_file()  # a single frame: moved
