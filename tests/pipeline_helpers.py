@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -168,3 +171,50 @@ def write_images(folder: Path, count: int = 2) -> list[Path]:
         paths.append(folder / f"img {i}.png")
         image.save(paths[-1])
     return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A real mosquitto on a free local port."""
+
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.conf = tmp_path / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.process = None
+
+    def start(self):
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_for(self._up, 20, 0.1, "mosquitto")
+
+    def _up(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def mqtt_subscriber(port: int, received: list):
+    """A paho client on the local broker that appends (topic, JSON payload) of every inspector/# message."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: received.append((m.topic, json.loads(m.payload)))
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe("inspector/#", qos=1)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client

@@ -9,9 +9,6 @@ import http.server
 import json
 import math
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from typing import ClassVar
@@ -34,7 +31,7 @@ from inspector.store.routing import set_source_versions
 from inspector.store.schema import outbox, results, thresholds
 from inspector.store.versions import ensure_model_version
 
-from .pipeline_helpers import kill9, small_png, start_cli, wait_for
+from .pipeline_helpers import Broker, kill9, mqtt_subscriber, small_png, start_cli, wait_for
 
 # -------------------------------------------------------------------------------------------------
 # exact intervals, checked by hand and against scipy
@@ -167,52 +164,6 @@ def test_audit_sample_is_seeded_random_and_feeds_the_escape_rate(store, tmp_path
 # delivery to real sinks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Broker:
-    """A real mosquitto on a free local port."""
-
-    def __init__(self, tmp_path):
-        self.port = _free_port()
-        self.conf = tmp_path / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.process = None
-
-    def start(self):
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.process = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        wait_for(self._up, 20, 0.1, "mosquitto")
-
-    def _up(self):
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.process:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-def _subscriber(port: int, received: list):
-    import paho.mqtt.client as mqtt
-
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.on_message = lambda c, u, m: received.append((m.topic, json.loads(m.payload)))
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe("inspector/#", qos=1)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    return client
-
-
 class Receiver(http.server.BaseHTTPRequestHandler):
     failures = 0
     got: ClassVar[list] = []
@@ -264,7 +215,7 @@ def test_sinks_down_then_back_deliver_everything_in_order(store, tmp_path, recei
     assert not any(r.status == "sent" for r in _outbox(engine) if r.sink == "mqtt")
     broker.start()
     received: list = []
-    client = _subscriber(broker.port, received)
+    client = mqtt_subscriber(broker.port, received)
     time.sleep(0.5)
     try:
         for _ in range(20):

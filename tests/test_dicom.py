@@ -16,13 +16,11 @@ import hashlib
 import io
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import MPEG2MPML
@@ -34,19 +32,8 @@ from inspector.store import open_store
 from inspector.store.queue import ensure_source, register_file
 from inspector.store.schema import dicom_images, images, results
 
+from .dicom_helpers import BAD_BIRTH_DATE, BIRTH_DATE, PATIENT_ID, PATIENT_NAME, bundled, craft, with_patient
 from .pipeline_helpers import image_list, run_cli, table_rows
-
-PATIENT_NAME = "Zyxwvut^Qwertyuiop"
-PATIENT_ID = "PID-8842-QX"
-BIRTH_DATE = "19230517"
-BAD_BIRTH_DATE = "BAD1923DATE"  # an invalid DA value: pydicom's validation would quote it in a warning
-
-
-def bundled(name: str) -> str:
-    """A test file shipped inside the installed pydicom wheel (never downloaded)."""
-    path = get_testdata_file(name, download=False)
-    assert path is not None and Path(path).is_file(), f"{name} is not bundled with pydicom {pydicom.__version__}"
-    return path
 
 
 def decode(name_or_path: str, frame: int = 0, window: str | None = None) -> dicom.Decoded:
@@ -65,17 +52,6 @@ def header_error(path: str | Path) -> str:
     with pytest.raises(dicom.DicomError) as caught:
         dicom.read_header(io.BytesIO(data), "f", len(data))
     return str(caught.value)
-
-
-def craft(source: str, path: Path, **changes) -> Path:
-    ds = pydicom.dcmread(bundled(source))
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    ds.save_as(path)
-    return path
 
 
 def unsupported_syntax(path: Path) -> Path:
@@ -364,16 +340,6 @@ def test_a_box_without_the_jpeg_plugin_says_which_plugin_to_install(tmp_path):
     assert "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1" in rows["jls.dcm"]["error"]
 
 
-def _with_patient(source: str, path: Path, birth_date: str = BIRTH_DATE) -> Path:
-    ds = pydicom.dcmread(bundled(source))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the invalid date (quoting it): on purpose here
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, birth_date
-    ds.OtherPatientIDs = PATIENT_ID + "-B"
-    ds.save_as(path)
-    return path
-
-
 def test_no_patient_name_or_id_anywhere_after_scoring_files_that_carry_them(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     folder = tmp_path / "pacs"
@@ -381,8 +347,8 @@ def test_no_patient_name_or_id_anywhere_after_scoring_files_that_carry_them(tmp_
     for source, name in [("CT_small.dcm", "ct.dcm"), ("MR_small_RLE.dcm", "mr.dcm"), ("rtdose.dcm", "dose.dcm"),
                          ("SC_rgb_rle_2frame.dcm", "rgb.dcm"), ("MR_truncated.dcm", "truncated.dcm"),
                          ("test-SR.dcm", "report.dcm"), ("JPEG-lossy.dcm", "lossy.dcm")]:
-        _with_patient(source, folder / name)
-    _with_patient("MR_small.dcm", folder / "baddate.dcm", BAD_BIRTH_DATE)
+        with_patient(source, folder / name)
+    with_patient("MR_small.dcm", folder / "baddate.dcm", BAD_BIRTH_DATE)
     ds = pydicom.dcmread(folder / "ct.dcm")
     ds.NumberOfFrames = 4  # wrong frame count: an error message about a file that carries patient data
     ds.save_as(folder / "frames.dcm")
@@ -442,7 +408,7 @@ def test_dashboard_panel_shows_uids_modality_and_window_and_rerenders_presets(tm
 
     folder = tmp_path / "pacs"
     folder.mkdir()
-    path = _with_patient("CT_small.dcm", folder / "IM000001")
+    path = with_patient("CT_small.dcm", folder / "IM000001")
     db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
     engine = open_store(db, auto_upgrade=True)
     source = ensure_source(engine, str(folder), "head CT")

@@ -18,9 +18,8 @@ import pytest
 
 from inspector.store import open_store
 
-from .pipeline_helpers import image_list, run_cli, small_png, wait_for
-from .test_decisions import Broker, _subscriber
-from .test_dicom import PATIENT_ID, PATIENT_NAME, _with_patient, bundled, craft
+from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, with_patient
+from .pipeline_helpers import Broker, image_list, mqtt_subscriber, run_cli, small_png, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,13 +51,13 @@ def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, monkey
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     folder = tmp_path / "pacs"
     folder.mkdir()
-    _with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
-    _with_patient("CT_small.dcm", folder / "IM000001")
+    with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
+    with_patient("CT_small.dcm", folder / "IM000001")
     small_png(folder / "photo.png", 2)
     broker = Broker(tmp_path)
     broker.start()
     received: list = []
-    client = _subscriber(broker.port, received)
+    client = mqtt_subscriber(broker.port, received)
     _Hook.got = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -181,7 +180,7 @@ def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, mon
     hidden, plain = tmp_path / patient / "CT_HEAD", tmp_path / "line"
     hidden.mkdir(parents=True)
     plain.mkdir()
-    _with_patient("CT_small.dcm", hidden / "IM0001")
+    with_patient("CT_small.dcm", hidden / "IM0001")
     shutil.copy(bundled("MR_small.dcm"), hidden / "DOE_JOHN.dcm")  # a file named after the patient
     small_png(plain / "part.png", 3)
     _write_config(tmp_path, [{"path": str(hidden), "class_name": "head CT", "hide_paths": True},
@@ -189,7 +188,7 @@ def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, mon
     broker = Broker(tmp_path)
     broker.start()
     received: list = []
-    client = _subscriber(broker.port, received)
+    client = mqtt_subscriber(broker.port, received)
     _Hook.got = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -17,8 +17,8 @@ from PIL import Image
 
 from inspector.store import open_store
 
+from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, with_patient
 from .pipeline_helpers import image_list, run_cli, small_png
-from .test_dicom import PATIENT_ID, PATIENT_NAME, _with_patient, bundled, craft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,8 +128,8 @@ def test_csv_export_carries_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, 
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     folder = tmp_path / "pacs"
     folder.mkdir()
-    _with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
-    _with_patient("CT_small.dcm", folder / "IM000001")
+    with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
+    with_patient("CT_small.dcm", folder / "IM000001")
     small_png(folder / "photo.png", 2)
     db = db_url  # the export's query on SQLite and on Postgres
     done = run_cli(["score", str(folder), "-n", "scan", "--json"], db, tmp_path)
