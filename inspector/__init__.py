@@ -18,14 +18,14 @@ __all__ = ["AACLIP", "BayesPFL", "BayesPFLHead", "MuSc", "WinCLIP", "__version__
 # start without torch and the detectors.
 _LAZY = {"AACLIP": ".detectors.aa_clip", "BayesPFL": ".detectors.bayes_pfl", "BayesPFLHead": ".detectors.bayes_pfl",
          "official_image_scores": ".detectors.bayes_pfl", "WinCLIP": ".detectors.winclip", "MuSc": ".detectors.musc",
-         "load_model": ".registry"}
+         "load_model": ".versions"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as they are
     from .detectors.aa_clip import AACLIP
     from .detectors.bayes_pfl import BayesPFL, BayesPFLHead, official_image_scores
     from .detectors.musc import MuSc
     from .detectors.winclip import WinCLIP
-    from .registry import load_model
+    from .versions import load_model
 
 
 def __getattr__(name: str) -> Any:

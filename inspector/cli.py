@@ -373,7 +373,7 @@ def bench(
 
     from .bench import run_bench, side_by_side, write_report
     from .detectors import KINDS, detector_class
-    from .registry import load_model
+    from .versions import load_model
 
     if detectors is None:
         detectors = ",".join(KINDS) if quick else "bayes-pfl,aa-clip,winclip"

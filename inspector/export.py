@@ -80,7 +80,7 @@ def export_detector(model: Any, out: str | os.PathLike, fmt: str = "onnx", *, ve
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
     require("onnx")
     require("onnxruntime" if fmt == "onnx" else "openvino")
-    from .versions import digest_of
+    from .hashing import digest_of
 
     graphs = model.scoring_graphs()
     if not graphs:

@@ -236,7 +236,7 @@ def attach(model: Any, path: str | os.PathLike, runtime: str, identity: Mapping[
     require(runtime)
     if not str(path).strip():
         raise ExportError(f"[model] runtime = \"{runtime}\" needs [model] export: the folder `inspector export` wrote")
-    from .versions import digest_of
+    from .hashing import digest_of
 
     folder = find_export(path, digest_of(graph_identity(identity)) if identity is not None else None)
     manifest = read_manifest(folder)

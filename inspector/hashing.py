@@ -1,10 +1,12 @@
-"""SHA-256 of files, in one place: image contents (intake), heads and weights (registry, model versions),
-dataset archives and contents."""
+"""SHA-256 in one place: of files (image contents at intake, heads and weights for the registry and model
+versions, dataset archives and contents) and of identities (``digest_of``)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
@@ -43,3 +45,9 @@ def cached_file_sha256(path: str | os.PathLike) -> str:
     if key not in _CACHE:
         _CACHE[key] = file_sha256(real)
     return _CACHE[key]
+
+
+def digest_of(identity: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a JSON-able mapping, keys sorted (a model version's identity, a pool's options):
+    equal mappings give equal digests on every box."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()

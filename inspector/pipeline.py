@@ -222,8 +222,8 @@ def resolve_recipe(settings: Settings, engine: Engine | None = None, class_name:
 def register_model_version(engine: Engine, detector: Any, source_ids: list[int] | None = None) -> int:
     """Record an already loaded detector as a version (identity: its provenance) and, for ``source_ids``,
     route their new images to it: for one-off tools (bench) and tests that build a detector themselves."""
+    from .hashing import digest_of
     from .store.routing import set_source_versions
-    from .versions import digest_of
 
     digest = digest_of({"detector": detector.name, "provenance": detector.provenance})
     version = ensure_model_version(engine, f"{detector.name}@{digest[:12]}", detector.name,

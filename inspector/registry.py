@@ -145,11 +145,11 @@ def backbone_spec(settings: Settings, detector: str | None = None) -> BackboneSp
 
 def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,
                device: str | None = None, detector: str | None = None) -> Any:
-    """A ready detector: a registered version (name or folder), or, with no name, the one ``settings``
-    describe (``detector`` or ``[model] detector``, ``name``, or backbone + head keys). Options from
-    ``settings``; with ``[model] runtime`` other than torch, the encoder calls run through the export
-    ``[model] export`` names, which must have been written for this version (``inspector.exported``).
-    (Which version is *active* is the database's business: ``pipeline.resolve_recipe``.)
+    """A ready detector in torch: a registered version (name or folder), or, with no name, the one
+    ``settings`` describe (``detector`` or ``[model] detector``, ``name``, or backbone + head keys). Options
+    from ``settings`` (the precision an exported runtime implies, fp32; ``versions.load_model`` then attaches
+    the export ``[model] runtime`` names). (Which version is *active* is the database's business:
+    ``pipeline.resolve_recipe``.)
 
     A trainable detector without a head is built untrained (with a loud warning); the production verbs go
     through ``pipeline``, which scores with the training-free fallback instead."""
@@ -182,12 +182,4 @@ def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings
     backbone = load_backbone(spec)
     model = cls.from_settings(backbone, head_path, cls.options_from(settings), precision=precision,
                               provenance=provenance)
-    model = model.to(resolve_device(device or settings.model.device))
-    if settings.model.runtime != "torch":  # the encoder calls through the exported graphs of this version
-        from .exported import attach
-        from .versions import recipe_from_registry, recipe_from_settings
-
-        recipe = (recipe_from_registry(settings, name_or_path) if name_or_path
-                  else recipe_from_settings(settings, detector=kind))
-        attach(model, settings.model.export, settings.model.runtime, recipe.identity)
-    return model
+    return model.to(resolve_device(device or settings.model.device))

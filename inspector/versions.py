@@ -20,16 +20,15 @@ settings (and a registry name) into a ``Recipe`` and a recipe into a loaded dete
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
-from .hashing import cached_file_sha256
+from .hashing import cached_file_sha256, digest_of
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,6 @@ class Recipe:
         """What the store keeps about the version (``model_versions.manifest``)."""
         return {"name": self.name, "identity": self.identity, "registry_name": self.registry_name,
                 "fallback": self.fallback, "random_weights": self.random_weights}
-
-
-def digest_of(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 def _options(cls: Any, settings: Settings) -> dict[str, Any]:
@@ -158,10 +153,27 @@ def with_class_descriptions(recipe: Recipe, descriptions: Mapping[str, str | Non
     return dataclasses.replace(recipe, name=name, identity=identity, digest=digest)
 
 
+def load_model(name_or_path: str | os.PathLike | None = None, settings: Settings | None = None,
+               device: str | None = None, detector: str | None = None) -> Any:
+    """A ready detector (``registry.load_model``: a registered version, or the one ``settings`` describe);
+    with ``[model] runtime`` other than torch its encoder calls run through the export ``[model] export``
+    names, which must have been written for this very version (``inspector.exported.attach``)."""
+    from .config import load_settings
+    from .registry import load_model as load_in_torch
+
+    settings = settings or load_settings()
+    model = load_in_torch(name_or_path, settings=settings, device=device, detector=detector)
+    if settings.model.runtime != "torch":
+        from .exported import attach
+
+        recipe = (recipe_from_registry(settings, name_or_path) if name_or_path
+                  else recipe_from_settings(settings, detector=model.name))
+        attach(model, settings.model.export, settings.model.runtime, recipe.identity)
+    return model
+
+
 def build(recipe: Recipe, settings: Settings, device: str | None = None) -> Any:
     """Load the detector a recipe describes (its ``provenance`` names the version)."""
-    from .registry import load_model
-
     if recipe.fallback and settings.model.runtime != "torch":  # the day-one fallback scores in torch
         import copy
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from inspector.bench import synthetic_images
 from inspector.export import export_detector
 from inspector.exported import ExportedGraphs, ExportError, attach, graph_identity
-from inspector.registry import load_model, register_model
-from inspector.versions import recipe_from_settings
+from inspector.registry import register_model
+from inspector.versions import load_model, recipe_from_settings
 
 from .conftest import randomize_head, tiny_detector_settings
 from .pipeline_helpers import FAST_ENV, write_images

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 from collections import deque
@@ -218,14 +217,14 @@ class MuSc(Detector):
         """The folder name of a model version's stored pools: a digest of the scoring options and the backbone
         (its weights by SHA-256 when they are a file, as the version identity in ``inspector.versions``)."""
         from ...hashing import cached_file_sha256 as file_sha256
+        from ...hashing import digest_of
 
         source = Path(spec.pretrained).expanduser()
         weights = f"sha256:{file_sha256(source)}" if source.is_file() else spec.pretrained
         backbone = {"arch": spec.arch, "weights": weights, "clip_format": spec.clip_format,
                     "activation": spec.activation, "model_config": spec.model_config,
                     "image_size": spec.image_size, "feature_layers": list(spec.feature_layers)}
-        text = json.dumps({"options": dict(options), "backbone": backbone}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return digest_of({"options": dict(options), "backbone": backbone})[:16]
 
     @classmethod
     def scoring_options(cls, options: Any, precision: str) -> dict[str, Any]:
