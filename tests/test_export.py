@@ -100,6 +100,21 @@ def test_exported_graphs_score_like_torch_fp32(exports, name, runtime, monkeypat
         assert (getattr(reference, field) - getattr(got, field)).abs().max() <= 1e-5, field
 
 
+def test_bench_backbone_case_times_the_exported_vision_graph(exports, monkeypatch):
+    """The bench's `backbone (R)` row runs the exported session even though the bench times with autograd on
+    (an exported graph serves only calls without gradients: without inference mode it would time torch)."""
+    from inspector.bench import vision_graph
+
+    model, _settings, recipe, folders = exports["bayes-pfl"]
+    exported = attach(copy.deepcopy(model), folders["onnx"], "onnxruntime", recipe.identity)
+    calls = []
+    run = ExportedGraphs.run
+    monkeypatch.setattr(ExportedGraphs, "run", lambda self, graph, *inputs: calls.append(graph) or run(self, graph, *inputs))
+    assert torch.is_grad_enabled()
+    vision_graph(exported, _pixels(model)[:1])
+    assert calls == ["vision"]
+
+
 def test_bayes_pfl_noise_is_an_input_not_baked_in(exports):
     """Other R and other draws than at export time: the same numbers as torch (the noise enters the text graph
     through its prompts), and different draws give different scores."""
