@@ -43,3 +43,15 @@ def with_patient(source: str, path: Path, birth_date: str = BIRTH_DATE) -> Path:
     ds.OtherPatientIDs = PATIENT_ID + "-B"
     ds.save_as(path)
     return path
+
+
+def mixed_dicom_folder(folder: Path) -> Path:
+    """A folder with a 2-frame RGB file and a suffix-less CT slice, both carrying a patient's name and ID,
+    and a PNG photo beside them."""
+    from .pipeline_helpers import small_png
+
+    folder.mkdir(parents=True)
+    with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")
+    with_patient("CT_small.dcm", folder / "IM000001")
+    small_png(folder / "photo.png", 2)
+    return folder

@@ -10,6 +10,7 @@ import http.server
 import json
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ import pytest
 
 from inspector.store import open_store
 
-from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, with_patient
+from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, mixed_dicom_folder, with_patient
 from .pipeline_helpers import Broker, image_list, mqtt_subscriber, run_cli, small_png, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,13 +48,16 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, monkeypatch):
-    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
-    folder = tmp_path / "pacs"
-    folder.mkdir()
-    with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
-    with_patient("CT_small.dcm", folder / "IM000001")
-    small_png(folder / "photo.png", 2)
+@dataclass
+class Sinks:
+    mqtt: list  # (topic, event) as the broker delivered them
+    webhook: list  # events as the webhook received them
+    env: dict[str, str]  # the [outputs] settings that send to both
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    """A real mosquitto with a subscriber on inspector/#, and a webhook receiver, for one test."""
     broker = Broker(tmp_path)
     broker.start()
     received: list = []
@@ -61,19 +65,25 @@ def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, monkey
     _Hook.got = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    db = db_url  # the events are written with the result: on SQLite and on Postgres
     try:
         wait_for(lambda: client.is_connected(), 20, 0.1, "the subscriber")
-        done = run_cli(["watch", str(folder), "--class-name", "scan", "--once"], db, tmp_path, env={
+        yield Sinks(received, _Hook.got, {
             "INSPECTOR_OUTPUTS__MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
             "INSPECTOR_OUTPUTS__WEBHOOK_URL": f"http://127.0.0.1:{server.server_address[1]}/events"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        wait_for(lambda: len(received) >= 4, 20, 0.1, "4 mqtt messages")
     finally:
         client.loop_stop()
         broker.stop()
         server.shutdown()
-    for events in ([e for _, e in received], _Hook.got):
+
+
+def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, sinks, monkeypatch):
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    folder = mixed_dicom_folder(tmp_path / "pacs")
+    db = db_url  # the events are written with the result: on SQLite and on Postgres
+    done = run_cli(["watch", str(folder), "--class-name", "scan", "--once"], db, tmp_path, env=sinks.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    wait_for(lambda: len(sinks.mqtt) >= 4, 20, 0.1, "4 mqtt messages")
+    for events in ([e for _, e in sinks.mqtt], sinks.webhook):
         by_name: dict[str, list[dict]] = {}
         for event in events:
             by_name.setdefault(Path(event["path"]).name, []).append(event)
@@ -169,7 +179,7 @@ def test_a_multi_frame_file_is_hashed_once_and_read_once_per_batch(tmp_path, mon
     engine.dispose()
 
 
-def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, monkeypatch):
+def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, sinks, monkeypatch):
     """A PACS export named after the patient, with hide_paths = true: its MQTT and webhook events carry no
     path (the hash and the UIDs identify the image) and its folder-sink copies are named by result id; a
     folder without the option sends its paths as before."""
@@ -185,27 +195,12 @@ def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, mon
     small_png(plain / "part.png", 3)
     _write_config(tmp_path, [{"path": str(hidden), "class_name": "head CT", "hide_paths": True},
                              {"path": str(plain), "class_name": "part"}])
-    broker = Broker(tmp_path)
-    broker.start()
-    received: list = []
-    client = mqtt_subscriber(broker.port, received)
-    _Hook.got = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     db = f"sqlite:///{tmp_path / 'inspector.sqlite'}"
-    try:
-        wait_for(lambda: client.is_connected(), 20, 0.1, "the subscriber")
-        done = run_cli(["watch", "--once"], db, tmp_path, env={
-            "INSPECTOR_OUTPUTS__MQTT_URL": f"mqtt://127.0.0.1:{broker.port}",
-            "INSPECTOR_OUTPUTS__WEBHOOK_URL": f"http://127.0.0.1:{server.server_address[1]}/events",
-            "INSPECTOR_OUTPUTS__FOLDER_ROOT": str(tmp_path / "out")})
-        assert done.returncode == 0, done.stderr[-3000:]
-        wait_for(lambda: len(received) >= 3, 20, 0.1, "3 mqtt messages")
-    finally:
-        client.loop_stop()
-        broker.stop()
-        server.shutdown()
-    for events in ([e for _, e in received], _Hook.got):
+    done = run_cli(["watch", "--once"], db, tmp_path, env={**sinks.env,
+                                                             "INSPECTOR_OUTPUTS__FOLDER_ROOT": str(tmp_path / "out")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    wait_for(lambda: len(sinks.mqtt) >= 3, 20, 0.1, "3 mqtt messages")
+    for events in ([e for _, e in sinks.mqtt], sinks.webhook):
         assert len(events) == 3
         secret = [e for e in events if e["class_name"] == "head CT"]
         (shown,) = [e for e in events if e["class_name"] == "part"]

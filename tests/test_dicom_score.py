@@ -17,7 +17,7 @@ from PIL import Image
 
 from inspector.store import open_store
 
-from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, with_patient
+from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, mixed_dicom_folder
 from .pipeline_helpers import image_list, run_cli, small_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,11 +126,7 @@ def test_score_names_a_bad_window_and_takes_a_suffixless_dicom_file_named_on_the
 
 def test_csv_export_carries_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, monkeypatch):
     monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
-    folder = tmp_path / "pacs"
-    folder.mkdir()
-    with_patient("SC_rgb_rle_2frame.dcm", folder / "rgb.dcm")  # 2 frames, with a patient's name and ID
-    with_patient("CT_small.dcm", folder / "IM000001")
-    small_png(folder / "photo.png", 2)
+    folder = mixed_dicom_folder(tmp_path / "pacs")
     db = db_url  # the export's query on SQLite and on Postgres
     done = run_cli(["score", str(folder), "-n", "scan", "--json"], db, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
