@@ -192,11 +192,8 @@ def _run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: i
         for label, fn in plan:
             time_case(label, fn, n)
             if compare and label in ("floor", main_case):  # the same call in the other precision
-                model.precision = other
-                try:
+                with _precision(model, other):
                     time_case(f"{label} ({other})", fn, n, precision=other)
-                finally:
-                    model.precision = setting
         main = dict(plan)[main_case]
         for name, exported in graphs.items():  # the same calls with the encoders in an exported runtime
             with _using(model, exported):
@@ -210,27 +207,22 @@ def _run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: i
         if c.batch_size in fp32_floors:
             c.ratio_to_fp32_floor = c.ms_per_image / fp32_floors[c.batch_size]
 
+    options = model.sample_options(samples)
+    names = [class_name] * pixels_all.shape[0]
+    # the fp32 prediction both comparisons below measure against, made once
+    reference = fp32_reference(model, pixels_all, names, **options) if compare or graphs else None
     comparison = None
     if compare:
-        options = model.sample_options(samples)
         if progress:
             progress(f"{model.name}: fp32 vs {low} agreement on {pixels_all.shape[0]} images")
         comparison = {
             "reference": "fp32", "low": low,
             "speedup": _speedups(cases, low),
-            "agreement": precision_agreement(model, pixels_all, [class_name] * pixels_all.shape[0], low,
-                                             quantile=threshold_quantile, **options),
+            "agreement": precision_agreement(model, pixels_all, names, low, quantile=threshold_quantile,
+                                             reference=reference, **options),
         }
     runtime_comparison = {}
     if graphs:
-        options = model.sample_options(samples)
-        names = [class_name] * pixels_all.shape[0]
-        setting_now = model.precision
-        try:
-            model.precision = "fp32"
-            reference = _fresh_predict(model, pixels_all, names, **options).cpu()
-        finally:
-            model.precision = setting_now
         for name, exported in graphs.items():
             if progress:
                 progress(f"{model.name}: {name} vs torch fp32 agreement on {pixels_all.shape[0]} images")
@@ -248,7 +240,7 @@ def _run_bench(model: Detector, batch_sizes: list[int], repeats: int, samples: i
         if progress:
             progress(f"{model.name}: {device} vs {parity_device} parity (fp32) on {agreement_images} images")
         parity = device_agreement(model, pixels_all[:agreement_images], [class_name] * agreement_images,
-                                  parity_device, quantile=threshold_quantile, **model.sample_options(samples))
+                                  parity_device, quantile=threshold_quantile, **options)
     with model.eval_session():  # a detector with state (MuSc's stored pools) keeps the bench's images to itself
         pipeline, latency = pipeline_case(model, max(batch_sizes), count=max(6 * max(batch_sizes), 24))
     exact = next(c for c in cases if c.name == main_case and c.batch_size == max(batch_sizes))
@@ -316,12 +308,13 @@ def vision_graph(model: Detector, pixels: torch.Tensor) -> tuple[torch.Tensor, .
 @contextlib.contextmanager
 def _using(model: Detector, exported: Any):
     """``model`` with its encoder calls in ``exported`` (and fp32 beside them), as it was afterwards."""
-    saved = (model.exported, model.precision)
-    model.exported, model.precision = exported, "fp32"
+    saved = model.exported
+    model.exported = exported
     try:
-        yield model
+        with _precision(model, "fp32"):
+            yield model
     finally:
-        model.exported, model.precision = saved
+        model.exported = saved
 
 
 def _speedups(cases: list[Case], low: str) -> list[dict[str, Any]]:
@@ -347,40 +340,53 @@ def _fresh_predict(model: Detector, pixels: torch.Tensor, names: list[str], **op
 
 
 def precision_agreement(model: Detector, pixels: torch.Tensor, names: list[str], low: str = "bf16",
-                        quantile: float = 0.5, threshold: float | None = None, **options: Any) -> dict[str, Any]:
-    """The agreement of ``model`` in ``low`` precision with itself in fp32 on the same images.
+                        quantile: float = 0.5, threshold: float | None = None, reference: Prediction | None = None,
+                        **options: Any) -> dict[str, Any]:
+    """The agreement of ``model`` in ``low`` precision with itself in fp32 on the same images
+    (``reference``: that fp32 prediction when the caller has it, ``fp32_reference``).
 
     Decisions (score > threshold) are compared at ``threshold`` when given (a class threshold), else at the
     ``quantile`` quantile of the fp32 image scores (the median by default), which is recorded."""
-    setting = model.precision
-    raw: dict[str, Prediction] = {}
-    try:
-        for p in ("fp32", low):
-            model.precision = p
-            raw[p] = _fresh_predict(model, pixels, names, **options)
-    finally:
-        model.precision = setting
-    dtypes = {f: str(getattr(raw[low], f).dtype).removeprefix("torch.")
+    if reference is None:
+        reference = fp32_reference(model, pixels, names, **options)
+    with _precision(model, low):
+        got = _fresh_predict(model, pixels, names, **options)
+    dtypes = {f: str(getattr(got, f).dtype).removeprefix("torch.")
               for f in ("anomaly_map", "probability_map", "image_score", "text_score", "topk_score")}
     return {"images": int(pixels.shape[0]), "precision": low,
-            **prediction_agreement(raw["fp32"].cpu(), raw[low].cpu(), quantile, threshold, reference="fp32"),
+            **prediction_agreement(reference, got.cpu(), quantile, threshold, reference="fp32"),
             "output_dtypes": dtypes}
+
+
+@contextlib.contextmanager
+def _precision(model: Detector, precision: str):
+    """``model`` computing in ``precision``, back in its own afterwards."""
+    saved = model.precision
+    model.precision = precision
+    try:
+        yield model
+    finally:
+        model.precision = saved
+
+
+def fp32_reference(model: Detector, pixels: torch.Tensor, names: list[str], **options: Any) -> Prediction:
+    """The exact path in fp32 on the model's device (in torch, unless an export is attached), on the CPU:
+    what the precision, runtime and device comparisons measure against."""
+    with _precision(model, "fp32"):
+        return _fresh_predict(model, pixels, names, **options).cpu()
 
 
 def device_agreement(model: Detector, pixels: torch.Tensor, names: list[str], other: str | torch.device = "cpu",
                      quantile: float = 0.5, **options: Any) -> dict[str, Any]:
     """The exact path in fp32 on the model's device against the same model moved to ``other`` (CUDA vs CPU
     parity: same weights, same images, same options); the model is back on its device afterwards."""
-    home, setting = model.device, model.precision
-    other = torch.device(other)
+    home, other = model.device, torch.device(other)
+    ref = fp32_reference(model, pixels.to(home), names, **options)
     try:
-        model.precision = "fp32"
-        ref = _fresh_predict(model, pixels.to(home), names, **options).cpu()
         model.to(other)
-        got = _fresh_predict(model, pixels.to(other), names, **options).cpu()
+        got = fp32_reference(model, pixels.to(other), names, **options)
     finally:
         model.to(home)
-        model.precision = setting
     return {"images": int(pixels.shape[0]), "devices": [str(home), str(other)], "precision": "fp32",
             **prediction_agreement(ref, got, quantile, reference=str(home))}
 
