@@ -23,6 +23,11 @@ def update_from(digest: Any, handle: BinaryIO, chunk: int = CHUNK) -> int:
     return size
 
 
+def sha256_of(data: bytes) -> str:
+    """Hex SHA-256 of bytes already read (a file's content, as a worker reads it to score it)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def stream_sha256(handle: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:
     """(hex SHA-256, size) of what is left to read in ``handle``."""
     digest = hashlib.sha256()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -48,6 +47,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from .backoff import Backoff
 from .dicom import DicomError, decode_frame, is_dicom, read_header
+from .hashing import sha256_of
 from .imaging import ImageDecodeError, content_seed, open_image, to_model_input
 from .intake import NotRegularFile, open_regular
 from .store.decisions import DecisionPolicy
@@ -133,11 +133,6 @@ def _header_pixels(data: bytes) -> int:
                 return int(image.width) * int(image.height)
     except Exception:  # noqa: BLE001 - any header problem is reported by open_image
         return 0
-
-
-def sha256_of(data: bytes) -> str:
-    """Hex SHA-256 of a file's bytes, as read for scoring (one call per file read and checked)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 class CheckedFiles:

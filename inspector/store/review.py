@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy import Engine, and_, case, false, func, or_, select
 
 from ..errors import InspectorError
+from ..hashing import sha256_of
 from .db import utcnow
 from .queue import active_model, active_versions
 from .schema import (
@@ -589,7 +590,6 @@ def read_allowed_image(engine: Engine, path: str) -> bytes:
     the opened descriptor must lie under a watched folder, or be the registered file itself, whose content
     must still be what was scored (sha256). Raises :class:`ImageNotAllowed`, or ``FileNotFoundError``.
     """
-    import hashlib
     import os
     import stat
 
@@ -613,7 +613,7 @@ def read_allowed_image(engine: Engine, path: str) -> bytes:
     finally:
         os.close(fd)
     data = b"".join(chunks)
-    if grant == "registered" and hashlib.sha256(data).hexdigest() != sha:
+    if grant == "registered" and sha256_of(data) != sha:
         raise ImageNotAllowed(f"{path}: the file changed since it was scored")
     return data
 
