@@ -55,3 +55,13 @@ def mixed_dicom_folder(folder: Path) -> Path:
     with_patient("CT_small.dcm", folder / "IM000001")
     small_png(folder / "photo.png", 2)
     return folder
+
+
+#: the UIDs that find a DICOM image in the PACS again, as events and exports name them
+UIDS = ("study_uid", "series_uid", "sop_uid")
+
+
+def uids_of(name: str) -> tuple[str, str, str]:
+    """(Study, Series, SOP Instance UID) of a bundled file."""
+    ds = pydicom.dcmread(bundled(name))
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)

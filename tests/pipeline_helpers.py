@@ -18,6 +18,8 @@ from sqlalchemy import create_engine, func, select, text
 
 from inspector.store import images, results
 
+from .pgcluster import free_port
+
 ROOT = Path(__file__).parents[1]
 
 #: Fast settings for pipeline tests: tiny random backbone at 224 px, one sample, short timers.
@@ -171,12 +173,6 @@ def write_images(folder: Path, count: int = 2) -> list[Path]:
         paths.append(folder / f"img {i}.png")
         image.save(paths[-1])
     return paths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Broker:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .pgcluster import free_port
 from .pipeline_helpers import ROOT, run, write_images
 
 
@@ -116,7 +117,6 @@ def test_watch_refuses_random_weights_and_missing_folders(tmp_path):
 def test_metrics_endpoint(tmp_path):
     import urllib.request
 
-    from .pgcluster import free_port
     from .pipeline_helpers import start_cli, wait_for
 
     port = free_port()
@@ -242,14 +242,6 @@ def test_lazy_package_names_still_import():
         inspector.no_such_name  # noqa: B018
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("offline_env", [{"HF_HUB_OFFLINE": "1"},
                                          {"HF_ENDPOINT": "http://127.0.0.1:{port}"}])
 def test_offline_first_watch_fails_at_once_with_the_way_out(tmp_path, offline_env):
@@ -260,7 +252,7 @@ def test_offline_first_watch_fails_at_once_with_the_way_out(tmp_path, offline_en
     (tmp_path / "imgs").mkdir()
     write_images(tmp_path / "imgs", 1)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "", **offline_env}
-    env = {k: v.format(port=_closed_port()) for k, v in env.items()}
+    env = {k: v.format(port=free_port()) for k, v in env.items()}
     start = time.monotonic()
     result = run("watch", "imgs", "-n", "screw", "--once", cwd=tmp_path, env=env, timeout=120)
     elapsed = time.monotonic() - start

@@ -19,18 +19,19 @@ import pytest
 
 from inspector.store import open_store
 
-from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, mixed_dicom_folder, with_patient
+from .dicom_helpers import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    UIDS,
+    bundled,
+    craft,
+    mixed_dicom_folder,
+    uids_of,
+    with_patient,
+)
 from .pipeline_helpers import Broker, image_list, mqtt_subscriber, run_cli, small_png, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-UIDS = ("study_uid", "series_uid", "sop_uid")
-
-
-def _uids(name: str) -> tuple[str, str, str]:
-    ds = pydicom.dcmread(bundled(name))
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-
 
 # -------------------------------------------------------------------------------------------------
 # events
@@ -89,9 +90,9 @@ def test_events_carry_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, sinks,
             by_name.setdefault(Path(event["path"]).name, []).append(event)
         rgb = sorted(by_name["rgb.dcm"], key=lambda e: e["frame"])
         assert [(e["frame"], e["frames"]) for e in rgb] == [(0, 2), (1, 2)]
-        assert {tuple(e[k] for k in UIDS) for e in rgb} == {_uids("SC_rgb_rle_2frame.dcm")}
+        assert {tuple(e[k] for k in UIDS) for e in rgb} == {uids_of("SC_rgb_rle_2frame.dcm")}
         (ct,) = by_name["IM000001"]
-        assert (ct["frame"], ct["frames"], *(ct[k] for k in UIDS)) == (0, 1, *_uids("CT_small.dcm"))
+        assert (ct["frame"], ct["frames"], *(ct[k] for k in UIDS)) == (0, 1, *uids_of("CT_small.dcm"))
         (photo,) = by_name["photo.png"]
         assert not {"frame", "frames", *UIDS} & set(photo) and photo["decision"] in ("pass", "fail", "review")
         text = json.dumps(events)
@@ -206,7 +207,7 @@ def test_hide_paths_keeps_a_patient_named_folder_out_of_the_events(tmp_path, sin
         (shown,) = [e for e in events if e["class_name"] == "part"]
         assert shown["path"] == str((plain / "part.png").resolve()) and "path_hidden" not in shown
         assert len(secret) == 2 and all(e["path"] is None and e["path_hidden"] is True for e in secret)
-        assert {e["sop_uid"] for e in secret} == {_uids("CT_small.dcm")[2], _uids("MR_small.dcm")[2]}
+        assert {e["sop_uid"] for e in secret} == {uids_of("CT_small.dcm")[2], uids_of("MR_small.dcm")[2]}
         assert all(len(e["sha256"]) == 64 for e in secret)
         text = json.dumps(secret)
         assert "DOE" not in text and "JOHN" not in text and "19230517" not in text and PATIENT_NAME not in text

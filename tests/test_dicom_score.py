@@ -17,18 +17,10 @@ from PIL import Image
 
 from inspector.store import open_store
 
-from .dicom_helpers import PATIENT_ID, PATIENT_NAME, bundled, craft, mixed_dicom_folder
+from .dicom_helpers import PATIENT_ID, PATIENT_NAME, UIDS, bundled, craft, mixed_dicom_folder, uids_of
 from .pipeline_helpers import image_list, run_cli, small_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-UIDS = ("study_uid", "series_uid", "sop_uid")
-
-
-def _uids(name: str) -> tuple[str, str, str]:
-    ds = pydicom.dcmread(bundled(name))
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-
 
 # -------------------------------------------------------------------------------------------------
 # inspector score
@@ -57,10 +49,10 @@ def test_score_takes_dicom_files_one_result_per_frame_and_reports_bad_ones(tmp_p
                             "photo.png"}
     dose = by_name["dose.dcm"]
     assert [(r["frame"], r["frames"], r["status"]) for r in dose] == [(i, 15, "done") for i in range(15)]
-    assert {tuple(r[k] for k in UIDS) for r in dose} == {_uids("rtdose.dcm")}
+    assert {tuple(r[k] for k in UIDS) for r in dose} == {uids_of("rtdose.dcm")}
     assert all(0 <= r["image_score"] <= 1 for r in dose)
     ct = by_name["IM000001"]
-    assert [(r["frame"], r["status"]) for r in ct] == [(0, "done")] and tuple(ct[0][k] for k in UIDS) == _uids(
+    assert [(r["frame"], r["status"]) for r in ct] == [(0, "done")] and tuple(ct[0][k] for k in UIDS) == uids_of(
         "CT_small.dcm")
     photo = by_name["photo.png"]
     assert photo[0]["status"] == "done" and not {"frame", "frames", *UIDS} & set(photo[0])  # DICOM rows only
@@ -98,7 +90,7 @@ def test_score_names_a_bad_window_and_takes_a_suffixless_dicom_file_named_on_the
     done = run_cli(["score", str(path), "-n", "brain MRI", "--json"], db, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = [json.loads(line) for line in done.stdout.splitlines()]
-    assert (row["frame"], row["frames"], row["sop_uid"], row["status"]) == (0, 1, _uids("MR_small.dcm")[2], "done")
+    assert (row["frame"], row["frames"], row["sop_uid"], row["status"]) == (0, 1, uids_of("MR_small.dcm")[2], "done")
     # in the site's words: another version (its manifest keeps them), the file scored again under it
     described = run_cli(["score", str(path), "-n", "brain MRI", "--class-description", "axial brain MRI slice",
                          "--json", "-d", "winclip"], db, tmp_path)
@@ -140,8 +132,8 @@ def test_csv_export_carries_frame_and_uids_of_dicom_rows_only(tmp_path, db_url, 
     for row in exported:
         by_name.setdefault(Path(row["path"]).name, []).append(row)
     assert [(r["frame"], r["frames"]) for r in by_name["rgb.dcm"]] == [("0", "2"), ("1", "2")]
-    assert {tuple(r[k] for k in UIDS) for r in by_name["rgb.dcm"]} == {_uids("SC_rgb_rle_2frame.dcm")}
-    assert tuple(by_name["IM000001"][0][k] for k in ("frame", *UIDS)) == ("0", *_uids("CT_small.dcm"))
+    assert {tuple(r[k] for k in UIDS) for r in by_name["rgb.dcm"]} == {uids_of("SC_rgb_rle_2frame.dcm")}
+    assert tuple(by_name["IM000001"][0][k] for k in ("frame", *UIDS)) == ("0", *uids_of("CT_small.dcm"))
     assert all(by_name["photo.png"][0][k] == "" for k in ("frame", "frames", *UIDS))
     assert PATIENT_NAME not in json.dumps(exported) and PATIENT_ID not in json.dumps(exported)
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from inspector.backbone import BackboneError, BackboneSpec, load_backbone, read_openai_state_dict
 
+from .pgcluster import free_port
+
 
 def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
@@ -382,14 +384,6 @@ def test_config_show_masks_secrets(tmp_path):
 # --- 4. bind addresses --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _listening_addresses(port: int) -> set[str]:
     """Local addresses listening on ``port``, from /proc/net/tcp and tcp6 (state 0A = LISTEN)."""
     import ipaddress
@@ -415,7 +409,7 @@ def test_metrics_endpoint_binds_the_configured_address_loopback_by_default(tmp_p
     import sys
     import time
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.pop("INSPECTOR_CONFIG", None)
     if configured:
@@ -447,7 +441,7 @@ def test_dashboard_warns_when_serving_the_network_without_a_password(tmp_path, a
                INSPECTOR_DATABASE__URL=f"sqlite:///{tmp_path / 'd.sqlite'}")
     env.pop("INSPECTOR_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "inspector.cli", "dashboard", "--address", address,
-                             "--port", str(_free_port())], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                             "--port", str(free_port())], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
                             stdout=subprocess.DEVNULL)
     lines = []
     try:
